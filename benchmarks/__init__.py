@@ -1,0 +1,1 @@
+"""linvision.benchmarks: side-by-side speed and memory runs."""

@@ -1,0 +1,39 @@
+"""Choosing between a kernel's PyTorch reference and its Triton implementation."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_importable() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Return ``"torch"`` or ``"triton"`` for ``backend`` in :data:`BACKENDS`.
+
+    ``auto`` picks Triton for CUDA tensors when Triton is importable, else the reference.
+    ``triton`` on CPU tensors needs the interpreter; asking for it otherwise is an error.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        return "triton" if on_cuda and triton_importable() else "torch"
+    if backend == "triton":
+        if not triton_importable():
+            raise ValueError("backend='triton' needs the triton package, which is not importable")
+        if not on_cuda and not triton_interpreting():
+            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    return backend

@@ -1,0 +1,128 @@
+"""Bidirectional (non-causal) linear attention over ``[B, N, H, D]``, feature maps applied by the caller or fused in."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backend import KERNEL_DTYPES, resolve_backend
+from .feature_maps import FEATURE_MAPS, apply_feature_map
+from .naive import chunk_tokens, linear_attention_naive
+from .state import LinearAttentionState, apply_state, state_of
+
+NORMALIZATIONS = ("div", "sub", "none")
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    q_den: Optional[Tensor] = None,
+    k_den: Optional[Tensor] = None,
+    k_weight: Optional[Tensor] = None,
+    v_weight: Optional[Tensor] = None,
+    normalize: str = "div",
+    mean: bool = False,
+    eps: float = 1e-6,
+    scale: Optional[float] = None,
+    feature_map: Optional[str] = None,
+    feature_offset: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Non-causal linear attention in O(N·D²): every query sees every key.
+
+    Shapes: ``q [B, N, H, Dk]``, ``k [B, M, H, Dk]``, ``v [B, M, H, Dv]`` → ``o [B, N, H, Dv]``.
+    Feature maps (ELU+1, ReLU, power kernels, RoPE, ...) are the caller's. With
+    ``c = M`` if ``mean`` else ``1`` (the 1/N "mean" convention of LinFusion, LiT, LINA, NaLaFormer):
+
+    - ``S = Σ_j (wk_j k_j)(wv_j v_j)ᵀ / c``,  ``z = Σ_j wk_j kd_j / c``,  ``v̄ = Σ_j wv_j v_j / c``
+    - ``normalize="div"``:  ``o_i = q_i S / (qd_i·z + eps)``  (eps on the mean when ``mean=True``)
+    - ``normalize="sub"``:  ``o_i = s·q_i S + (1 − s·qd_i·z)·v̄``  (LINA's subtraction/InLine form, ``s = scale``)
+    - ``normalize="none"``: ``o_i = s·q_i S``
+
+    ``feature_map`` (``"relu"``, ``"elu+1"`` or None) and ``feature_offset`` give ``φ(t) = map(t) + offset``,
+    applied by the kernel to ``q, k`` (and ``q_den, k_den``) as it reads them, so no mapped copy of Q
+    and K is ever stored; with ``None`` the inputs are taken as already mapped.
+    ``qd, kd`` are ``q_den, k_den`` when given (features of the denominator that differ from the
+    numerator's, e.g. NaLaFormer's RoPE in the numerator only; shape ``[B, ·, H, Dd]``), else ``q, k``.
+    ``k_weight``, ``v_weight``: per-token weights broadcastable to ``[B, M, H]`` (LINA's KV gate); the
+    key weight enters numerator and denominator. Prefix tokens are ordinary tokens here: they join the sums.
+
+    States, normalisers and accumulators are fp32 (fp64 for fp64 inputs on the torch backend); the
+    output has the input dtype. ``backend``: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"``, ``"triton"``.
+    """
+    args = _validated(q, k, v, q_den, k_den, k_weight, v_weight, normalize, eps, scale)
+    if feature_map is not None and feature_map not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAPS} or None")
+    chosen = resolve_backend(backend, q, k, v)
+    if chosen == "triton":
+        if q.dtype == torch.float64:
+            raise ValueError("the Triton backend takes fp16, bf16 or fp32; use backend='torch' for fp64")
+        from .triton import linear_attention_triton
+
+        mapped = [t if t is None else apply_feature_map(t, feature_map, feature_offset) for t in args[:2] + args[3:5]]
+        q, k, q_den, k_den = mapped
+        return linear_attention_triton(
+            q, k, args[2], q_den, k_den, args[5], args[6], normalize=normalize, mean=mean, eps=float(eps), scale=args[-1]
+        )
+    return linear_attention_naive(*args[:-1], normalize, mean, float(eps), args[-1], feature_map, float(feature_offset))
+
+
+def _validated(q, k, v, q_den, k_den, k_weight, v_weight, normalize, eps, scale):
+    """Check shapes, dtypes and options; return (q, k, v, q_den, k_den, k_weight, v_weight, scale)."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize={normalize!r}; expected one of {NORMALIZATIONS}")
+    if normalize == "div" and scale is not None:
+        raise ValueError("scale cancels in normalize='div'; it applies to 'sub' and 'none' only")
+    scale = 1.0 if scale is None else float(scale)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, N, H, D], got shape {tuple(getattr(t, 'shape', ()))}")
+    if q.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise ValueError(f"unsupported dtype {q.dtype}; expected fp16, bf16, fp32 or fp64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, N, H, Dk = q.shape
+    M = k.shape[1]
+    if k.shape != (B, M, H, Dk):
+        raise ValueError(f"k must be [B, M, H, Dk] = [{B}, M, {H}, {Dk}], got {tuple(k.shape)}")
+    if v.shape[:3] != (B, M, H):
+        raise ValueError(f"v must be [B, M, H, Dv] = [{B}, {M}, {H}, Dv], got {tuple(v.shape)}")
+    if M == 0:
+        raise ValueError("linear attention needs at least one key token")
+    if (q_den is None) != (k_den is None):
+        raise ValueError("q_den and k_den must be given together")
+    if q_den is not None:
+        if q_den.dim() != 4 or k_den.dim() != 4:
+            raise ValueError("q_den and k_den must be 4-D tensors [B, N, H, Dd]")
+        if q_den.shape[:3] != (B, N, H) or k_den.shape[:3] != (B, M, H) or q_den.shape[3] != k_den.shape[3]:
+            raise ValueError(
+                f"q_den {tuple(q_den.shape)} / k_den {tuple(k_den.shape)} do not match q {tuple(q.shape)} / k {tuple(k.shape)}"
+            )
+        if q_den.dtype != q.dtype or k_den.dtype != q.dtype:
+            raise ValueError("q_den and k_den must have the dtype of q")
+    weights = []
+    for name, w in (("k_weight", k_weight), ("v_weight", v_weight)):
+        if w is not None:
+            if not isinstance(w, Tensor) or w.dim() > 3 or not w.is_floating_point():
+                raise ValueError(f"{name} must be a floating tensor that broadcasts to [B, M, H] = [{B}, {M}, {H}]")
+            try:
+                w = w.expand(B, M, H)
+            except RuntimeError:
+                raise ValueError(f"{name} of shape {tuple(w.shape)} does not broadcast to [B, M, H] = [{B}, {M}, {H}]") from None
+        weights.append(w)
+    return q, k, v, q_den, k_den, weights[0], weights[1], scale
+
+
+__all__ = [
+    "NORMALIZATIONS",
+    "LinearAttentionState",
+    "apply_state",
+    "chunk_tokens",
+    "linear_attention",
+    "state_of",
+]

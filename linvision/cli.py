@@ -1,0 +1,50 @@
+"""The ``linvision`` command: one entry point, one subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linvision",
+        description="Linear-attention blocks for vision and diffusion: benchmarks and jobs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .benchmarks import run as bench
+
+    bench.add_arguments(
+        sub.add_parser(
+            "bench",
+            help="time and peak memory of every mixer against softmax at growing resolution",
+            description=bench.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    sub.add_parser("mixers", help="list the registered mixers and their options")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "bench":
+        from .benchmarks import run as bench
+
+        return bench.main(args)
+    if args.command == "mixers":
+        from .mixers import list_mixers, mixer_options
+
+        for name in list_mixers():
+            print(f"{name:10s} {', '.join(o for o in mixer_options(name) if o not in ('dim', 'num_heads'))}")
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

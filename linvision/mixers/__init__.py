@@ -1,0 +1,50 @@
+"""The mixer registry: one file per mechanism, one line per name here."""
+from __future__ import annotations
+
+import inspect
+from types import MappingProxyType
+from typing import List, Type
+
+from .base import TokenMixer, check_tokens
+from .linear import LinearAttention
+from .softmax import SoftmaxAttention
+
+MIXERS = MappingProxyType(
+    {
+        "linear": LinearAttention,
+        "softmax": SoftmaxAttention,
+    }
+)
+
+
+def list_mixers() -> List[str]:
+    """Names accepted by :func:`create_mixer`, sorted."""
+    return sorted(MIXERS)
+
+
+def mixer_class(name: str) -> Type[TokenMixer]:
+    """The class registered under ``name``; ``ValueError`` for an unknown name."""
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; available: {', '.join(list_mixers())}")
+    return MIXERS[name]
+
+
+def mixer_options(name: str) -> List[str]:
+    """Constructor keyword arguments of mixer ``name`` (``dim`` and ``num_heads`` included)."""
+    params = inspect.signature(mixer_class(name).__init__).parameters
+    return [p for p in params if p != "self"]
+
+
+def create_mixer(name: str, dim: int, num_heads: int = 8, **options) -> TokenMixer:
+    """Build mixer ``name`` for ``dim`` channels and ``num_heads`` heads; mechanism options as kwargs.
+
+    Unknown names and unknown options raise ``ValueError`` naming what is accepted.
+    """
+    known = mixer_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for mixer {name!r}; accepted: {known}")
+    return mixer_class(name)(dim=dim, num_heads=num_heads, **options)
+
+
+__all__ = ["MIXERS", "TokenMixer", "check_tokens", "create_mixer", "list_mixers", "mixer_class", "mixer_options"]

@@ -1,0 +1,80 @@
+"""The token-mixer contract shared by every mechanism."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+def check_tokens(x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, dim: int) -> Tuple[int, int]:
+    """Validate ``x (B, N, C)`` against ``hw`` and the prefix count; return ``(h, w)`` as ints.
+
+    Raises ``ValueError`` for a wrong rank, a channel count other than ``dim``, a token count
+    ``N != h*w + num_prefix_tokens``, a non-floating dtype, or a malformed ``hw``.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise ValueError(f"expected x of shape (B, N, C), got {tuple(getattr(x, 'shape', ()))}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected a floating-point x, got {x.dtype}")
+    try:
+        h, w = (int(s) for s in hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"hw must be positive, got {(h, w)}")
+    if int(num_prefix_tokens) != num_prefix_tokens or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"expected {dim} channels, got x of shape {tuple(x.shape)}")
+    if x.shape[1] != h * w + num_prefix_tokens:
+        raise ValueError(
+            f"token count {x.shape[1]} does not match hw={h}x{w} plus {num_prefix_tokens} prefix tokens "
+            f"(= {h * w + num_prefix_tokens})"
+        )
+    return h, w
+
+
+class TokenMixer(nn.Module):
+    """Base of every mixer: ``forward(x, hw, num_prefix_tokens=0)`` with ``x, y: (B, N, C)``.
+
+    Tokens are ``num_prefix_tokens`` prefix tokens (class, registers, text) followed by ``h*w`` image
+    tokens in raster order. Subclasses implement :meth:`mix`; the base validates the input first.
+    Resolution is an argument of every call, never state.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim <= 0 or num_heads <= 0 or dim % num_heads:
+            raise ValueError(f"dim={dim} must be a positive multiple of num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+
+    def forward(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+        h, w = check_tokens(x, hw, num_prefix_tokens, self.dim)
+        return self.mix(x, (h, w), int(num_prefix_tokens))
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement mix()")
+
+    def split_heads(self, t: Tensor) -> Tensor:
+        """(B, N, C) → (B, N, H, D), a view."""
+        return t.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}"
+
+
+class QKVMixer(TokenMixer):
+    """A mixer with timm-style fused ``qkv`` and ``proj`` linears, so softmax attention weights load as they are."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+        super().__init__(dim, num_heads)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(B, N, C) → three (B, N, H, D) views of one packed projection (no copies)."""
+        B, N, _ = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)

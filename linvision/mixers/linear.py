@@ -1,0 +1,75 @@
+"""Plain normalised linear attention (Katharopoulos et al., 2020) on the linvision kernel."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels.backend import resolve_backend
+from ..kernels.linear_attention import apply_state, chunk_tokens, linear_attention, state_of
+from .base import QKVMixer
+
+# The kernel's fused feature maps under this mixer's option names.
+FEATURE_MAPS = {"elu": "elu+1", "relu": "relu"}
+
+
+class LinearAttention(QKVMixer):
+    """``o_i = Σ_j φ(q_i)·φ(k_j) v_j / (Σ_j φ(q_i)·φ(k_j) + eps)`` over all tokens, in O(N·D²).
+
+    Paper: "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention"
+    (Katharopoulos et al., ICML 2020, arXiv 2006.16236), non-causal form. ``feature_map`` is
+    ``"elu"`` (ELU+1, the paper's) or ``"relu"``; ``eps`` is added to the sum-form denominator.
+    Prefix tokens join the sums like any other token. The core is
+    :func:`linvision.kernels.linear_attention.linear_attention` (fp32 state); ``backend`` picks its
+    implementation. Without autograd on the PyTorch path, the mixer streams tokens in chunks
+    through projection, state and output, so Q, K and V of the whole sequence never exist at once.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        feature_map: str = "elu",
+        eps: float = 1e-6,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, num_heads, qkv_bias, proj_bias)
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)}")
+        resolve_backend(backend)  # validates the name
+        self.feature_map = feature_map
+        self.eps = eps
+        self.backend = backend
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        phi = FEATURE_MAPS[self.feature_map]
+        if not torch.is_grad_enabled() and resolve_backend(self.backend, x) == "torch":
+            return self._mix_streamed(x, phi)
+        q, k, v = self.project_qkv(x)
+        o = linear_attention(q, k, v, feature_map=phi, eps=self.eps, backend=self.backend)
+        return self.proj(o.flatten(2))
+
+    def _mix_streamed(self, x: Tensor, phi: str) -> Tensor:
+        """Inference path: two passes over token chunks; peak memory O(chunk) beyond input and output."""
+        B, N, C = x.shape
+        step = chunk_tokens(x.unsqueeze(2))
+        w, b = self.qkv.weight, self.qkv.bias
+        b_q, b_kv = (None, None) if b is None else (b[:C], b[C:])
+        state = None
+        for a in range(0, N, step):
+            k, v = F.linear(x[:, a : a + step], w[C:], b_kv).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(2)
+            part = state_of(k, v, feature_map=phi)
+            state = part if state is None else state + part
+        out = x.new_empty(B, N, C)
+        for a in range(0, N, step):
+            q = self.split_heads(F.linear(x[:, a : a + step], w[:C], b_q))
+            o = apply_state(q, state, eps=self.eps, feature_map=phi)
+            out[:, a : a + step] = self.proj(o.flatten(2))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, feature_map={self.feature_map!r}, eps={self.eps}"

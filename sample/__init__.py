@@ -1,0 +1,1 @@
+"""linvision.sample: the high-resolution sampling job."""

@@ -1,0 +1,1 @@
+"""linvision.train: the training jobs (classification, distillation)."""
