@@ -3,4 +3,11 @@
 Needs only torch (and triton for the GPU path). Layout everywhere is ``[B, N, H, D]``.
 
 - ``linvision.kernels.linear_attention.linear_attention``: bidirectional linear attention.
+- ``linvision.kernels.window_attention.window_attention``: circular-window softmax attention on a 2-D grid with
+  global prefix tokens and pooled tokens (CLEAR).
+- ``linvision.kernels.additive_scan.additive_scan``: LightNet's additive (log-sum-exp normalised) recurrence,
+  non-causal (one key-softmax over all tokens) or causal (raster-order prefix softmax).
+- ``linvision.kernels.infsa``: pure InfSA (``pure_infsa``) and Linear-InfSA (``linear_infsa``, ``linear_infsa_pooled``).
+- ``linvision.kernels.plstm.plstm2d``: pLSTM source/transition/mark state passing over a 2-D grid (naive,
+  log-doubling full G, chunked; Triton forward + backward), plus ``plstm1d`` and ``plstm_dag``.
 """

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..backend import KERNEL_DTYPES, resolve_backend
-from .feature_maps import FEATURE_MAPS, apply_feature_map
+from .feature_maps import FEATURE_MAPS
 from .naive import chunk_tokens, linear_attention_naive
 from .state import LinearAttentionState, apply_state, state_of
 
@@ -62,10 +62,10 @@ def linear_attention(
             raise ValueError("the Triton backend takes fp16, bf16 or fp32; use backend='torch' for fp64")
         from .triton import linear_attention_triton
 
-        mapped = [t if t is None else apply_feature_map(t, feature_map, feature_offset) for t in args[:2] + args[3:5]]
-        q, k, q_den, k_den = mapped
+        # φ is applied inside the kernels as q, k (and q_den, k_den) are loaded: no mapped copy is stored.
         return linear_attention_triton(
-            q, k, args[2], q_den, k_den, args[5], args[6], normalize=normalize, mean=mean, eps=float(eps), scale=args[-1]
+            *args[:-1], normalize=normalize, mean=mean, eps=float(eps), scale=args[-1],
+            feature_map=feature_map, feature_offset=float(feature_offset),
         )
     return linear_attention_naive(*args[:-1], normalize, mean, float(eps), args[-1], feature_map, float(feature_offset))
 

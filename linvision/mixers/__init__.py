@@ -6,12 +6,31 @@ from types import MappingProxyType
 from typing import List, Type
 
 from .base import TokenMixer, check_tokens
+from .clear import ClearAttention
+from .dydila import DyDiLA
+from .infsa import InfSAAttention
+from .lightnet import LightNetAttention
+from .lina import LinaAttention
 from .linear import LinearAttention
+from .linfusion import LinFusionAttention
+from .lit import LiTAttention
+from .nala import NormAwareLinearAttn, VanillaSelfAttention
+from .plstm import PLSTMMixer
 from .softmax import SoftmaxAttention
 
 MIXERS = MappingProxyType(
     {
+        "clear": ClearAttention,
+        "dydila": DyDiLA,
+        "infsa": InfSAAttention,
+        "lightnet": LightNetAttention,
+        "lina": LinaAttention,
         "linear": LinearAttention,
+        "linfusion": LinFusionAttention,
+        "lit": LiTAttention,
+        "nala": NormAwareLinearAttn,
+        "nala_softmax": VanillaSelfAttention,
+        "plstm": PLSTMMixer,
         "softmax": SoftmaxAttention,
     }
 )

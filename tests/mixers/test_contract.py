@@ -103,3 +103,17 @@ def test_options_are_keyword_arguments(name):
     """Mechanism options are plain constructor kwargs (they become the saved config)."""
     opts = mixer_options(name)
     assert opts[:2] == ["dim", "num_heads"]
+
+
+# Mixers whose CPU path holds an N x N matrix: 64K tokens is out of reach for them on a CPU.
+QUADRATIC_ON_CPU = {"softmax"}
+
+
+@pytest.mark.parametrize("name", [n for n in MIXERS if n not in QUADRATIC_ON_CPU])
+def test_fp16_at_256x256_tokens_has_no_nan(name):
+    """States and normalisers in fp32: 65,536 fp16 tokens give finite outputs."""
+    m = make(name).half()
+    x = torch.randn(1, 256 * 256, DIM, dtype=torch.float16) * 4
+    with torch.no_grad():
+        y = m(x, hw=(256, 256))
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()

@@ -1,0 +1,216 @@
+"""PyTorch forms of the 2-D pLSTM built on the log-doubling cell matrices (:mod:`.doubling`).
+
+- :func:`plstm2d_full_g`: the vision models' form (``plstm_2d_fused.py::pLSTM2D_parallel_fused_torch``):
+  one cell covers the whole grid, padded to a square power of two, and the full ``N × N`` gating matrix
+  ``G`` (four orientations summed, ``D`` on the diagonal) is applied as ``s·Σ G (q·k′) v′``. Quadratic
+  in N; the reference for the official form.
+- :func:`plstm2d_chunked`: linear in N. The grid is cut into ``C × C`` chunks (``C = chunk_size``, a power
+  of two); inside a chunk the intra-chunk ``G`` is applied quadratically, across chunks the border states
+  (``C`` states of ``Dk × Dv`` per border) are passed along a wavefront over the chunk anti-diagonals,
+  each anti-diagonal batched (the official ``pLSTM2D_torch`` inter-chunk loop).
+
+Orientations: orientation ``o`` works on the grid flipped by ``ORIENTATION_FLIPS[o]`` (a *frame*). Frames
+are padded at their high-x / high-y end to whole chunks with zero gates and zero q, k, v; every monotone
+path between two real nodes stays inside their bounding box, so padding never changes a real output.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .doubling import CellMatrices, cell_matrices
+from .naive import ORIENTATION_FLIPS, compute_dtype, direct_term
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def to_frames(t: Tensor, hw: Tuple[int, int], O: int, padded: Tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """``[B, N, H, *rest]`` (or ``[B, N, H, O]`` when ``rest`` is the orientation axis handled by caller)
+    → ``[B, H, O, Xp, Yp, *rest]``: one flipped, zero-padded copy per orientation."""
+    X, Y = hw
+    Xp, Yp = padded
+    g = t.to(dtype).unflatten(1, (X, Y))  # [B, X, Y, H, *rest]
+    g = g.movedim(3, 1)  # [B, H, X, Y, *rest]
+    frames = []
+    for o in range(O):
+        fx, fy = ORIENTATION_FLIPS[o]
+        dims = [d for d, f in ((2, fx), (3, fy)) if f]
+        frames.append(g.flip(dims) if dims else g)
+    f = torch.stack(frames, dim=2)  # [B, H, O, X, Y, *rest]
+    pad = [0, 0] * (f.dim() - 5) + [0, Yp - Y, 0, Xp - X]
+    return torch.nn.functional.pad(f, pad) if (Xp > X or Yp > Y) else f
+
+
+def gate_frames(t: Optional[Tensor], hw, padded, dtype) -> Optional[Tensor]:
+    """Gates ``[B, N, H, O]`` → ``[B, H, O, Xp, Yp]``, orientation ``o`` flipped by its own flips."""
+    if t is None:
+        return None
+    O = t.shape[-1]
+    per = [to_frames(t[..., o], hw, O, padded, dtype)[:, :, o] for o in range(O)]
+    return torch.stack(per, dim=2)
+
+
+def from_frames(f: Tensor, hw: Tuple[int, int]) -> Tensor:
+    """``[B, H, O, Xp, Yp, D]`` → ``[B, N, H, D]``: crop, flip back, sum the orientations."""
+    X, Y = hw
+    f = f[:, :, :, :X, :Y]
+    out = None
+    for o in range(f.shape[2]):
+        fx, fy = ORIENTATION_FLIPS[o]
+        dims = [d for d, fl in ((2, fx), (3, fy)) if fl]
+        g = f[:, :, o].flip(dims) if dims else f[:, :, o]
+        out = g if out is None else out + g
+    return out.movedim(1, 3).flatten(1, 2)
+
+
+def frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, chunk: int, dtype) -> CellMatrices:
+    """Cell matrices ``[B, H, O, NX, NY, ·, ·]`` of ``chunk``-sized cells of every orientation's frame."""
+    gf = [gate_frames(t, hw, padded, dtype) for t in (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u)]
+    return cell_matrices(*gf, levels=chunk.bit_length() - 1)
+
+
+def _chunk_nodes(f: Tensor, C: int) -> Tensor:
+    """``[..., NX·C, NY·C, D]`` → ``[..., NX, NY, C², D]``."""
+    *lead, Xp, Yp, D = f.shape
+    f = f.reshape(*lead, Xp // C, C, Yp // C, C, D).transpose(-4, -3)
+    return f.reshape(*lead, Xp // C, Yp // C, C * C, D)
+
+
+def _unchunk_nodes(f: Tensor, C: int) -> Tensor:
+    *lead, NX, NY, _, D = f.shape
+    return f.reshape(*lead, NX, NY, C, C, D).transpose(-4, -3).reshape(*lead, NX * C, NY * C, D)
+
+
+def _diagonal_order(NX: int, NY: int):
+    """Chunks ordered by anti-diagonal ``cx + cy`` (then ``cx``): the order list, each diagonal's
+    ``(start, xs)``, and the permutation back to raster order."""
+    order, diags = [], []
+    for s in range(NX + NY - 1):
+        xs = list(range(max(0, s - NY + 1), min(NX, s + 1)))
+        diags.append((len(order), xs))
+        order.extend(cx * NY + (s - cx) for cx in xs)
+    back = [0] * len(order)
+    for pos, cell in enumerate(order):
+        back[cell] = pos
+    return order, diags, back
+
+
+def chunk_scan(qf: Tensor, kf: Tensor, vf: Tensor, cm: CellMatrices, scale: float) -> Tensor:
+    """Chunked scan of frames ``[..., Xp, Yp, D]`` with cell matrices ``[..., NX, NY, ·, ·]``.
+
+    Returns ``[..., Xp, Yp, Dv]`` in the dtype of ``qf``: ``s·q (M^l L + M^u U)`` from the chunk's input
+    borders ``L, U`` plus the intra-chunk ``s·Σ G (q·k′) v′``. Border states cross the chunks along a
+    wavefront over anti-diagonals, every anti-diagonal one batched step.
+    """
+    C = cm.size
+    q, k, v = (_chunk_nodes(t, C) for t in (qf, kf, vf))  # [..., NX, NY, C², D]
+    NX, NY = q.shape[-4], q.shape[-3]
+    Dk, Dv = k.shape[-1], v.shape[-1]
+    intra = (cm.g * (q @ k.transpose(-1, -2))) @ v
+    order, diags, back = _diagonal_order(NX, NY)
+    order_t = torch.tensor(order, device=q.device)
+
+    def diag_major(t):  # [..., NX, NY, r, c] -> [..., NX·NY (diagonal order), r, c]
+        return t.flatten(-4, -3).index_select(-3, order_t)
+
+    trl, tru, tdl, tdu, sr, sd = (diag_major(t) for t in (cm.trl, cm.tru, cm.tdl, cm.tdu, cm.sr, cm.sd))
+    kd, vd = diag_major(k), diag_major(v)
+
+    def sources(smat, a, b):  # Σ_n S[a_, n] k_n v_nᵀ → [..., n_cells, C, Dk·Dv]
+        kk = smat[..., a:b, :, :, None] * kd[..., a:b, None, :, :]  # [..., n, C, C², Dk]
+        return (kk.transpose(-1, -2) @ vd[..., a:b, None, :, :]).flatten(-2)
+
+    lead = q.shape[:-4]
+    zero = q.new_zeros(*lead, 1, C, Dk * Dv)
+    Ls, Us = [], []
+    r_prev = b_prev = None
+    lo_prev = 0
+    for diag, (start, xs) in enumerate(diags):
+        n = len(xs)
+        a, b = start, start + n
+        if r_prev is None:
+            L = U = zero
+        else:
+            xs_t = torch.tensor(xs, device=q.device)
+            ys_t = diag - xs_t
+            idx_l = torch.where(xs_t > 0, xs_t - lo_prev, 0)  # cell (x-1, y) of the previous diagonal, +1 for zero
+            idx_u = torch.where(ys_t > 0, xs_t - lo_prev + 1, 0)  # cell (x, y-1)
+            L = torch.cat([zero, r_prev], dim=-3).index_select(-3, idx_l)
+            U = torch.cat([zero, b_prev], dim=-3).index_select(-3, idx_u)
+        L = L.expand(*lead, n, C, Dk * Dv)
+        U = U.expand(*lead, n, C, Dk * Dv)
+        r_prev = trl[..., a:b, :, :] @ L + tru[..., a:b, :, :] @ U + sources(sr, a, b)
+        b_prev = tdl[..., a:b, :, :] @ L + tdu[..., a:b, :, :] @ U + sources(sd, a, b)
+        lo_prev = xs[0]
+        Ls.append(L)
+        Us.append(U)
+    back_t = torch.tensor(back, device=q.device)
+
+    def raster(parts):  # diagonal order → [..., NX, NY, C, Dk, Dv]
+        return torch.cat(parts, dim=-3).index_select(-3, back_t).unflatten(-3, (NX, NY)).unflatten(-1, (Dk, Dv))
+
+    L_in, U_in = raster(Ls), raster(Us)
+
+    def read(m, S):  # Σ_a m[n, a] q_n S[a] → [..., NX, NY, C², Dv]
+        qs = q[..., None, :, :] @ S  # [..., NX, NY, C, C², Dv]
+        return (m.transpose(-1, -2)[..., None] * qs).sum(-3)
+
+    inter = read(cm.ml, L_in) + read(cm.mu, U_in)
+    return _unchunk_nodes((inter + intra) * scale, C)
+
+
+def plstm2d_chunked(q, k, v, s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, d, hw, scale, chunk_size: int) -> Tensor:
+    """Linear-time chunked 2-D pLSTM; arguments validated, gates ``[B, N, H, O]``. Returns compute dtype."""
+    ct = compute_dtype(q)
+    X, Y = hw
+    C = chunk_size
+    padded = (-(-X // C) * C, -(-Y // C) * C)
+    O = s_r.shape[-1]
+    cm = frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, C, ct)
+    qf, kf, vf = (to_frames(t, hw, O, padded, ct) for t in (q, k, v))
+    out = from_frames(chunk_scan(qf, kf, vf, cm, scale), hw)
+    if d is not None:
+        out = out + direct_term(q, k, v, d, scale)
+    return out
+
+
+def frame_index(hw: Tuple[int, int], padded: Tuple[int, int], o: int, device=None) -> Tensor:
+    """Index of each real node (raster order) in orientation ``o``'s padded frame (raster order)."""
+    X, Y = hw
+    fx, fy = ORIENTATION_FLIPS[o]
+    xs = torch.arange(X, device=device)
+    ys = torch.arange(Y, device=device)
+    xs = X - 1 - xs if fx else xs
+    ys = Y - 1 - ys if fy else ys
+    return (xs[:, None] * padded[1] + ys[None, :]).flatten()
+
+
+def gating_matrix_2d(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, d, hw) -> Tensor:
+    """The full gating matrix ``G [B, H, N, N]`` (rows: targets, columns: sources) by log doubling over
+    one cell padded to a square power of two; orientations summed, ``d`` on the diagonal. Compute dtype."""
+    X, Y = hw
+    P = next_pow2(max(X, Y))
+    ct = compute_dtype(s_r)
+    cm = frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, (P, P), P, ct)
+    g = cm.g[..., 0, 0, :, :]  # [B, H, O, P², P²]
+    G = None
+    for o in range(g.shape[2]):
+        idx = frame_index(hw, (P, P), o, device=g.device)
+        go = g[:, :, o][..., idx, :][..., :, idx]
+        G = go if G is None else G + go
+    if d is not None:
+        G = G + torch.diag_embed(d.to(ct).transpose(1, 2))
+    return G
+
+
+def plstm2d_full_g(q, k, v, s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, d, hw, scale) -> Tensor:
+    """``s·Σ_{n'} G[n, n'] (q_n·k_{n'}) v_{n'}`` with :func:`gating_matrix_2d`. Returns compute dtype."""
+    ct = compute_dtype(q)
+    G = gating_matrix_2d(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, d, hw)
+    qh, kh, vh = (t.to(ct).transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
+    out = (G * (qh @ kh.transpose(-1, -2))) @ vh * scale
+    return out.transpose(1, 2)

@@ -1,0 +1,202 @@
+"""Circular-window softmax attention over a 2-D token grid with global prefix tokens and pooled tokens (CLEAR).
+
+The operator of CLEAR (arXiv 2412.16112; ``Huage001/CLEAR: attention_processor.py::init_local_mask_flex``,
+``::init_local_downsample_mask_flex``), evaluated per call for any resolution: no mask cache, no globals.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..backend import KERNEL_DTYPES, resolve_backend
+from .naive import window_attention_blocked, window_attention_dense, window_mask
+
+
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    hw: Tuple[int, int],
+    *,
+    radius: int,
+    num_prefix_tokens: int = 0,
+    pooled_k: Optional[Tensor] = None,
+    pooled_v: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Softmax attention restricted to an open disc of radius ``r`` on the image grid, plus global tokens.
+
+    Shapes: ``q, k [B, N, H, Dk]``, ``v [B, N, H, Dv]`` with ``N = T + h·w``: ``T = num_prefix_tokens``
+    prefix (class / register / text) tokens first, then the ``h×w`` image tokens in raster order.
+    ``pooled_k [B, P, H, Dk]``, ``pooled_v [B, P, H, Dv]``: optional extra keys/values (CLEAR's
+    learnably pooled tokens, see :func:`pool_tokens`), appended after the ``N`` keys. Returns
+    ``o [B, N, H, Dv]``, ``o_i = Σ_j softmax_j(scale·q_i·k_j) v_j`` over the allowed ``j``:
+
+    - image query at ``(y, x)``: every prefix key; image keys at ``(y', x')`` with
+      ``(y−y')² + (x−x')² < r²`` (strict; no wrap-around); every pooled key;
+    - prefix query: every prefix and image key, **no** pooled key (CLEAR's text rows).
+
+    ``radius``: integer ``r ≥ 1`` (``r = 1`` keeps only the token itself). ``scale``: default
+    ``Dk^-½``; CLEAR's proportional-attention scale is the caller's (see ``linvision.mixers.clear``).
+    The pooled tokens carry no position: every image query sees all of them, so no grid is needed here.
+
+    Cost: image queries ``O(h·w·(πr² + T + P)·D)``, prefix queries ``O(T·N·D)``. The Triton backend
+    tiles image queries as 2-D patches and visits only the key patches that can meet the disc of some
+    query of the patch (:func:`key_tiles_per_query_tile`), so its work per image token does not grow
+    with the image. Accumulation in fp32 (fp64 on the torch backend for fp64 inputs); output in the
+    input dtype. ``backend``: ``"auto"`` (Triton for CUDA tensors, else the blocked PyTorch
+    reference), ``"torch"``, ``"triton"``. Differentiable in q, k, v, pooled_k, pooled_v.
+    """
+    hw, radius, T, scale = _validated(q, k, v, hw, radius, num_prefix_tokens, pooled_k, pooled_v, scale)
+    if pooled_k is not None and pooled_k.shape[1] == 0:
+        pooled_k = pooled_v = None
+    tensors = [t for t in (q, k, v, pooled_k, pooled_v) if t is not None]
+    chosen = resolve_backend(backend, *tensors)
+    if chosen == "triton" and backend == "auto" and q.dtype == torch.float64:
+        chosen = "torch"  # the kernels take fp16/bf16/fp32; auto falls back to the reference for fp64
+    if chosen == "triton":
+        if q.dtype == torch.float64:
+            raise ValueError("the Triton backend takes fp16, bf16 or fp32; use backend='torch' for fp64")
+        from .triton import window_attention_triton
+
+        return window_attention_triton(q, k, v, hw, radius, T, pooled_k, pooled_v, scale)
+    return window_attention_blocked(q, k, v, hw, radius, T, pooled_k, pooled_v, scale)
+
+
+def pool_tokens(
+    x: Tensor, hw: Tuple[int, int], factor: int, weight: Optional[Tensor] = None, num_prefix_tokens: int = 0
+) -> Tensor:
+    """CLEAR's pooled tokens: a weighted ``f×f`` sum over the image tokens of ``x [B, T + h·w, H, D]``.
+
+    ``out[b, (i, j)] = Σ_{a,c<f} weight[a, c] · x[b, T + (i·f + a)·w + (j·f + c)]`` → ``[B, (h/f)(w/f), H, D]``
+    in raster order of the pooled grid. ``weight``: any tensor of ``f²`` elements read as ``[f, f]``
+    (rows, columns), e.g. the official ``spatial_weight`` of shape ``(1, 1, 1, f, 1, f, 1)``; default
+    ``1/f²`` (average pooling, the official initial value). ``h`` and ``w`` must be multiples of ``f``.
+    Differentiable in ``x`` and ``weight``.
+    """
+    h, w = _check_hw(hw)
+    if not isinstance(factor, numbers.Integral) or isinstance(factor, bool) or factor < 1:
+        raise ValueError(f"pooling factor must be a positive int, got {factor!r}")
+    factor = int(factor)
+    if h % factor or w % factor:
+        raise ValueError(f"the pooling factor {factor} must divide the grid hw={h}x{w}")
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor [B, N, H, D], got shape {tuple(getattr(x, 'shape', ()))}")
+    T = _check_prefix(num_prefix_tokens)
+    B, N, H, D = x.shape
+    if N != T + h * w:
+        raise ValueError(f"token count {N} does not match hw={h}x{w} plus {T} prefix tokens (= {T + h * w})")
+    if weight is None:
+        weight = x.new_full((factor, factor), 1.0 / (factor * factor))
+    elif not isinstance(weight, Tensor) or weight.numel() != factor * factor:
+        raise ValueError(f"weight must hold factor² = {factor * factor} elements, got {getattr(weight, 'shape', weight)}")
+    weight = weight.reshape(factor, factor).to(x.dtype)
+    img = x[:, T:].reshape(B, h // factor, factor, w // factor, factor, H, D)
+    pooled = torch.einsum("bpaqchd,ac->bpqhd", img, weight)
+    return pooled.reshape(B, (h // factor) * (w // factor), H, D)
+
+
+def key_tiles_per_query_tile(
+    hw: Tuple[int, int],
+    radius: int,
+    query_tile: Optional[Tuple[int, int]] = None,
+    key_tile: Optional[Tuple[int, int]] = None,
+) -> Tensor:
+    """Image-key tiles the Triton forward visits for each image-query tile (raster order of tiles).
+
+    Mirrors the kernel's loop bounds on the host; tiles default to the Triton backend's choice for
+    a GPU. The count of an interior query tile depends on ``radius`` and the tile shapes only, not on
+    ``hw``: the work per image token is independent of the image size. Prefix and pooled keys
+    are visited by every tile in addition (``ceil(T / BLOCK_N) + ceil(P / BLOCK_N)`` blocks).
+    """
+    from .tiles import default_tiles, visited_key_tiles
+
+    h, w = _check_hw(hw)
+    _check_radius(radius)
+    qt, kt = default_tiles(interpreting=False)
+    return torch.tensor(visited_key_tiles((h, w), int(radius), query_tile or qt, key_tile or kt), dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_hw(hw) -> Tuple[int, int]:
+    try:
+        h, w = hw
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in (h, w)):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"hw must be positive, got {(h, w)}")
+    return int(h), int(w)
+
+
+def _check_radius(radius) -> int:
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 1:
+        raise ValueError(f"radius must be an int >= 1, got {radius!r}")
+    return int(radius)
+
+
+def _check_prefix(num_prefix_tokens) -> int:
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+    return int(num_prefix_tokens)
+
+
+def _validated(q, k, v, hw, radius, num_prefix_tokens, pooled_k, pooled_v, scale):
+    h, w = _check_hw(hw)
+    radius = _check_radius(radius)
+    T = _check_prefix(num_prefix_tokens)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, N, H, D], got shape {tuple(getattr(t, 'shape', ()))}")
+    if q.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise ValueError(f"unsupported dtype {q.dtype}; expected fp16, bf16, fp32 or fp64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, N, H, Dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != (B, N, H):
+        raise ValueError(f"v must be [B, N, H, Dv] = [{B}, {N}, {H}, Dv], got {tuple(v.shape)}")
+    if N != T + h * w:
+        raise ValueError(f"token count {N} does not match hw={h}x{w} plus {T} prefix tokens (= {T + h * w})")
+    if (pooled_k is None) != (pooled_v is None):
+        raise ValueError("pooled_k and pooled_v must be given together")
+    if pooled_k is not None:
+        for name, t in (("pooled_k", pooled_k), ("pooled_v", pooled_v)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{name} must be a 4-D tensor [B, P, H, D]")
+            if t.dtype != q.dtype:
+                raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        P = pooled_k.shape[1]
+        if pooled_k.shape != (B, P, H, Dk) or pooled_v.shape != (B, P, H, v.shape[3]):
+            raise ValueError(
+                f"pooled_k {tuple(pooled_k.shape)} / pooled_v {tuple(pooled_v.shape)} must be "
+                f"[B, P, H, Dk] = [{B}, P, {H}, {Dk}] / [B, P, H, Dv] = [{B}, P, {H}, {v.shape[3]}]"
+            )
+    if scale is None:
+        scale = 1.0 / math.sqrt(Dk)
+    else:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    return (h, w), radius, T, scale
+
+
+__all__ = [
+    "key_tiles_per_query_tile",
+    "pool_tokens",
+    "window_attention",
+    "window_attention_blocked",
+    "window_attention_dense",
+    "window_mask",
+]

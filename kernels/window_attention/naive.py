@@ -1,0 +1,183 @@
+"""PyTorch references of circular-window attention (CLEAR): the dense oracle and the lean CPU path.
+
+Token layout (as everywhere in ``kernels``): ``[B, N, H, D]`` with ``N = T + h·w``, the ``T`` prefix
+(text) tokens first, then the ``h×w`` image tokens in raster order; optional pooled keys/values
+``[B, P, H, D]`` are appended after all ``N`` keys. The support (CLEAR's ``init_local_downsample_mask_flex``)::
+
+    prefix query  → every prefix and image key, no pooled key
+    image query   → every prefix key, image keys with dy² + dx² < r² (strict), every pooled key
+
+- :func:`window_mask` builds that predicate as an explicit boolean matrix ``[N, N + P]``.
+- :func:`window_attention_dense` is the oracle: dense scores, ``masked_fill(-inf)``, softmax. O(N²) memory.
+- :func:`window_attention_blocked` is the PyTorch backend: image queries in 2-D blocks of ``b×b`` tokens,
+  each against the ``(b + 2(r−1))²`` window of keys around it plus the prefix and pooled keys; prefix
+  queries dense in chunks. Memory and compute O(N·(b + 2r)²), never an N×N matrix.
+
+Both accumulate in fp32 (fp64 for fp64 inputs) and return the input dtype. Arguments are validated by
+the public :func:`linvision.kernels.window_attention.window_attention`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCORE_ELEMENTS = 1 << 24  # score elements of one chunk of the blocked reference (64 MB in fp32)
+MAX_BLOCK = 32
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def window_mask(
+    hw: Tuple[int, int], radius: int, num_prefix_tokens: int = 0, num_pooled: int = 0, device=None
+) -> Tensor:
+    """CLEAR's attention support as a boolean ``[N, N + P]`` matrix (True = attend), ``N = T + h·w``."""
+    h, w = hw
+    T, P = num_prefix_tokens, num_pooled
+    n = T + h * w
+    idx = torch.arange(h * w, device=device)
+    y, x = idx // w, idx % w
+    disc = (y[:, None] - y[None, :]).square() + (x[:, None] - x[None, :]).square() < radius * radius
+    mask = torch.zeros(n, n + P, dtype=torch.bool, device=device)
+    mask[:T, :n] = True  # prefix rows: prefix + image keys, not the pooled ones
+    mask[T:, :T] = True  # image rows: every prefix key
+    mask[T:, T:n] = disc  # ... the disc of image keys
+    mask[T:, n:] = True  # ... every pooled key
+    return mask
+
+
+def window_attention_dense(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    hw: Tuple[int, int],
+    radius: int,
+    num_prefix_tokens: int,
+    pooled_k: Optional[Tensor],
+    pooled_v: Optional[Tensor],
+    scale: float,
+) -> Tensor:
+    """The oracle: explicit boolean mask and dense masked softmax over ``[N, N + P]`` scores."""
+    acc = accumulation_dtype(q.dtype)
+    if pooled_k is not None:
+        k, v = torch.cat((k, pooled_k), 1), torch.cat((v, pooled_v), 1)
+    mask = window_mask(hw, radius, num_prefix_tokens, k.shape[1] - q.shape[1], q.device)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q.to(acc), k.to(acc)) * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("bhnm,bmhd->bnhd", probs, v.to(acc)).to(q.dtype)
+
+
+def default_block(radius: int) -> int:
+    """Query block side of the blocked reference: ``clamp(r, 8, 32)`` (window side ``b + 2(r−1)``)."""
+    return max(8, min(MAX_BLOCK, radius))
+
+
+def _image_blocks(t: Tensor, hw: Tuple[int, int], block: Tuple[int, int]) -> Tensor:
+    """``[B, h·w, H, D]`` → zero-padded blocks ``[B, nby, nbx, H, by·bx, D]``."""
+    B, _, H, D = t.shape
+    (h, w), (by, bx) = hw, block
+    nby, nbx = -(-h // by), -(-w // bx)
+    t = t.reshape(B, h, w, H, D)
+    t = F.pad(t, (0, 0, 0, 0, 0, nbx * bx - w, 0, nby * by - h))
+    return t.reshape(B, nby, by, nbx, bx, H, D).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, nby, nbx, H, by * bx, D)
+
+
+def _key_windows(t: Tensor, hw: Tuple[int, int], block: Tuple[int, int], pad: Tuple[int, int]) -> Tensor:
+    """``[B, h·w, H, D]`` → overlapping windows ``[B, H, D, nby, nbx, wy, wx]`` (a strided view of a padded copy).
+
+    Window ``(i, j)`` covers rows ``[i·by − py, i·by + by − 1 + py]`` and the matching columns.
+    """
+    B, _, H, D = t.shape
+    (h, w), (by, bx), (py, px) = hw, block, pad
+    nby, nbx = -(-h // by), -(-w // bx)
+    t = t.reshape(B, h, w, H, D).permute(0, 3, 4, 1, 2)
+    t = F.pad(t, (px, px + nbx * bx - w, py, py + nby * by - h))
+    return t.unfold(3, by + 2 * py, by).unfold(4, bx + 2 * px, bx)
+
+
+def window_attention_blocked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    hw: Tuple[int, int],
+    radius: int,
+    num_prefix_tokens: int,
+    pooled_k: Optional[Tensor],
+    pooled_v: Optional[Tensor],
+    scale: float,
+    block: Optional[int] = None,
+) -> Tensor:
+    """Lean reference: the same operator without an N×N matrix (see the module docstring).
+
+    ``block``: query block side (default :func:`default_block`). Differentiable through autograd.
+    """
+    acc = accumulation_dtype(q.dtype)
+    B, N, H, Dk = q.shape
+    Dv = v.shape[3]
+    T = num_prefix_tokens
+    h, w = hw
+    r = radius
+    side = default_block(r) if block is None else int(block)
+    by, bx = min(side, h), min(side, w)
+    py, px = min(r - 1, h - 1), min(r - 1, w - 1)  # no key lies further away than the image itself
+    wy, wx = by + 2 * py, bx + 2 * px
+    nby, nbx = -(-h // by), -(-w // bx)
+    device = q.device
+
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    k_pre, v_pre = kf[:, :T], vf[:, :T]
+    pk = pooled_k.to(acc) if pooled_k is not None else kf.new_zeros(B, 0, H, Dk)
+    pv = pooled_v.to(acc) if pooled_v is not None else vf.new_zeros(B, 0, H, Dv)
+    P = pk.shape[1]
+
+    pieces = []
+    # Prefix queries: dense over the T + h·w prefix and image keys (never the pooled ones).
+    if T:
+        step = max(1, SCORE_ELEMENTS // max(1, B * H * N))
+        for a in range(0, T, step):
+            s = torch.einsum("bqhd,bmhd->bhqm", qf[:, a : min(a + step, T)], kf) * scale
+            pieces.append(torch.einsum("bhqm,bmhd->bqhd", s.softmax(-1), vf))
+
+    # Image queries: 2-D blocks against their key windows, plus all prefix and pooled keys.
+    qb = _image_blocks(qf[:, T:], hw, (by, bx))  # [B, nby, nbx, H, by·bx, Dk]
+    kw = _key_windows(kf[:, T:], hw, (by, bx), (py, px))  # [B, H, Dk, nby, nbx, wy, wx]
+    vw = _key_windows(vf[:, T:], hw, (by, bx), (py, px))
+    ones = torch.ones(1, 1, h, w, dtype=acc, device=device)
+    k_ok = F.pad(ones, (px, px + nbx * bx - w, py, py + nby * by - h)).unfold(2, wy, by).unfold(3, wx, bx)
+    k_ok = k_ok.reshape(nby, nbx, 1, wy * wx) > 0  # key window positions inside the image
+    q_ok = F.pad(ones, (0, nbx * bx - w, 0, nby * by - h)).reshape(nby, by, nbx, bx).permute(0, 2, 1, 3)
+    q_ok = q_ok.reshape(nby, nbx, by * bx, 1) > 0
+    qy, qx = torch.arange(by, device=device), torch.arange(bx, device=device)
+    ky, kx = torch.arange(wy, device=device) - py, torch.arange(wx, device=device) - px
+    dy2 = (ky[None, :] - qy[:, None]).square()  # [by, wy]
+    dx2 = (kx[None, :] - qx[:, None]).square()  # [bx, wx]
+    disc = (dy2[:, None, :, None] + dx2[None, :, None, :] < r * r).reshape(by * bx, wy * wx)
+    # Padded query rows get an all-True row: finite (and then discarded) instead of NaN.
+    allowed = (disc & k_ok) | ~q_ok  # [nby, nbx, by·bx, wy·wx]
+
+    rows_per_chunk = max(1, SCORE_ELEMENTS // max(1, B * nbx * H * by * bx * (wy * wx + T + P)))
+    out_img = []
+    for a in range(0, nby, rows_per_chunk):
+        c = slice(a, a + rows_per_chunk)
+        qc = qb[:, c]  # [B, n, nbx, H, Q, Dk]
+        n = qc.shape[1]
+        kc = kw[:, :, :, c].reshape(B, H, Dk, n, nbx, wy * wx).permute(0, 3, 4, 1, 5, 2)  # [B, n, nbx, H, W, Dk]
+        vc = vw[:, :, :, c].reshape(B, H, Dv, n, nbx, wy * wx).permute(0, 3, 4, 1, 5, 2)
+        s_loc = (qc @ kc.transpose(-1, -2)) * scale
+        s_loc = s_loc.masked_fill(~allowed[c].unsqueeze(2), float("-inf"))
+        s_pre = torch.einsum("byxhqd,bthd->byxhqt", qc, k_pre) * scale
+        s_pool = torch.einsum("byxhqd,bthd->byxhqt", qc, pk) * scale
+        p = torch.cat((s_pre, s_loc, s_pool), -1).softmax(-1)
+        p_pre, p_loc, p_pool = p.split((T, wy * wx, P), -1)
+        o = p_loc @ vc + torch.einsum("byxhqt,bthd->byxhqd", p_pre, v_pre) + torch.einsum("byxhqt,bthd->byxhqd", p_pool, pv)
+        out_img.append(o.reshape(B, n, nbx, H, by, bx, Dv).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, n * by, nbx * bx, H, Dv))
+    img = torch.cat(out_img, 1)[:, :h, :w].reshape(B, h * w, H, Dv)
+    pieces.append(img)
+    return torch.cat(pieces, 1).to(q.dtype)
+
+
+__all__ = ["window_mask", "window_attention_dense", "window_attention_blocked", "default_block"]

@@ -1,0 +1,331 @@
+"""LightNet: the additive (log-sum-exp normalised) linear recurrence with MD-LRPE and MD-TPE.
+
+Paper: Qin et al., "You Only Scan Once: Efficient Multi-dimension Sequential Modeling with LightNet",
+arXiv 2405.21022 (2024). The official repository ``OpenNLPLab/LightNet`` (which holds the vision code)
+could not be read, so this module follows the first author's maintained implementations, read at:
+
+- ``Doraemonzzz/xmixers: xmixers/modules/token_mixers/linear_attention/lightnet_attention.py::LightNetAttention
+  @081fbef45ad8056eff4e24b414306575494fc095`` (projections, SiLU on q, raw k as log-weights, logcumsumexp
+  normaliser, low-rank sigmoid output gate before an RMSNorm, ``o_proj``);
+- ``Doraemonzzz/xmixers: xmixers/modules/pes/tpe.py::Tpe @3e09249d82d4e8f580d9517d165be54a7edaf379`` and
+  ``xmixers/modules/pes/md/md_tpe.py::MdTpe @41b22a8e53ea17faa8a82db785b486fe35690c77`` (MD-TPE);
+- ``Doraemonzzz/xopes: xopes/ops/lrpe/cosine/_md/lrpe_cosine_md_torch.py::lrpe_cosine_md_torch
+  @102618f3d930e956a8adf88a3cfa24fcc6833365`` and its README (MD-LRPE: per-axis angle chunks, prefix
+  tokens at angle 0), with ``Doraemonzzz/vector-quantize: vector_quants/modules/pe/lrpe.py::MdLrpe``
+  (cosine type 3) for the frequencies;
+- ``fla-org/flash-linear-attention: fla/layers/lightnet.py::LightNetAttention
+  @04506e15aea1430db28f04159d52e67c6a5dbc36`` for the alternative gate placement.
+
+All of those are causal language-model code; the non-causal multi-dimensional form is their direct
+specialisation (spec ``lightnet.md``). Nothing here is checked against the paper's vision models.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels.additive_scan import additive_scan
+from ..kernels.backend import BACKENDS
+from .base import QKVMixer
+
+GATE_POSITIONS = ("pre", "post")
+LRPE_THETAS = ("per_head", "shared")
+Q_ACTIVATIONS = ("silu", "none")
+TPE_MODES = ("add", "replace")
+TPE_DIRECTIONS = ("bidirectional", "causal")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MD-LRPE
+# ----------------------------------------------------------------------------------------------------------
+
+
+def md_lrpe_theta(num_heads: int, head_dim: int, ndim: int = 2, base: float = 10000.0, layout: str = "per_head") -> Tensor:
+    """Frequencies ``θ [H, e]`` (fp32), ``e = ⌈head_dim / ndim⌉``.
+
+    ``"per_head"`` (default; vector-quantize ``MdLrpe``, cosine type 3): ``θ[h, c] = base^{−2(h·d + c)/(H·d)}``,
+    i.e. the ``H·d`` frequencies ``base^{−2j/(H·d)}`` split by head, the first ``e`` of each head used.
+    ``"shared"``: ``θ[h, c] = base^{−2c/d}`` for every head (the spec's literal ``θ_c = base^{−2c/d}``).
+    """
+    if layout not in LRPE_THETAS:
+        raise ValueError(f"unknown lrpe_theta {layout!r}; expected one of {LRPE_THETAS}")
+    e = -(-head_dim // ndim)
+    c = torch.arange(e, dtype=torch.float64)
+    if layout == "per_head":
+        j = torch.arange(num_heads, dtype=torch.float64)[:, None] * head_dim + c[None, :]
+        theta = base ** (-2.0 * j / (num_heads * head_dim))
+    else:
+        theta = (base ** (-2.0 * c / head_dim)).expand(num_heads, e)
+    return theta.to(torch.float32).contiguous()
+
+
+def grid_positions(shape: Sequence[int], device=None) -> Tensor:
+    """Integer coordinates ``[prod(shape), len(shape)]`` of a grid in raster order (last axis fastest)."""
+    axes = [torch.arange(int(n), device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
+
+
+def md_lrpe_angles(theta: Tensor, shape: Sequence[int], num_prefix_tokens: int, head_dim: int) -> Tensor:
+    """Angles ``Θ [P + prod(shape), H, head_dim]`` (fp32): ``Θ_s = concat_j(s_j θ)[:head_dim]``, prefix tokens at 0.
+
+    Channel chunk ``j`` (of ``e = θ.shape[1]`` channels) carries axis ``j`` (rows, then columns, ...), as in
+    xopes' ``lrpe_cosine_md_torch``. Built per call from ``shape``; nothing is cached.
+    """
+    pos = grid_positions(shape, device=theta.device).to(torch.float32)  # [n, m]
+    ang = pos[:, None, :, None] * theta.to(torch.float32)[None, :, None, :]  # [n, H, m, e]
+    ang = ang.flatten(2)[..., :head_dim]
+    if num_prefix_tokens:
+        ang = torch.cat([ang.new_zeros(num_prefix_tokens, *ang.shape[1:]), ang], 0)
+    return ang
+
+
+def md_lrpe(x: Tensor, angles: Tensor) -> Tensor:
+    """Cosine LRPE: ``x [B, N, H, d] ↦ [x ⊙ cos Θ, x ⊙ sin Θ] [B, N, H, 2d]`` (computed in fp32, returned in x's dtype).
+
+    ``x̄_s · ȳ_t = Σ_c x_c y_c cos(Θ_{s,c} − Θ_{t,c})``: relative per axis, no channel mixing.
+    """
+    xf = x.float()
+    return torch.cat([xf * angles.cos(), xf * angles.sin()], -1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MD-TPE
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MdTpe(nn.Module):
+    """Multi-dimensional Toeplitz positional encoding (xmixers ``MdTpe`` of ``Tpe``, one per grid axis, summed).
+
+    Per axis ``a``, head ``h``: ``y_t = (q_{a,h}·k_{a,h}) Σ_s λ_{a,h}^{|t−s|} x_s`` along that axis
+    (``bidirectional``) or ``Σ_{s≤t} λ^{t−s} x_s`` (``causal``, xmixers), ``λ = sigmoid(log_decay)``;
+    then a per-head RMSNorm (with weight) and a ``Linear(C, C, bias=False)``. The axes' outputs are summed.
+    Shapes: ``x (B, P + h·w, C)`` → ``(B, P + h·w, C)``; the ``P`` prefix tokens are not on the grid and
+    get a zero output. The Toeplitz matrices are built per call from ``hw`` (``O(N·(h + w)·C)``).
+
+    Initialisation as xmixers: ``q, k ~ N(0, 1)``, ``log_decay ~ N(0, 1)``, norm weight 1. As in xmixers,
+    the per-head RMSNorm cancels the ``q·k`` scale up to its eps (only its sign survives), so ``q`` and ``k``
+    receive near-zero gradients.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ndim: int = 2, direction: str = "bidirectional", eps: float = 1e-6):
+        super().__init__()
+        if direction not in TPE_DIRECTIONS:
+            raise ValueError(f"unknown tpe direction {direction!r}; expected one of {TPE_DIRECTIONS}")
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be a multiple of num_heads={num_heads}")
+        self.dim, self.num_heads, self.ndim, self.direction, self.eps = dim, num_heads, ndim, direction, eps
+        self.q = nn.Parameter(torch.randn(ndim, dim))
+        self.k = nn.Parameter(torch.randn(ndim, dim))
+        self.log_decay = nn.Parameter(torch.randn(ndim, num_heads))
+        self.norm_weight = nn.Parameter(torch.ones(ndim, dim))
+        self.o_proj = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(ndim))
+
+    def toeplitz(self, axis: int, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``[H, L, L]`` decay matrix of one axis, built in ``dtype`` (fp32, or fp64 for fp64 inputs)."""
+        i = torch.arange(length, device=self.log_decay.device, dtype=dtype)
+        dist = i[:, None] - i[None, :]
+        log_lam = F.logsigmoid(self.log_decay[axis].to(dtype))[:, None, None]
+        if self.direction == "causal":
+            return torch.exp(dist.clamp(min=0) * log_lam).masked_fill(dist < 0, 0.0)
+        return torch.exp(dist.abs() * log_lam)
+
+    def forward(self, x: Tensor, hw: Tuple[int, ...], num_prefix_tokens: int = 0) -> Tensor:
+        if len(hw) != self.ndim:
+            raise ValueError(f"expected a {self.ndim}-D grid, got hw={tuple(hw)}")
+        B, N, C = x.shape
+        H, d = self.num_heads, C // self.num_heads
+        grid = x[:, num_prefix_tokens:].reshape(B, *hw, H, d)
+        out = 0
+        for a in range(self.ndim):
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            mat = self.toeplitz(a, hw[a], acc).to(x.dtype)  # [H, L, L]
+            g = grid.movedim(1 + a, -1)  # [B, ..., H, d, L]
+            y = torch.einsum("hij,b...hdj->b...hdi", mat, g).movedim(-1, 1 + a)  # [B, *hw, H, d]
+            scale = (self.q[a] * self.k[a]).view(H, d).sum(-1).to(x.dtype)  # q·k per head
+            y = y * scale[:, None]
+            yf = y.to(acc)
+            yf = yf * torch.rsqrt(yf.square().mean(-1, keepdim=True) + self.eps)
+            y = (yf.to(x.dtype) * self.norm_weight[a].view(H, d).to(x.dtype)).reshape(B, -1, C)
+            out = out + self.o_proj[a](y)
+        if num_prefix_tokens:
+            out = torch.cat([out.new_zeros(B, num_prefix_tokens, C), out], 1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, ndim={self.ndim}, direction={self.direction!r}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mixer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LightNetAttention(QKVMixer):
+    """LightNet token mixer: ``y = proj(norm-gate(AdditiveScan(lrpe(SiLU q), [k, k], v; κ = [cos Θ, sin Θ])))``.
+
+    Shapes: ``x (B, N, C)`` with ``N = num_prefix_tokens + h·w`` (prefix tokens first, image tokens in
+    raster order) → ``y (B, N, C)``; ``H = num_heads`` heads of ``d = C/H`` channels.
+
+    Per head (xmixers ``LightNetAttention``, vector decay): ``q = SiLU(W_q x)``, ``f = W_k x`` (the raw key
+    is the log-weight), ``v = W_v x``. With MD-LRPE the core sees ``q̄ = [q cos Θ, q sin Θ]``, log-weights
+    ``[f, f]`` and key modulation ``κ = [cos Θ, sin Θ]``, so that ``o_i = Σ_j Σ_c q_ic P_jc cos(Θ_ic − Θ_jc) v_j``
+    with ``P = softmax over tokens`` of ``f`` per channel (:func:`linvision.kernels.additive_scan.additive_scan`):
+
+    - non-causal (default, ``causal=False``): one global softmax over all tokens: "You Only Scan Once";
+    - causal (``causal=True``): the raster-order prefix softmax (prefix tokens first), i.e. LightNet's
+      recurrence ``S_t = diag(e^{z_{t−1} − z_t}) S_{t−1} + e^{f_t − z_t} κ_t v_tᵀ``.
+
+    Output (xmixers, ``gate_position="pre"``): ``proj(RMSNorm(o ⊙ σ(W_g2 W_g1 x)))`` with a low-rank gate of
+    rank ``gate_rank`` (xmixers: ``num_heads``); ``"post"`` is FLA's ``RMSNorm(o) ⊙ SiLU(W_g2 W_g1 x)``.
+
+    Prefix tokens join the softmax like any token; MD-LRPE gives them angle 0 (``[x, 0]``, xopes), so
+    their interaction with image token ``t`` is ``Σ_c q_c k_c cos Θ_{t,c}``; MD-TPE gives them a zero term.
+
+    Options (each an unverified choice; defaults follow the first author's code where it exists):
+
+    - ``causal`` (False): see above. ``backend``: kernel backend.
+    - ``lse_init`` (−inf): initial log-sum-exp ``z₀``. −inf is a pure softmax over the tokens (FLA, the
+      spec's non-causal equation); ``0.0`` reproduces xmixers' ``lse_state = 0`` (a null key of weight 1).
+      [UNVERIFIED which the paper's vision code uses.]
+    - ``use_lrpe`` (True, xmixers default), ``lrpe_base`` (10000), ``lrpe_theta`` (``"per_head"``: the
+      vector-quantize ``MdLrpe`` cosine-type frequency layout; ``"shared"``: ``base^{−2c/d}`` for all heads),
+      ``lrpe_learnable`` (False: θ recomputed in fp32 each call; True: an fp32-initialised ``nn.Parameter``
+      as xmixers' cosine ``Lrpe`` type 3; it follows ``.half()``/``.to()`` like any parameter, so keep it
+      fp32 under mixed precision). The cosine form doubles the head dimension of q and k.
+    - ``use_output_gate`` (True), ``gate_rank`` (None → ``num_heads``, xmixers), ``gate_position``
+      (``"pre"`` xmixers / ``"post"`` FLA), ``norm_eps`` (1e-6).
+    - ``q_activation`` (``"silu"``, both references; ``"none"``).
+    - ``use_tpe`` (False), ``tpe_mode`` (``"add"``: ``x + MdTpe(x)``; ``"replace"``: image tokens replaced by
+      ``MdTpe(x)`` as xmixers' LM replaces its embeddings), ``tpe_direction`` (None → ``"causal"`` when
+      ``causal`` else ``"bidirectional"``). MD-TPE runs on the mixer input before the projections.
+    - ``qkv_bias``, ``proj_bias`` (False, as xmixers' ``bias=False``; set True to inherit a biased softmax
+      attention's weights). The gate's two Linears follow ``qkv_bias`` (xmixers uses one ``bias`` flag).
+
+    Deviations (no official vision code; all are choices):
+
+    - A fused ``qkv`` Linear (``q``, ``k``, ``v`` = its thirds) and ``proj`` instead of ``q_proj``/``k_proj``/
+      ``v_proj``/``o_proj``, for softmax-weight inheritance; the output gate is ``gate`` and the norm ``norm``.
+    - The non-causal multi-dimensional form (xmixers asserts ``causal``); with ``lse_init=−inf`` by default.
+    - MD-LRPE frequencies: MdLrpe's per-head layout with xopes' ``e = ⌈d/m⌉`` chunks truncated to ``d``
+      (MdLrpe uses ``d // m`` and fails when ``m ∤ d``). xmixers' ``LightNetAttention`` builds a rotary
+      ``Lrpe(lrpe_type=6)`` yet doubles ``log_f`` as for the cosine type; the spec's cosine MD form is used.
+    - MD-TPE inside the mixer (xmixers applies ``MdTpe`` once to the LM embeddings); default off, and
+      bidirectional for the non-causal mixer [UNVERIFIED for the paper's vision MD-TPE].
+    - No scalar-decay variant; xmixers' initialisation schemes (``token_mixer_init_type``, ``gain``) are not
+      reproduced (PyTorch defaults); the core's ``scale`` is 1 (xmixers; FLA's chunk_gla default is
+      ``d^-½``, which the following RMSNorm cancels up to its eps).
+    - The normaliser runs in fp32 with a running max (both references cast to fp32 too).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        proj_bias: bool = False,
+        causal: bool = False,
+        q_activation: str = "silu",
+        lse_init: float = float("-inf"),
+        use_lrpe: bool = True,
+        lrpe_base: float = 10000.0,
+        lrpe_theta: str = "per_head",
+        lrpe_learnable: bool = False,
+        use_output_gate: bool = True,
+        gate_rank: Optional[int] = None,
+        gate_position: str = "pre",
+        norm_eps: float = 1e-6,
+        use_tpe: bool = False,
+        tpe_mode: str = "add",
+        tpe_direction: Optional[str] = None,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, num_heads, qkv_bias, proj_bias)
+        if q_activation not in Q_ACTIVATIONS:
+            raise ValueError(f"unknown q_activation {q_activation!r}; expected one of {Q_ACTIVATIONS}")
+        if gate_position not in GATE_POSITIONS:
+            raise ValueError(f"unknown gate_position {gate_position!r}; expected one of {GATE_POSITIONS}")
+        if lrpe_theta not in LRPE_THETAS:
+            raise ValueError(f"unknown lrpe_theta {lrpe_theta!r}; expected one of {LRPE_THETAS}")
+        if tpe_mode not in TPE_MODES:
+            raise ValueError(f"unknown tpe_mode {tpe_mode!r}; expected one of {TPE_MODES}")
+        if tpe_direction is not None and tpe_direction not in TPE_DIRECTIONS:
+            raise ValueError(f"unknown tpe_direction {tpe_direction!r}; expected one of {TPE_DIRECTIONS} or None")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        lse_init = float(lse_init)
+        if math.isnan(lse_init) or lse_init == math.inf:
+            raise ValueError(f"lse_init must be finite or -inf, got {lse_init}")
+        if lrpe_base <= 0:
+            raise ValueError(f"lrpe_base must be positive, got {lrpe_base}")
+        if gate_rank is not None and gate_rank <= 0:
+            raise ValueError(f"gate_rank must be positive, got {gate_rank}")
+        self.causal = bool(causal)
+        self.q_activation = q_activation
+        self.lse_init = lse_init
+        self.use_lrpe = use_lrpe
+        self.lrpe_base = float(lrpe_base)
+        self.lrpe_theta = lrpe_theta
+        self.lrpe_learnable = lrpe_learnable
+        self.use_output_gate = use_output_gate
+        self.gate_position = gate_position
+        self.backend = backend
+        if use_lrpe and lrpe_learnable:
+            self.theta = nn.Parameter(md_lrpe_theta(num_heads, self.head_dim, 2, lrpe_base, lrpe_theta))
+        if use_output_gate:
+            rank = num_heads if gate_rank is None else int(gate_rank)
+            self.gate = nn.Sequential(nn.Linear(dim, rank, bias=qkv_bias), nn.Linear(rank, dim, bias=qkv_bias))
+        self.norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.use_tpe = use_tpe
+        self.tpe_mode = tpe_mode
+        self.tpe_direction = tpe_direction or ("causal" if self.causal else "bidirectional")
+        if use_tpe:
+            self.tpe = MdTpe(dim, num_heads, ndim=2, direction=self.tpe_direction, eps=norm_eps)
+
+    def lrpe_frequencies(self) -> Tensor:
+        """``θ [H, ⌈d/2⌉]`` in fp32 (the parameter when learnable, else computed now)."""
+        if self.lrpe_learnable:
+            return self.theta.float()
+        return md_lrpe_theta(self.num_heads, self.head_dim, 2, self.lrpe_base, self.lrpe_theta).to(self.qkv.weight.device)
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        if self.use_tpe:
+            t = self.tpe(x, hw, num_prefix_tokens)
+            if self.tpe_mode == "add":
+                x_in = x + t
+            else:
+                x_in = torch.cat([x[:, :num_prefix_tokens], t[:, num_prefix_tokens:]], 1)
+        else:
+            x_in = x
+        q, k, v = self.project_qkv(x_in)
+        if self.q_activation == "silu":
+            q = F.silu(q)
+        k_mod = None
+        if self.use_lrpe:
+            angles = md_lrpe_angles(self.lrpe_frequencies(), hw, num_prefix_tokens, self.head_dim)  # [N, H, d]
+            q = md_lrpe(q, angles)
+            k = torch.cat([k, k], -1)
+            k_mod = torch.cat([angles.cos(), angles.sin()], -1).unsqueeze(0)  # fp32, broadcast over B
+        o = additive_scan(q, k, v, k_mod=k_mod, causal=self.causal, lse_init=self.lse_init, backend=self.backend)
+        o = o.flatten(2)
+        if self.use_output_gate:
+            g = self.gate(x)
+            if self.gate_position == "pre":
+                o = self.norm(o * torch.sigmoid(g))
+            else:
+                o = self.norm(o) * F.silu(g)
+        else:
+            o = self.norm(o)
+        return self.proj(o)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, causal={self.causal}, lse_init={self.lse_init}, use_lrpe={self.use_lrpe}, "
+            f"gate_position={self.gate_position!r}, use_tpe={self.use_tpe}"
+        )
+
+
+__all__ = ["LightNetAttention", "MdTpe", "grid_positions", "md_lrpe", "md_lrpe_theta", "md_lrpe_angles"]

@@ -1,0 +1,260 @@
+"""LiT: ReLU linear attention with a 5×5 depth-wise convolution on V, and weight inheritance from softmax.
+
+Paper: "LiT: Delving into a Simple(fied) Linear Diffusion Transformer for Image Generation",
+Wang et al., arXiv 2501.12976. No official code is public, so every choice below is documented;
+the numerics follow the first author's linear-attention idiom in
+``techmonsterwang/LINA: diffnext/models/vision_transformer_linear_decouple1_kvscale1.py::LinearAttentionEncoder
+@f13f7c39066a1a60d025a5440bdb8d9304772862`` (ReLU + 1e-6, mean form, ε = 1e-6, fp32 core), and the DWC
+layout follows an unattributed public LiT-style ``LinearAttention`` (5×5 DWC on V with ``head_dim``
+channels and ``groups=head_dim``, one filter bank shared by all heads, the FLatten-Transformer convention).
+
+This module also holds the helpers that read the q/k/v/proj weights of a softmax attention
+(:func:`softmax_attention_weights`) and that load split ``q``/``kv`` checkpoints into a fused ``qkv``
+(:func:`fuse_q_kv_state_dict`); LINA and LinFusion reuse them.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels.backend import BACKENDS
+from ..kernels.linear_attention import linear_attention
+from .base import QKVMixer
+
+FEATURE_OFFSET = 1e-6  # φ(u) = ReLU(u) + 1e-6
+INHERIT_MODES = ("qkv+proj", "proj", "none")
+
+
+class LiTAttention(QKVMixer):
+    """LiT linear attention: ``y = proj(LinAttn(φQ, φK, V) + DWC(V))``.
+
+    Shapes: ``x (B, N, C)`` with ``N = num_prefix_tokens + h·w`` (prefix tokens first, image tokens in
+    raster order) → ``y (B, N, C)``; ``H = num_heads`` heads of ``d = C/H`` channels.
+
+    Per head, with ``φ(u) = ReLU(u) + 1e-6``:
+
+    - ``S = (φKᵀ N^-½)(V N^-½)``  [d, d],  ``z = φQ · mean_N(φK) + eps``  [N, 1],  ``O = φQ S / z``  [N, d]
+      (eps is added to the *mean*, i.e. ``+eps·N`` relative to the sums). The core runs in fp32 through
+      :func:`linvision.kernels.linear_attention` (``mean=True``); the output has the input dtype.
+    - ``DWC``: a ``dwc_kernel_size``×``dwc_kernel_size`` depth-wise ``Conv2d`` (zero padding, with bias) on V
+      of the image tokens reshaped to the ``(h, w)`` grid, added to the concatenated heads before ``proj``.
+
+    Every token (prefix tokens included) joins the attention sums. Prefix tokens are not on the grid,
+    so their DWC term is zero and their V does not enter the convolution.
+
+    Options:
+
+    - ``dwc_shared_across_heads=True`` (default): one ``Conv2d(d, d, k, groups=d)`` applied to each head's
+      ``(B·H, d, h, w)`` slice: the layout of the LiT-style reference file (spec ``lit.md``: "default to the
+      shared bank"). ``False``: per-channel ``Conv2d(C, C, k, groups=C)`` over ``(B, C, h, w)`` (LINA's
+      DWC layout). The paper does not say which; the choice changes the parameter count
+      (``d·(k²+1)`` versus ``C·(k²+1)``).
+    - ``eps`` (1e-6), ``dwc_kernel_size`` (5, odd), ``qkv_bias``/``proj_bias`` (True, as DiT's attention),
+      ``backend`` (kernel backend).
+    - Few heads (guideline 2) is just ``num_heads``; :meth:`from_softmax` accepts a ``num_heads`` different
+      from the teacher's, since a fused ``qkv`` weight does not depend on the head split.
+
+    Deviations (no official code; all are choices):
+
+    - Fused ``qkv`` Linear instead of the LiT-style file's ``q`` + ``kv`` (so DiT/timm weights load as they
+      are); checkpoints with ``q.*``/``kv.*`` keys are fused on load (:func:`fuse_q_kv_state_dict`).
+    - ``(h, w)`` comes from the call, never ``√N``: the reference's square-grid default crashes or
+      reshapes wrongly on non-square grids; outputs on square grids are unchanged.
+    - Prefix tokens (absent from LiT's DiT, which has no class token) get a zero DWC term.
+    - φ and the core are evaluated in fp32 (the LiT-style file has no fp32 core; LINA's code forces one).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        dwc_kernel_size: int = 5,
+        dwc_shared_across_heads: bool = True,
+        eps: float = 1e-6,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, num_heads, qkv_bias, proj_bias)
+        if int(dwc_kernel_size) != dwc_kernel_size or dwc_kernel_size < 1 or dwc_kernel_size % 2 == 0:
+            raise ValueError(f"dwc_kernel_size must be a positive odd int, got {dwc_kernel_size!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        self.dwc_kernel_size = int(dwc_kernel_size)
+        self.dwc_shared_across_heads = bool(dwc_shared_across_heads)
+        self.eps = float(eps)
+        self.backend = backend
+        channels = self.head_dim if self.dwc_shared_across_heads else dim
+        self.dwc = nn.Conv2d(channels, channels, self.dwc_kernel_size, padding=self.dwc_kernel_size // 2, groups=channels)
+        self.register_load_state_dict_pre_hook(fuse_q_kv_state_dict)
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        q, k, v = self.project_qkv(x)  # (B, N, H, d) views
+        o = linear_attention(
+            q, k, v, mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET, backend=self.backend
+        )
+        o = o.flatten(2) + self.local_term(v, hw, num_prefix_tokens)
+        return self.proj(o)
+
+    def local_term(self, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        """DWC of V over the image grid: ``v (B, N, H, d)`` → ``(B, N, C)``, zeros on the prefix tokens."""
+        h, w = hw
+        B, H, d = v.shape[0], self.num_heads, self.head_dim
+        img = v[:, num_prefix_tokens:]  # (B, h·w, H, d)
+        if self.dwc_shared_across_heads:
+            grid = img.permute(0, 2, 3, 1).reshape(B * H, d, h, w)
+            out = self.dwc(grid).reshape(B, H, d, h * w).permute(0, 3, 1, 2).reshape(B, h * w, H * d)
+        else:
+            grid = img.reshape(B, h * w, H * d).transpose(1, 2).reshape(B, H * d, h, w)
+            out = self.dwc(grid).flatten(2).transpose(1, 2)
+        return F.pad(out, (0, 0, num_prefix_tokens, 0))  # zeros for the prefix tokens
+
+    @classmethod
+    def from_softmax(
+        cls, attn: nn.Module, *, inherit: str = "qkv+proj", num_heads: Optional[int] = None, **options
+    ) -> "LiTAttention":
+        """A LiT mixer with the projections of a softmax attention (LiT's weight inheritance, guideline 3).
+
+        ``attn``: a :class:`~linvision.mixers.softmax.SoftmaxAttention`, a ``timm`` ``Attention`` (both with
+        fused ``qkv`` and ``proj``), or a diffusers ``Attention`` self-attention (``to_q/to_k/to_v`` fused
+        into ``qkv``, ``to_out[0]`` → ``proj``). ``dim``, ``num_heads`` and the bias flags are read from it;
+        ``num_heads`` may be overridden (fewer heads, guideline 2). Other ``options`` go to the constructor.
+
+        ``inherit`` (default ``"qkv+proj"``: copy everything the two layouts share, exactly):
+
+        - ``"qkv+proj"``: copy ``qkv`` and ``proj``;
+        - ``"proj"``: the paper's guideline 4 ("load everything except attention": FID 54.80 without
+          attention weights versus 55.29 with Q, K, V loaded): ``qkv`` keeps PyTorch's default init, ``proj``
+          is copied (whether the paper counts ``proj`` as attention is unverified);
+        - ``"none"``: copy nothing (shapes and bias flags only).
+
+        The DWC is always new (PyTorch default init). The result is on ``attn``'s device and dtype.
+        """
+        if inherit not in INHERIT_MODES:
+            raise ValueError(f"unknown inherit={inherit!r}; expected one of {INHERIT_MODES}")
+        src = softmax_attention_weights(attn)
+        for key in ("dim", "qkv_bias", "proj_bias"):
+            if key in options:
+                raise ValueError(f"{key} is read from the softmax attention; do not pass it")
+        mixer = cls(
+            dim=src.dim,
+            num_heads=src.num_heads if num_heads is None else num_heads,
+            qkv_bias=src.qkv_bias is not None,
+            proj_bias=src.proj_bias is not None,
+            **options,
+        )
+        copy_qkv_proj(mixer, src, inherit)
+        return mixer.to(device=src.qkv_weight.device, dtype=src.qkv_weight.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, eps={self.eps}, dwc_kernel_size={self.dwc_kernel_size}, "
+            f"dwc_shared_across_heads={self.dwc_shared_across_heads}"
+        )
+
+
+def softmax_attention_weights(attn: nn.Module) -> SimpleNamespace:
+    """The projections of a softmax self-attention in the fused layout.
+
+    Returns ``SimpleNamespace(dim, num_heads, qkv_weight (3C, C), qkv_bias (3C,) | None,
+    proj_weight (C, C), proj_bias (C,) | None)``; tensors are the module's own (not copies).
+
+    Accepts ``qkv``/``proj`` modules (linvision ``SoftmaxAttention``, timm ``Attention``) and diffusers
+    ``Attention`` (``to_q``, ``to_k``, ``to_v``, ``to_out[0]``; a missing bias among q/k/v is read as zeros).
+    Raises ``ValueError`` for anything a plain multi-head softmax self-attention would not have: cross or
+    joint attention, q/k norms, group or spatial norms, residual/rescaled outputs, ``inner_dim != dim``.
+    """
+    if isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(attn, "proj", None), nn.Linear):
+        for name in ("q_norm", "k_norm", "norm"):
+            sub = getattr(attn, name, None)
+            if sub is not None and not isinstance(sub, nn.Identity):
+                raise ValueError(f"the softmax attention has a non-identity {name!r}, which a linear mixer lacks")
+        qkv, proj = attn.qkv, attn.proj
+        dim = qkv.in_features
+        if qkv.out_features != 3 * dim or proj.in_features != dim or proj.out_features != dim:
+            raise ValueError(f"expected qkv Linear({dim}, {3 * dim}) and proj Linear({dim}, {dim})")
+        num_heads = getattr(attn, "num_heads", None)
+        if not isinstance(num_heads, int):
+            raise ValueError("the softmax attention has no integer num_heads attribute")
+        return SimpleNamespace(
+            dim=dim,
+            num_heads=num_heads,
+            qkv_weight=qkv.weight,
+            qkv_bias=qkv.bias,
+            proj_weight=proj.weight,
+            proj_bias=proj.bias,
+        )
+    if all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v")):
+        if getattr(attn, "is_cross_attention", False) or getattr(attn, "only_cross_attention", False):
+            raise ValueError("cross-attention cannot become a self-attention mixer")
+        extras = ("norm_q", "norm_k", "group_norm", "spatial_norm", "norm_cross", "add_q_proj", "add_k_proj", "add_v_proj")
+        for name in extras:
+            if getattr(attn, name, None) is not None:
+                raise ValueError(f"the diffusers Attention has {name!r}, which a linear mixer lacks")
+        if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
+            raise ValueError("the diffusers Attention has a residual connection or an output rescale")
+        to_out = getattr(attn, "to_out", None)
+        if to_out is None or len(to_out) == 0 or not isinstance(to_out[0], nn.Linear):
+            raise ValueError("the diffusers Attention has no to_out[0] Linear")
+        q, k, v, o = attn.to_q, attn.to_k, attn.to_v, to_out[0]
+        dim = q.in_features
+        if any(t.in_features != dim or t.out_features != dim for t in (q, k, v, o)):
+            raise ValueError(f"to_q/to_k/to_v/to_out[0] must all be Linear({dim}, {dim}) (inner_dim == query_dim)")
+        num_heads = getattr(attn, "heads", None)
+        if not isinstance(num_heads, int):
+            raise ValueError("the diffusers Attention has no integer heads attribute")
+        biases = [t.bias for t in (q, k, v)]
+        if all(b is None for b in biases):
+            qkv_bias = None
+        else:
+            qkv_bias = torch.cat([q.weight.new_zeros(dim) if b is None else b for b in biases])
+        return SimpleNamespace(
+            dim=dim,
+            num_heads=num_heads,
+            qkv_weight=torch.cat([q.weight, k.weight, v.weight]),
+            qkv_bias=qkv_bias,
+            proj_weight=o.weight,
+            proj_bias=o.bias,
+        )
+    raise ValueError(
+        f"{type(attn).__name__} is not a softmax attention with qkv/proj or to_q/to_k/to_v/to_out Linears"
+    )
+
+
+@torch.no_grad()
+def copy_qkv_proj(mixer: QKVMixer, src: SimpleNamespace, inherit: str = "qkv+proj") -> None:
+    """Copy ``src`` (from :func:`softmax_attention_weights`) into ``mixer.qkv``/``mixer.proj`` per ``inherit``."""
+    if inherit == "qkv+proj":
+        mixer.qkv.weight.copy_(src.qkv_weight)
+        if src.qkv_bias is not None:
+            mixer.qkv.bias.copy_(src.qkv_bias)
+    if inherit in ("qkv+proj", "proj"):
+        mixer.proj.weight.copy_(src.proj_weight)
+        if src.proj_bias is not None:
+            mixer.proj.bias.copy_(src.proj_bias)
+
+
+def fuse_q_kv_state_dict(module: nn.Module, state_dict: Dict[str, Tensor], prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: ``{prefix}q.*`` + ``{prefix}kv.*`` → ``{prefix}qkv.*`` (rows ``[q; k; v]``).
+
+    The split layout is the LiT-style file's and LINA's ``vision_transformer_linear9.py::Attention``
+    (``q = Linear(C, C)``, ``kv = Linear(C, 2C)`` whose rows are ``[k; v]``); concatenating the rows gives
+    exactly the fused ``qkv`` of this project. Does nothing when ``{prefix}qkv.weight`` is present.
+    """
+    if prefix + "qkv.weight" in state_dict or not (prefix + "q.weight" in state_dict and prefix + "kv.weight" in state_dict):
+        return
+    for suffix in ("weight", "bias"):
+        q, kv = state_dict.pop(prefix + "q." + suffix, None), state_dict.pop(prefix + "kv." + suffix, None)
+        if q is not None and kv is not None:
+            state_dict[prefix + "qkv." + suffix] = torch.cat([q, kv])
+        elif q is not None or kv is not None:
+            raise ValueError(f"{prefix}q.{suffix} and {prefix}kv.{suffix} must be both present or both absent")
+
+
+__all__ = ["LiTAttention", "softmax_attention_weights", "copy_qkv_proj", "fuse_q_kv_state_dict"]

@@ -1,0 +1,50 @@
+"""The transformer block of the linvision ViT: timm's pre-norm block with a linvision mixer as attention."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Tuple, Type
+
+from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
+from torch import Tensor, nn
+
+from ..mixers import create_mixer
+
+
+class MixerBlock(nn.Module):
+    """``x (B, N, C)`` → ``(B, N, C)``, with ``N = num_prefix_tokens + h·w``:
+
+    ``x = x + drop_path(ls1(attn(norm1(x), hw, num_prefix_tokens)))``;
+    ``x = x + drop_path(ls2(mlp(norm2(x))))``.
+
+    ``attn`` is ``create_mixer(mixer, dim, num_heads, **mixer_kwargs)``. Submodule names are those of timm's
+    ``vision_transformer.Block`` (``norm1``, ``attn``, ``ls1``, ``norm2``, ``mlp``, ``ls2``), so with a
+    ``qkv``/``proj`` mixer a timm ViT block's weights load as they are.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mixer: str = "softmax",
+        mixer_kwargs: Optional[Mapping[str, Any]] = None,
+        mlp_ratio: float = 4.0,
+        init_values: Optional[float] = None,
+        drop_path: float = 0.0,
+        norm_layer: Type[nn.Module] = LayerNorm,
+        act_layer: Type[nn.Module] = nn.GELU,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = create_mixer(mixer, dim, num_heads, **dict(mixer_kwargs or {}))
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), hw, num_prefix_tokens)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+__all__ = ["MixerBlock"]

@@ -1,0 +1,207 @@
+"""Swap the softmax attention of a pretrained timm ViT for linvision mixers, inheriting its weights.
+
+>>> import timm
+>>> from linvision.timm import linearize
+>>> vit = timm.create_model("vit_small_patch16_224", pretrained=True)
+>>> model = linearize(vit, "linear")                                      # in place; returns vit
+>>> model = linearize(other_vit, ["linear"] * 3 + ["softmax"])            # hybrid, as linvit's mixer=
+>>> model = linearize(other_vit, "lit", dwc_kernel_size=3)                # mechanism options as kwargs
+
+Each ``block.attn`` becomes a :class:`TimmAttention`: the mixer behind timm's call signature
+``attn(x, attn_mask=None, is_causal=False)``. timm's blocks never pass the token grid, so a forward-pre-hook
+on ``model.patch_embed`` (a :class:`GridHook`) reads the grid of every input image and stores it on the
+model's adapters; the number of prefix tokens is read from the model once. No module-level state: the
+grid lives on the adapters of each model (and follows ``copy.deepcopy``, e.g. for a model EMA).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from typing import Any, List, Optional, Sequence, Tuple
+
+from timm.layers import Attention
+from torch import Tensor, nn
+
+from .mixers import TokenMixer, create_mixer, mixer_class, mixer_options
+from .models.layout import MixerSpec, layer_options, resolve_mixers
+
+_logger = logging.getLogger(__name__)
+
+# Submodules of timm's Attention that a linvision mixer reproduces (q/k/v and output projections) or that
+# the adapter keeps (proj_drop). attn_drop (dropout on softmax weights) has no linear-attention analogue.
+_INHERITED = ("qkv", "proj", "attn_drop", "proj_drop")
+
+
+class TimmAttention(nn.Module):
+    """A linvision mixer called as a timm attention: ``(B, N, C)`` → ``(B, N, C)``.
+
+    ``forward(x, attn_mask=None, is_causal=False)`` runs ``proj_drop(mixer(x, hw, num_prefix_tokens))``;
+    ``hw`` is the current token grid, set before each model forward by :class:`GridHook`. Masks and causal
+    attention are not supported (``ValueError``): linvision mixers are bidirectional over all tokens.
+    """
+
+    def __init__(
+        self, mixer: TokenMixer, hw: Tuple[int, int], num_prefix_tokens: int, proj_drop: Optional[nn.Module] = None
+    ):
+        super().__init__()
+        self.mixer = mixer
+        self.proj_drop = nn.Identity() if proj_drop is None else proj_drop
+        self.hw = (int(hw[0]), int(hw[1]))
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("linvision mixers attend bidirectionally over all tokens: attn_mask/is_causal unsupported")
+        return self.proj_drop(self.mixer(x, self.hw, self.num_prefix_tokens))
+
+    def extra_repr(self) -> str:
+        return f"hw={self.hw}, num_prefix_tokens={self.num_prefix_tokens}"
+
+
+class GridHook:
+    """Forward-pre-hook for ``model.patch_embed``: stores the token grid of the input image on the adapters.
+
+    The grid is ``patch_embed.dynamic_feat_size((H, W))`` (input size over patch size, rounded up with
+    dynamic padding), which equals ``patch_embed.grid_size`` at the model's fixed size. It fires on every
+    path through ``patch_embed`` (``forward``, ``forward_features``, ``forward_intermediates``).
+    """
+
+    def __init__(self, adapters: Sequence[TimmAttention]):
+        self.adapters = list(adapters)
+
+    def __call__(self, patch_embed: nn.Module, args: Tuple[Any, ...]) -> None:
+        hw = token_grid(patch_embed, args[0])
+        for adapter in self.adapters:
+            adapter.hw = hw
+
+
+def token_grid(patch_embed: nn.Module, image: Tensor) -> Tuple[int, int]:
+    """Patch grid ``(h, w)`` that ``patch_embed`` makes of ``image (B, C, H, W)``."""
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        h, w = patch_embed.dynamic_feat_size(tuple(image.shape[-2:]))
+    else:
+        h, w = patch_embed.grid_size
+    return int(h), int(w)
+
+
+def attention_blocks(model: nn.Module) -> List[nn.Module]:
+    """The blocks of a timm ViT, each with a timm softmax ``Attention`` as ``.attn``; ``TypeError`` otherwise."""
+    blocks = getattr(model, "blocks", None)
+    patch_embed = getattr(model, "patch_embed", None)
+    if not isinstance(blocks, nn.Module) or patch_embed is None or not hasattr(patch_embed, "grid_size"):
+        raise TypeError(
+            f"linearize expects a timm VisionTransformer (with .patch_embed and .blocks), got {type(model).__name__}"
+        )
+    blocks = list(blocks)
+    bad = [
+        f"blocks.{i}.attn: {type(getattr(b, 'attn', None)).__name__}"
+        for i, b in enumerate(blocks)
+        if not isinstance(getattr(b, "attn", None), Attention)
+    ]
+    if not blocks or bad:
+        raise TypeError(
+            "linearize expects every block.attn to be timm.layers.Attention (softmax self-attention); "
+            f"found {bad or 'no blocks'}"
+        )
+    patch_drop = getattr(model, "patch_drop", None)
+    if patch_drop is not None and not isinstance(patch_drop, nn.Identity):
+        raise ValueError("token dropping (patch_drop_rate > 0) breaks the token grid the mixers need")
+    return blocks
+
+
+def unsupported_parts(attn: nn.Module) -> List[str]:
+    """Parts of a timm ``Attention`` that no mixer reproduces: q/k norms, output norm, gate, other head dims."""
+    parts = [n for n, child in attn.named_children() if n not in _INHERITED and not isinstance(child, nn.Identity)]
+    dim = attn.qkv.in_features
+    if attn.qkv.out_features != 3 * dim or attn.proj.in_features != dim or attn.proj.out_features != dim:
+        parts.append(f"qkv {tuple(attn.qkv.weight.shape)} / proj {tuple(attn.proj.weight.shape)} (head dims != dim)")
+    return parts
+
+
+def inherit_mixer(attn: nn.Module, name: str, strict: bool = True, **options) -> TokenMixer:
+    """Mixer ``name`` shaped like timm ``Attention`` ``attn`` and initialised from its weights.
+
+    - The mixer class has a ``from_softmax`` classmethod: it builds the mixer and maps the weights
+      (``options`` may include its own arguments, e.g. LiT's ``inherit``).
+    - Otherwise: ``create_mixer(name, dim, num_heads, qkv_bias=..., proj_bias=..., **options)`` (bias flags
+      where the mixer accepts them, ``num_heads`` overridable), then every entry of ``attn.state_dict()``
+      (``qkv.*``, ``proj.*``) is copied into the mixer entry of the same name and shape.
+
+    Whatever of ``attn`` is not reproduced (state with no matching entry, q/k norms, a gate) raises a
+    ``ValueError`` listing it when ``strict``, else a ``UserWarning``. Parameters the mixer has beyond the
+    softmax attention (convolutions, feature maps, gates) keep the mixer's init and are logged (INFO).
+    The mixer is on ``attn``'s device and dtype. Unknown names or options raise ``ValueError``.
+    """
+    cls = mixer_class(name)
+    lost = unsupported_parts(attn)
+    from_softmax = getattr(cls, "from_softmax", None)
+    if callable(from_softmax):
+        params = inspect.signature(from_softmax).parameters
+        accepted = set(mixer_options(name)) | {p for p in params if p != "attn"}
+        unknown = sorted(set(options) - accepted - {"dim"})
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for mixer {name!r}; accepted: {sorted(accepted)}")
+        if lost:
+            _report(name, lost, strict)
+        mixer = from_softmax(attn, **options)
+        _logger.info("%s: initialised by %s.from_softmax", name, cls.__name__)
+        return mixer
+    defaults = {"qkv_bias": attn.qkv.bias is not None, "proj_bias": attn.proj.bias is not None}
+    options = {k: v for k, v in defaults.items() if k in mixer_options(name)} | options
+    num_heads = options.pop("num_heads", attn.num_heads)
+    w = attn.qkv.weight
+    mixer = create_mixer(name, attn.qkv.in_features, num_heads, **options).to(device=w.device, dtype=w.dtype)
+    source, target = attn.state_dict(), mixer.state_dict()
+    matched = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    lost += [f"{k} {tuple(v.shape)}" for k, v in source.items() if k not in matched]
+    if lost:
+        _report(name, lost, strict)
+    mixer.load_state_dict(matched, strict=False)
+    new = [k for k in target if k not in matched]
+    if new:
+        _logger.info("%s: %s keep the mixer's init (no softmax counterpart)", name, new)
+    return mixer
+
+
+def _report(name: str, lost: List[str], strict: bool) -> None:
+    msg = f"mixer {name!r} cannot inherit {lost} from the softmax attention"
+    if strict:
+        raise ValueError(msg + " (pass strict=False to continue with these dropped)")
+    warnings.warn(msg + "; continuing with these dropped (strict=False)", stacklevel=3)
+
+
+def linearize(model: nn.Module, mixer: MixerSpec, strict: bool = True, **opts) -> nn.Module:
+    """Replace every ``block.attn`` of timm ViT ``model`` by a linvision mixer, in place; returns ``model``.
+
+    Args:
+        model: a timm ``VisionTransformer`` (or subclass) whose blocks hold ``timm.layers.Attention``.
+        mixer: a ``linvision.list_mixers()`` name, or a per-block list (length ``depth`` or a pattern whose
+            length divides it), as the ``mixer=`` of the linvit models.
+        strict: raise (default) or warn when part of a softmax attention cannot be inherited
+            (:func:`inherit_mixer`).
+        **opts: mechanism options; a key naming a mixer holds that mechanism's own options (a dict),
+            as ``mixer_kwargs`` of the linvit models.
+
+    The new ``block.attn`` is a :class:`TimmAttention` (state-dict keys ``blocks.{i}.attn.mixer.*``); all other
+    modules, weights, shapes and outputs' layout are unchanged; ``linearize(model, 'softmax')`` reproduces
+    the model. The grid comes from each input (via a :class:`GridHook` on ``model.patch_embed``), so a model
+    with ``dynamic_img_size=True`` still runs at any resolution. Every mixer is built before any block is
+    changed: on an error the model is left as it was.
+    """
+    blocks = attention_blocks(model)
+    names = resolve_mixers(mixer, len(blocks))
+    num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+    grid = tuple(model.patch_embed.grid_size or (1, 1))
+    mixers = [inherit_mixer(b.attn, n, strict=strict, **layer_options(n, opts)) for b, n in zip(blocks, names)]
+    adapters = []
+    for block, m in zip(blocks, mixers):
+        adapter = TimmAttention(m, grid, num_prefix_tokens, proj_drop=block.attn.proj_drop)
+        adapter.train(block.attn.training)
+        block.attn = adapter
+        adapters.append(adapter)
+    model.patch_embed.register_forward_pre_hook(GridHook(adapters))
+    return model
+
+
+__all__ = ["GridHook", "TimmAttention", "attention_blocks", "inherit_mixer", "linearize", "token_grid"]
