@@ -22,6 +22,26 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    from .train import classify
+
+    classify.add_arguments(
+        sub.add_parser(
+            "classify",
+            help="train an image classifier (ImageFolder or the built-in digits) with accelerate",
+            description=classify.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    from .sample import sample
+
+    sample.add_arguments(
+        sub.add_parser(
+            "sample",
+            help="draw images with a diffusers pipeline and a linvision adapter, at any resolution",
+            description=sample.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     sub.add_parser("mixers", help="list the registered mixers and their options")
     return parser
 
@@ -36,6 +56,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .benchmarks import run as bench
 
         return bench.main(args)
+    if args.command == "classify":
+        from .train import classify
+
+        return classify.main(args)
+    if args.command == "sample":
+        from .sample import sample
+
+        return sample.main(args)
     if args.command == "mixers":
         from .mixers import list_mixers, mixer_options
 

@@ -1,0 +1,336 @@
+"""Joint text+image attention families (SD3, FLUX): text tokens are the mixer's prefix tokens.
+
+A joint attention keeps the teacher's text projections (``add_q/k/v_proj``, ``to_add_out``), QK RMSNorms
+and RoPE; the adapter owns the **image-stream** projections ``to_q/to_k/to_v/to_out`` (CLEAR fine-tunes
+exactly these, initialised from the teacher) and a processor that replaces the softmax core:
+
+- ``clear``: circular-window softmax over the image grid, text global both ways, optional pooled tokens
+  (:func:`linvision.mixers.clear.clear_attention`; CLEAR's FLUX processor).
+- ``lit``: LiT's normalised ReLU linear attention over all ``T + N`` tokens + 5×5 DWC on the image V.
+- ``linfusion``: LinFusion's ELU+1 linear attention with residual feature MLPs on the projection inputs.
+
+(``lit`` and ``linfusion`` on a joint DiT are project extensions: the papers apply them to DiT/PixArt
+and SD UNets.) Installed, the adapter's ``to_q…`` sit at the teacher's names and its processor at
+``attn.processor``, so the transformer's state dict shows CLEAR's published key layout
+(``…attn.to_q.weight``, ``…attn.processor.spatial_weight``).
+
+Token order inside the core is always ``[text; image]`` (FLUX's own; SD3 concatenates ``[image; text]``
+and is reordered). Shapes: q, k, v ``[B, T + h·w, H, d]``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels.backend import BACKENDS
+from ..kernels.linear_attention import linear_attention
+from ..mixers.clear import FLUX_RADIUS, POOLED_LOG_FACTOR, clear_attention, clear_scale
+from ..mixers.linfusion import feature_mlp
+from ..mixers.lit import FEATURE_OFFSET
+from .geometry import LatentGeometry
+
+JOINT_MECHANISMS = ("clear", "lit", "linfusion")
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return backend
+
+
+class JointProcessor(nn.Module):
+    """Base processor: the teacher's joint attention with the softmax core replaced by :meth:`core`.
+
+    Called as a diffusers processor ``(attn, hidden_states, encoder_hidden_states=None,
+    attention_mask=None, image_rotary_emb=None)`` on an SD3 ``Attention`` or a ``FluxAttention``.
+    ``geometry`` is set by the adapter at install time (the image grid of the current call);
+    ``linvision_grid=(h, w)`` in ``joint_attention_kwargs`` overrides it for one call.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.dim = dim
+        self.heads = heads
+        self.geometry: Optional[LatentGeometry] = None
+
+    # --- what a mechanism changes -------------------------------------------------------------------
+    def feature_inputs(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Inputs of ``to_q`` and ``to_k`` for the image stream (LinFusion adds its MLPs here)."""
+        return x, x
+
+    def core(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_text: int) -> Tensor:
+        """``[B, T + h·w, H, d]`` → ``(B, T + h·w, H·d)``."""
+        raise NotImplementedError
+
+    # --- the call -----------------------------------------------------------------------------------
+    def _grid(self, num_tokens: int, num_text: Optional[int], grid=None) -> Tuple[Tuple[int, int], int]:
+        if grid is not None:
+            h, w = (int(s) for s in grid)
+        elif self.geometry is None:
+            raise RuntimeError("this joint processor is not installed (no geometry)")
+        else:
+            h, w = self.geometry.token_grid()
+        if num_text is None:  # single-stream block: text is whatever is not image
+            num_text = num_tokens - h * w
+        if num_text < 0 or num_text + h * w != num_tokens:
+            raise ValueError(
+                f"a joint attention got {num_tokens} tokens, which is not {h}x{w} image tokens plus text tokens"
+            )
+        return (h, w), num_text
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        image_rotary_emb=None,
+        linvision_grid: Optional[Tuple[int, int]] = None,
+        **kwargs,
+    ):
+        if attention_mask is not None:
+            raise ValueError(f"{type(self).__name__} does not support attention masks")
+        if getattr(attn, "fused_projections", False):
+            raise ValueError("fused QKV projections are not supported by linvision adapters; unfuse them first")
+        from diffusers.models.transformers.transformer_flux import FluxAttention
+
+        if isinstance(attn, FluxAttention):
+            return self._flux(attn, hidden_states, encoder_hidden_states, image_rotary_emb, linvision_grid)
+        return self._sd3(attn, hidden_states, encoder_hidden_states, linvision_grid)
+
+    def _image_qkv(self, attn: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        xq, xk = self.feature_inputs(x)
+        head_dim = attn.to_q.out_features // attn.heads
+        q = attn.to_q(xq).unflatten(-1, (-1, head_dim))
+        k = attn.to_k(xk).unflatten(-1, (-1, head_dim))
+        v = attn.to_v(x).unflatten(-1, (-1, head_dim))
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        return q, k, v
+
+    def _text_qkv(self, attn: nn.Module, e: Tensor, head_dim: int) -> Tuple[Tensor, Tensor, Tensor]:
+        q = attn.add_q_proj(e).unflatten(-1, (-1, head_dim))
+        k = attn.add_k_proj(e).unflatten(-1, (-1, head_dim))
+        v = attn.add_v_proj(e).unflatten(-1, (-1, head_dim))
+        if getattr(attn, "norm_added_q", None) is not None:
+            q = attn.norm_added_q(q)
+        if getattr(attn, "norm_added_k", None) is not None:
+            k = attn.norm_added_k(k)
+        return q, k, v
+
+    def _flux(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb, grid=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        q, k, v = self._image_qkv(attn, hidden_states)
+        num_text = None
+        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
+            eq, ek, ev = self._text_qkv(attn, encoder_hidden_states, q.shape[-1])
+            num_text = eq.shape[1]
+            q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        hw, num_text = self._grid(q.shape[1], num_text, grid)
+        out = self.core(q, k, v, hw, num_text).to(q.dtype)
+        if encoder_hidden_states is not None:
+            text, image = out.split_with_sizes([num_text, out.shape[1] - num_text], dim=1)
+            image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+            return image, attn.to_add_out(text.contiguous())
+        return out
+
+    def _sd3(self, attn, hidden_states, encoder_hidden_states, grid=None):
+        q, k, v = self._image_qkv(attn, hidden_states)
+        num_text = 0
+        if encoder_hidden_states is not None:
+            eq, ek, ev = self._text_qkv(attn, encoder_hidden_states, q.shape[-1])
+            num_text = eq.shape[1]
+            q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        hw, num_text = self._grid(q.shape[1], num_text, grid)
+        out = self.core(q, k, v, hw, num_text).to(q.dtype)
+        text, image = out[:, :num_text], out[:, num_text:]
+        image = attn.to_out[1](attn.to_out[0](image))
+        if encoder_hidden_states is None:
+            return image
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return image, text
+
+
+class ClearProcessor(JointProcessor):
+    """CLEAR: image queries see text + a disc of radius ``radius`` (+ pooled tokens); text sees everything.
+
+    ``pool_factor`` f (None/1 = off) adds ``spatial_weight (1,1,1,f,1,f,1)`` pooled K/V (init ``1/f²``);
+    ``train_seq_len`` switches on proportional attention (FLUX: 4608); ``pooled_log_factor`` is the
+    official 10 inside the log with pooling. Scale otherwise ``d^-½``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        radius: int = FLUX_RADIUS,
+        pool_factor: Optional[int] = None,
+        train_seq_len: Optional[int] = None,
+        pooled_log_factor: float = POOLED_LOG_FACTOR,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, heads)
+        if isinstance(radius, bool) or int(radius) != radius or radius < 1:
+            raise ValueError(f"radius must be an int >= 1, got {radius!r}")
+        if pool_factor is not None and (isinstance(pool_factor, bool) or int(pool_factor) != pool_factor or pool_factor < 1):
+            raise ValueError(f"pool_factor must be None or a positive int, got {pool_factor!r}")
+        if train_seq_len is not None and (int(train_seq_len) != train_seq_len or train_seq_len < 2):
+            raise ValueError(f"train_seq_len must be None or an int >= 2, got {train_seq_len!r}")
+        self.radius = int(radius)
+        self.pool_factor = None if pool_factor in (None, 1) else int(pool_factor)
+        self.train_seq_len = None if train_seq_len is None else int(train_seq_len)
+        self.pooled_log_factor = float(pooled_log_factor)
+        self.backend = _check_backend(backend)
+        if self.pool_factor is not None:
+            f = self.pool_factor
+            self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, f, 1, f, 1), 1.0 / (f * f)))
+        else:
+            self.register_parameter("spatial_weight", None)
+
+    def core(self, q, k, v, hw, num_text):
+        h, w = hw
+        f = self.pool_factor
+        if f is not None and (h % f or w % f):
+            raise ValueError(f"CLEAR pool_factor={f} must divide the image-token grid {h}x{w}")
+        scale = clear_scale(q.shape[-1], num_text + h * w, self.train_seq_len, f is not None, self.pooled_log_factor)
+        o = clear_attention(q, k, v, hw, radius=self.radius, num_prefix_tokens=num_text, pool_factor=f,
+                            spatial_weight=self.spatial_weight, scale=scale, backend=self.backend)
+        return o.flatten(2)
+
+    def extra_repr(self) -> str:
+        return f"radius={self.radius}, pool_factor={self.pool_factor}, train_seq_len={self.train_seq_len}"
+
+
+class LiTProcessor(JointProcessor):
+    """LiT core: ``linear_attention(ReLU+1e-6, mean, eps)`` over text + image, plus a DWC of the image V."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dwc_kernel_size: int = 5,
+        dwc_shared_across_heads: bool = True,
+        eps: float = 1e-6,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, heads)
+        if int(dwc_kernel_size) != dwc_kernel_size or dwc_kernel_size < 1 or dwc_kernel_size % 2 == 0:
+            raise ValueError(f"dwc_kernel_size must be a positive odd int, got {dwc_kernel_size!r}")
+        self.eps = float(eps)
+        self.backend = _check_backend(backend)
+        self.dwc_shared_across_heads = bool(dwc_shared_across_heads)
+        channels = dim // heads if self.dwc_shared_across_heads else dim
+        ks = int(dwc_kernel_size)
+        self.dwc = nn.Conv2d(channels, channels, ks, padding=ks // 2, groups=channels)
+
+    def core(self, q, k, v, hw, num_text):
+        o = linear_attention(q, k, v, mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET,
+                             backend=self.backend).flatten(2)
+        h, w = hw
+        B, _, H, d = v.shape
+        img = v[:, num_text:].to(self.dwc.weight.dtype)
+        if self.dwc_shared_across_heads:
+            local = self.dwc(img.permute(0, 2, 3, 1).reshape(B * H, d, h, w))
+            local = local.reshape(B, H, d, h * w).permute(0, 3, 1, 2).reshape(B, h * w, H * d)
+        else:
+            local = self.dwc(img.flatten(2).transpose(1, 2).reshape(B, H * d, h, w)).flatten(2).transpose(1, 2)
+        return o + F.pad(local.to(o.dtype), (0, 0, num_text, 0))
+
+
+class LinFusionProcessor(JointProcessor):
+    """LinFusion core: ``q̂ = to_q(x + MLP_q(x))``, ``k̂ = to_k(x + MLP_k(x))``, ELU+1 normalised linear attention."""
+
+    def __init__(self, dim: int, heads: int, projection_mid_dim: Optional[int] = None, eps: float = 1e-4,
+                 backend: str = "auto"):
+        super().__init__(dim, heads)
+        self.eps = float(eps)
+        self.backend = _check_backend(backend)
+        self.projection_mid_dim = projection_mid_dim
+        self.to_q_ = feature_mlp(dim, projection_mid_dim)
+        self.to_k_ = feature_mlp(dim, projection_mid_dim)
+
+    def feature_inputs(self, x):
+        return x + self.to_q_(x), x + self.to_k_(x)
+
+    def core(self, q, k, v, hw, num_text):
+        return linear_attention(q, k, v, mean=True, eps=self.eps, feature_map="elu+1", backend=self.backend).flatten(2)
+
+
+PROCESSORS = {"clear": ClearProcessor, "lit": LiTProcessor, "linfusion": LinFusionProcessor}
+
+
+class JointLayer(nn.Module):
+    """The adapter's weights for one joint attention: image-stream ``to_q/to_k/to_v`` (Linear(dim, inner)),
+    ``to_out`` (``[Linear(inner, dim), Dropout]``, absent for FLUX single blocks) and ``processor``.
+    """
+
+    def __init__(
+        self,
+        mechanism: str,
+        dim: int,
+        heads: int,
+        inner_dim: Optional[int] = None,
+        has_out: bool = True,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        **options,
+    ):
+        super().__init__()
+        if mechanism not in PROCESSORS:
+            raise ValueError(
+                f"mechanism {mechanism!r} does not fit a joint text+image attention; supported: {', '.join(JOINT_MECHANISMS)}"
+            )
+        inner_dim = dim if inner_dim is None else int(inner_dim)
+        if inner_dim % heads:
+            raise ValueError(f"inner_dim={inner_dim} must be a multiple of heads={heads}")
+        self.to_q = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim, bias=out_bias), nn.Dropout(0.0)]) if has_out else None
+        try:
+            self.processor = PROCESSORS[mechanism](inner_dim if mechanism != "linfusion" else dim, heads, **options)
+        except TypeError as e:
+            raise ValueError(f"bad option for the joint {mechanism!r} processor: {e}") from None
+
+    def swapped_names(self):
+        return ("to_q", "to_k", "to_v") + (("to_out",) if self.to_out is not None else ())
+
+
+def joint_layout(attn: nn.Module) -> dict:
+    """Constructor arguments of :class:`JointLayer` that match ``attn`` (an SD3 ``Attention``/``FluxAttention``)."""
+    if getattr(attn, "fused_projections", False):
+        raise ValueError("fused QKV projections are not supported by linvision adapters; unfuse them first")
+    to_out = getattr(attn, "to_out", None)
+    return {
+        "dim": attn.to_q.in_features,
+        "heads": int(attn.heads),
+        "inner_dim": attn.to_q.out_features,
+        "has_out": to_out is not None,
+        "qkv_bias": attn.to_q.bias is not None,
+        "out_bias": to_out is not None and to_out[0].bias is not None,
+    }
+
+
+@torch.no_grad()
+def inherit_joint(layer: JointLayer, attn: nn.Module, mode: str) -> None:
+    """Copy the teacher's image-stream projections into ``layer`` (``"qkv+proj"``, ``"proj"`` or ``"none"``)."""
+    names = {"qkv+proj": ("to_q", "to_k", "to_v", "to_out"), "proj": ("to_out",), "none": ()}[mode]
+    for name in names:
+        own = getattr(layer, name)
+        if own is None:
+            continue
+        own.load_state_dict(getattr(attn, name).state_dict())
+
+
+__all__ = ["JOINT_MECHANISMS", "JointLayer", "JointProcessor", "ClearProcessor", "LiTProcessor",
+           "LinFusionProcessor", "inherit_joint", "joint_layout"]

@@ -1,0 +1,106 @@
+"""Loading a diffusers pipeline (hub id or local folder) and attaching an adapter.
+
+``DiffusionPipeline.from_pretrained`` refuses a folder whose ``model_index.json`` lists a component as
+``[null, null]`` (a pipeline saved without tokenizer or safety checker) unless that component is passed
+explicitly as None; :func:`load_pipeline` does that for every such component.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def offline(name_or_path: str) -> bool:
+    """True for a local folder or when ``HF_HUB_OFFLINE`` is set: load with ``local_files_only``."""
+    return os.path.isdir(name_or_path) or bool(os.environ.get("HF_HUB_OFFLINE"))
+
+
+def _version(text: str) -> tuple:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def load_pipeline(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
+    """A ``DiffusionPipeline`` from a hub id or a local folder, on ``device`` in ``dtype``, in eval mode."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    local = offline(name_or_path)
+    try:
+        config = DiffusionPipeline.load_config(name_or_path, local_files_only=local)
+    except Exception as e:  # noqa: BLE001 - rewrap with the name the user gave
+        raise ValueError(f"cannot read a pipeline from {name_or_path!r}: {e}") from e
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    nones = {}
+    if cls is not None:
+        expected, _ = DiffusionPipeline._get_signature_keys(cls)
+        nones = {k: None for k in expected if config.get(k) in (None, [None, None])}
+    # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning)
+    dtype_key = "dtype" if _version(diffusers.__version__) >= (0, 42) else "torch_dtype"
+    pipe = DiffusionPipeline.from_pretrained(name_or_path, local_files_only=local, **{dtype_key: DTYPES[dtype]}, **nones)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoiser(pipe) -> nn.Module:
+    from linvision.diffusers import denoiser_of
+
+    return denoiser_of(pipe)
+
+
+def attach_adapter(pipe, adapter: Optional[str]):
+    """Load ``adapter`` (folder or hub id, ours or LinFusion's) and install it in ``pipe``; None: nothing."""
+    if not adapter:
+        return None
+    from linvision.diffusers import DiffusersAdapter
+
+    return DiffusersAdapter.from_pretrained(adapter).install(pipe)
+
+
+def vae_scale_factor(pipe) -> int:
+    """Pixels per latent: the pipeline's ``vae_scale_factor``, else ``2**(VAE levels − 1)`` (DiTPipeline has none)."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if factor is None:
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(factor)
+
+
+def latent_stride(pipe) -> int:
+    """Pixels per top-level image token row/column: VAE factor × patch (DiT/PixArt/SD3) or ×2 (FLUX packing).
+
+    The UNet stride is the VAE factor only (the UNet pads odd levels itself).
+    """
+    from linvision.diffusers import family_of
+
+    vae_factor = vae_scale_factor(pipe)
+    family = family_of(denoiser(pipe))
+    if family.name == "flux":
+        return vae_factor * 2
+    if family.name == "unet":
+        return vae_factor
+    return vae_factor * int(denoiser(pipe).config.patch_size)
+
+
+def check_size(pipe, height: int, width: int) -> None:
+    """``ValueError`` unless ``height`` and ``width`` are positive multiples of the latent stride."""
+    stride = latent_stride(pipe)
+    bad = [f"{n}={v}" for n, v in (("height", height), ("width", width)) if v <= 0 or v % stride]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)} must be a positive multiple of the latent stride {stride} of this pipeline "
+            f"(e.g. {max(stride, (height // stride) * stride)})"
+        )
+
+
+__all__ = ["DTYPES", "vae_scale_factor", "attach_adapter", "check_size", "latent_stride", "load_pipeline", "offline"]

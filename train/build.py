@@ -1,0 +1,93 @@
+"""The model-side training objects of the classification job, built from a :class:`~linvision.train.config.Config`:
+model (any timm model, ``linvit_*`` included), optimizer, loss, mixup and EMA."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from .config import Config, ConfigError
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    """``timm.create_model(cfg.model['name'], num_classes=<from the data>, **other model keys)``.
+
+    Importing :mod:`linvision` first registers the ``linvit_*`` models. Unknown names and options a model
+    rejects become a :class:`ConfigError` naming the ``model`` section.
+    """
+    import linvision  # noqa: F401  (registers the linvision models in timm)
+
+    name = cfg.model["name"]
+    kwargs = cfg.model_kwargs()
+    if not timm.is_model(name):
+        raise ConfigError(f"model.name: unknown model {name!r}; linvision models: "
+                          f"{', '.join(timm.list_models('linvit_*'))} (or any timm model name)")
+    given = kwargs.get("num_classes")
+    if given is not None and given != num_classes:
+        raise ConfigError(f"model.num_classes={given} but the data has {num_classes} classes")
+    kwargs["num_classes"] = num_classes
+    try:
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {name} rejected its options {sorted(kwargs)}: {err}") from None
+
+
+def scaled_lr(cfg: Config, global_batch: int) -> float:
+    """``optim.lr``, times ``global_batch / optim.lr_base_batch`` when a base batch is given (DeiT's rule)."""
+    if cfg.optim.lr_base_batch:
+        return cfg.optim.lr * global_batch / cfg.optim.lr_base_batch
+    return cfg.optim.lr
+
+
+def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2``: weight decay on weights only (not on biases, norms or the names in
+    ``model.no_weight_decay()``, e.g. the position embedding and class token)."""
+    o = cfg.optim
+    extra = {}
+    if o.betas is not None:
+        extra["betas"] = tuple(o.betas)
+    if o.eps is not None:
+        extra["eps"] = o.eps
+    try:
+        return create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                   filter_bias_and_bn=True, **extra)
+    except (AssertionError, ValueError, TypeError) as err:
+        raise ConfigError(f"optim: cannot create optimizer {o.name!r}: {err}") from None
+
+
+def build_mixup(cfg: Config, num_classes: int) -> Optional[Mixup]:
+    """timm's ``Mixup`` (with label smoothing folded into the soft targets), or None when both alphas are 0."""
+    m = cfg.mixup
+    if m.mixup <= 0 and m.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=m.mixup, cutmix_alpha=m.cutmix, prob=m.prob, switch_prob=m.switch_prob, mode=m.mode,
+                 label_smoothing=cfg.train.label_smoothing, num_classes=num_classes)
+
+
+def build_criterion(cfg: Config, mixing: bool) -> nn.Module:
+    """Soft-target cross-entropy under mixup/cutmix, else cross-entropy with label smoothing."""
+    if mixing:
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+
+
+def build_ema(cfg: Config, model: nn.Module) -> Optional[ModelEmaV3]:
+    """timm's ``ModelEmaV3`` copy of ``model`` (same device), or None when ``ema.enabled`` is false."""
+    if not cfg.ema.enabled:
+        return None
+    return ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
+
+
+def steps_and_warmup(cfg: Config, steps_per_epoch: int) -> Tuple[int, int]:
+    """Total optimizer steps of the run and warmup steps (``warmup_epochs`` in steps, rounded)."""
+    return steps_per_epoch * cfg.train.epochs, int(round(cfg.train.warmup_epochs * steps_per_epoch))
+
+
+__all__ = ["build_criterion", "build_ema", "build_mixup", "build_model", "build_optimizer", "scaled_lr",
+           "steps_and_warmup"]

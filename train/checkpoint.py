@@ -1,0 +1,98 @@
+"""Atomic files: training checkpoints (``torch.save``, loaded with ``weights_only=True``) and safetensors exports.
+
+Every write goes to a temporary file in the destination's directory, is flushed and ``fsync``-ed, then
+``os.replace``-d over the destination (atomic on POSIX and Windows), and the directory entry is synced.
+A crash or exception mid-write leaves the previous file intact and removes the temporary file.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (so ``torch.load(...,
+weights_only=True)`` reads it without running pickled code):
+
+``format`` (int), ``model``/``ema`` (state dicts), ``optimizer``, ``scheduler``, ``scaler`` (or None),
+``ema_rng`` (EMA stochastic-rounding generator state), ``epoch`` (completed epochs), ``step_in_epoch``
+(optimizer steps done in the current epoch), ``global_step``, ``processes`` (one entry per training
+process: ``rng`` from :func:`linvision.train.rng.capture` and the running epoch loss ``loss_sum``/
+``samples``), ``sampler`` (``seed``, ``epoch``, ``start_batch``: the data-order state) and ``config``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Mapping, Union
+
+import torch
+from safetensors.torch import save_file
+
+FORMAT = 1
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and ``os.replace`` it onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
+    """``write(tmp_path)`` then atomically move the result to ``path``."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
+    """``torch.save(state)`` to ``path`` atomically."""
+    atomic_write(path, lambda tmp: torch.save(dict(state, format=FORMAT), tmp))
+
+
+def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, on the CPU, with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
+    return state
+
+
+def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] = ()) -> None:
+    """Write weights as safetensors atomically (CPU copies, so tied or non-contiguous tensors are fine)."""
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+    meta = {"format": "pt", **dict(metadata)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+__all__ = ["FORMAT", "atomic_path", "atomic_write", "export_safetensors", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,317 @@
+"""The classification job's configuration: a documented schema, YAML loading and ``key=value`` overrides.
+
+A config file is plain YAML with up to six sections; every key is optional and falls back to the default
+below. ``model`` is free-form: ``name`` plus any keyword arguments of ``timm.create_model`` for that model
+(for the ``linvit_*`` models: ``mixer``, ``mixer_kwargs``, ``img_size``, ``patch_size``, ``embed_dim``, ...).
+Every other section is checked: an unknown key is an error that lists the valid ones.
+
+Overrides on the command line use dotted keys and YAML scalars: ``train.epochs=3 model.mixer=lit
+optim.lr=1e-3 model.mixer=[linear,softmax] train.resume=null``. Numbers in exponent form without a dot
+(``5e-4``) are read as floats (YAML 1.2), not as the strings that YAML 1.1 makes of them.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 5e-4, 1.0E+3
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _doc(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with a help text (shown by ``linvision classify --help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    """``data:`` where the images come from and how they are augmented (timm's ``create_transform``)."""
+
+    source: str = _doc("folder", "'folder': an ImageFolder tree (root/<split>/<class>/*.jpg, ImageNet layout); "
+                       "'digits': scikit-learn's 1797 handwritten digits (8x8, upsampled), offline")
+    root: Optional[str] = _doc(None, "folder source: the directory holding the train and val splits")
+    train_split: str = _doc("train", "folder source: train sub-directory of root")
+    val_split: str = _doc("val", "folder source: validation sub-directory of root")
+    val_fraction: float = _doc(0.2, "digits source: fraction held out for validation (stratified, fixed split)")
+    max_train_samples: Optional[int] = _doc(None, "use only the first N training images (smoke tests)")
+    max_val_samples: Optional[int] = _doc(None, "use only the first N validation images (smoke tests)")
+    img_size: int = _doc(224, "training and evaluation resolution (square)")
+    batch_size: int = _doc(128, "images per process per micro-batch")
+    eval_batch_size: Optional[int] = _doc(None, "images per process per evaluation batch (default: 2 x batch_size)")
+    num_workers: int = _doc(4, "data-loading worker processes per training process")
+    interpolation: str = _doc("bicubic", "resize interpolation: bilinear, bicubic, random")
+    mean: List[float] = _doc(list(IMAGENET_MEAN), "normalisation mean (RGB)")
+    std: List[float] = _doc(list(IMAGENET_STD), "normalisation std (RGB)")
+    crop_pct: float = _doc(0.875, "evaluation: resize to img_size / crop_pct, then centre-crop img_size")
+    scale: List[float] = _doc([0.08, 1.0], "RandomResizedCrop area range")
+    ratio: List[float] = _doc([0.75, 1.3333333333333333], "RandomResizedCrop aspect-ratio range")
+    hflip: float = _doc(0.5, "horizontal flip probability")
+    color_jitter: Optional[float] = _doc(0.4, "colour jitter strength (ignored by timm when auto_augment is set)")
+    auto_augment: Optional[str] = _doc(None, "timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment)")
+    reprob: float = _doc(0.0, "random erasing probability")
+    remode: str = _doc("pixel", "random erasing fill: const, rand, pixel")
+    recount: int = _doc(1, "random erasing count")
+
+
+@dataclass
+class MixupConfig:
+    """``mixup:`` batch mixing with timm's ``Mixup`` (soft targets, SoftTargetCrossEntropy)."""
+
+    mixup: float = _doc(0.0, "mixup alpha (0: off)")
+    cutmix: float = _doc(0.0, "cutmix alpha (0: off)")
+    prob: float = _doc(1.0, "probability of mixing a batch")
+    switch_prob: float = _doc(0.5, "probability of cutmix instead of mixup when both are on")
+    mode: str = _doc("batch", "'batch', 'pair' or 'elem'")
+
+
+@dataclass
+class OptimConfig:
+    """``optim:`` the optimizer (timm's ``create_optimizer_v2``: no weight decay on norms, biases and
+    the model's ``no_weight_decay()`` parameters such as the position embedding)."""
+
+    name: str = _doc("adamw", "timm optimizer name: adamw, lamb, sgd, ...")
+    lr: float = _doc(5.0e-4, "peak learning rate (before batch scaling, see lr_base_batch)")
+    lr_base_batch: Optional[int] = _doc(512, "scale lr by global_batch / lr_base_batch (DeiT); null: use lr as is")
+    weight_decay: float = _doc(0.05, "decoupled weight decay")
+    betas: Optional[List[float]] = _doc(None, "Adam betas (null: the optimizer's default)")
+    eps: Optional[float] = _doc(None, "Adam epsilon (null: the optimizer's default)")
+    momentum: float = _doc(0.9, "momentum of SGD-like optimizers")
+    clip_grad: Optional[float] = _doc(None, "clip the global gradient norm to this value (null: no clipping)")
+
+
+@dataclass
+class TrainConfig:
+    """``train:`` schedule, loop and run directory (an ``accelerate`` loop)."""
+
+    output_dir: str = _doc("runs/classify", "run directory: config, checkpoint, metrics.jsonl, plot, weights")
+    seed: int = _doc(0, "seeds model init, data order, augmentation, mixup and drop-path")
+    epochs: int = _doc(300, "training epochs")
+    warmup_epochs: float = _doc(5.0, "linear warmup from warmup_lr, in epochs (stepped per optimizer step)")
+    warmup_lr: float = _doc(1.0e-6, "learning rate at step 0")
+    min_lr: float = _doc(1.0e-5, "learning rate at the end of the cosine decay")
+    label_smoothing: float = _doc(0.1, "label smoothing (inside Mixup's soft targets when mixing is on)")
+    accum_steps: int = _doc(1, "gradient accumulation: micro-batches per optimizer step")
+    mixed_precision: Optional[str] = _doc(None, "'no', 'bf16' or 'fp16'; null: from `accelerate launch`/config")
+    cpu: bool = _doc(False, "force CPU even when an accelerator is present")
+    threads: Optional[int] = _doc(None, "torch CPU threads per process during the run (null: torch's default); "
+                                  "1 is fastest for tiny models and on busy machines")
+    checkpoint_every_steps: Optional[int] = _doc(None, "also checkpoint every N optimizer steps (always at epoch end)")
+    max_steps: Optional[int] = _doc(None, "stop (after checkpointing) at this global optimizer step, as if killed")
+    resume: Optional[str] = _doc(None, "null: start fresh; 'auto': continue from output_dir/checkpoint.pt if "
+                                 "present; or a checkpoint path")
+    log_every: int = _doc(10, "refresh the progress bar's loss every N optimizer steps")
+
+
+@dataclass
+class EmaConfig:
+    """``ema:`` model EMA (timm's ``ModelEmaV3``), evaluated next to the model each epoch."""
+
+    enabled: bool = _doc(True, "keep an exponential moving average of the weights")
+    decay: float = _doc(0.99996, "EMA decay per optimizer step")
+    warmup: bool = _doc(False, "ramp the decay up from 0 (timm's use_warmup) for short runs")
+
+
+SECTIONS = MappingProxyType(
+    {"data": DataConfig, "mixup": MixupConfig, "optim": OptimConfig, "train": TrainConfig, "ema": EmaConfig})
+
+
+@dataclass
+class Config:
+    """The whole job configuration: the typed sections plus the free-form ``model`` dict."""
+
+    model: Dict[str, Any]
+    data: DataConfig = field(default_factory=DataConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (YAML/JSON/``torch.save(weights_only)`` safe)."""
+        out = {"model": copy.deepcopy(self.model)}
+        out.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS})
+        return out
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        """``timm.create_model`` keyword arguments: the ``model`` section without ``name``."""
+        return {k: copy.deepcopy(v) for k, v in self.model.items() if k != "name"}
+
+
+# --- parsing ----------------------------------------------------------------------------------------------
+
+
+def _yaml12_floats(value: Any) -> Any:
+    """Strings YAML 1.1 leaves unparsed but YAML 1.2 reads as floats (``5e-4``) become floats."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
+    if isinstance(value, list):
+        return [_yaml12_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _yaml12_floats(v) for k, v in value.items()}
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: a YAML scalar or flow collection (``3``, ``lit``, ``null``, ``[a, b]``, ``1e-3``)."""
+    try:
+        return _yaml12_floats(yaml.safe_load(text))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse override value {text!r} as YAML: {err}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to the field type ``tp`` (int → float only), or a ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], key)
+    if origin in (list, List, Sequence):
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build_section(cls, values: Any, name: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"section {name!r} must be a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in valid]
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"valid keys in {name!r}: {', '.join(valid)}")
+    return cls(**{k: _check_type(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+
+
+def build_config(tree: Any) -> Config:
+    """A checked :class:`Config` from a nested dict (the YAML file after overrides)."""
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(tree).__name__}")
+    valid = ["model", *SECTIONS]
+    unknown = [k for k in tree if k not in valid]
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(map(str, unknown))}; valid sections: {', '.join(valid)}")
+    model = tree.get("model")
+    if not isinstance(model, Mapping) or not isinstance(model.get("name"), str):
+        raise ConfigError("model: a mapping with at least 'name' (a timm model name) is required, "
+                          "e.g. model: {name: linvit_tiny_patch16_224, mixer: linear}")
+    train = tree.get("train")
+    if isinstance(train, Mapping) and train.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
+        tree = dict(tree, train=dict(train, mixed_precision="no"))
+    sections = {name: _build_section(cls, tree.get(name), name) for name, cls in SECTIONS.items()}
+    cfg = Config(model=dict(model), **sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    d, t, m = cfg.data, cfg.train, cfg.mixup
+    if d.source not in ("folder", "digits"):
+        raise ConfigError(f"data.source: expected 'folder' or 'digits', got {d.source!r}")
+    if d.source == "folder" and not d.root:
+        raise ConfigError("data.root is required when data.source is 'folder' (a directory with train/ and val/)")
+    positive = {"data.img_size": d.img_size, "data.batch_size": d.batch_size, "train.epochs": t.epochs,
+                "train.accum_steps": t.accum_steps, "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if t.threads is not None and t.threads < 1:
+        raise ConfigError(f"train.threads must be >= 1 or null, got {t.threads}")
+    if t.seed < 0:
+        raise ConfigError(f"train.seed must be >= 0, got {t.seed}")
+    if t.mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision: expected no, bf16, fp16 or null, got {t.mixed_precision!r}")
+    if (m.mixup > 0 or m.cutmix > 0) and m.mode == "batch" and d.batch_size % 2:
+        raise ConfigError(f"mixup in 'batch' mode needs an even data.batch_size, got {d.batch_size}")
+    if len(d.mean) != 3 or len(d.std) != 3 or len(d.scale) != 2 or len(d.ratio) != 2:
+        raise ConfigError("data.mean/std need 3 values, data.scale/ratio 2")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+
+
+def set_override(tree: Dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` to a nested dict in place (creating dicts on the way)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
+    parts = key.strip().split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = parse_value(text)
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (``yaml.safe_load``), apply ``overrides`` (``a.b=value``), check and return it."""
+    tree: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of sections")
+        tree = _yaml12_floats(tree)
+    for assignment in overrides:
+        set_override(tree, assignment)
+    return build_config(tree)
+
+
+def describe() -> str:
+    """Every config key with its default and help, for ``--help``."""
+    lines = ["config keys (section.key: default  help):", "  model.name: (required)  any timm model name; "
+             "other model.* keys are create_model kwargs (e.g. model.mixer=linear)"]
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {name}.{f.name}: {default!r}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+__all__ = ["Config", "ConfigError", "DataConfig", "EmaConfig", "MixupConfig", "OptimConfig", "TrainConfig",
+           "build_config", "describe", "load_config", "parse_value", "set_override"]
