@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..mixers import TokenMixer, create_mixer, mixer_options
 from ..mixers.base import QKVMixer
-from ..mixers.lit import copy_qkv_proj, softmax_attention_weights
+from ..mixers.inherit import copy_qkv_proj, softmax_attention_weights
 from .geometry import LatentGeometry
 
 INHERIT_MODES = ("qkv+proj", "proj", "none")
@@ -49,7 +49,7 @@ def layout_options(mechanism: str, attn: nn.Module) -> Dict[str, Any]:
 def inherit_weights(mixer: TokenMixer, attn: nn.Module, mode: str) -> None:
     """Copy ``attn``'s ``to_q/to_k/to_v/to_out[0]`` into ``mixer`` per ``mode`` (see :data:`INHERIT_MODES`).
 
-    ``qkv``/``proj`` mixers get the fused layout (:func:`~linvision.mixers.lit.copy_qkv_proj`); mixers
+    ``qkv``/``proj`` mixers get the fused layout (:func:`~linvision.mixers.inherit.copy_qkv_proj`); mixers
     with diffusers' own names (LinFusion) get the linears as they are. ``ValueError`` for a mixer with
     neither layout unless ``mode="none"``.
     """

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..kernels.backend import BACKENDS
 from ..kernels.linear_attention import linear_attention
 from .base import QKVMixer
-from .lit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
+from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
 NORMALIZATIONS = ("div", "sub")
 GATE_RESIZE = ("strict", "interpolate")

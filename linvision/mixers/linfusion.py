@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..kernels.backend import BACKENDS
 from ..kernels.linear_attention import linear_attention
 from .base import TokenMixer
-from .lit import softmax_attention_weights
+from .inherit import softmax_attention_weights
 
 
 def feature_mlp(dim: int, mid_dim: Optional[int]) -> nn.Module:

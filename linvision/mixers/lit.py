@@ -8,22 +8,19 @@ the numerics follow the first author's linear-attention idiom in
 layout follows an unattributed public LiT-style ``LinearAttention`` (5×5 DWC on V with ``head_dim``
 channels and ``groups=head_dim``, one filter bank shared by all heads, the FLatten-Transformer convention).
 
-This module also holds the helpers that read the q/k/v/proj weights of a softmax attention
-(:func:`softmax_attention_weights`) and that load split ``q``/``kv`` checkpoints into a fused ``qkv``
-(:func:`fuse_q_kv_state_dict`); LINA and LinFusion reuse them.
+Weight inheritance from a softmax attention uses :mod:`linvision.mixers.inherit`.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
 from ..kernels.linear_attention import linear_attention
 from .base import QKVMixer
+from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
 FEATURE_OFFSET = 1e-6  # φ(u) = ReLU(u) + 1e-6
 INHERIT_MODES = ("qkv+proj", "proj", "none")
@@ -159,102 +156,4 @@ class LiTAttention(QKVMixer):
         )
 
 
-def softmax_attention_weights(attn: nn.Module) -> SimpleNamespace:
-    """The projections of a softmax self-attention in the fused layout.
-
-    Returns ``SimpleNamespace(dim, num_heads, qkv_weight (3C, C), qkv_bias (3C,) | None,
-    proj_weight (C, C), proj_bias (C,) | None)``; tensors are the module's own (not copies).
-
-    Accepts ``qkv``/``proj`` modules (linvision ``SoftmaxAttention``, timm ``Attention``) and diffusers
-    ``Attention`` (``to_q``, ``to_k``, ``to_v``, ``to_out[0]``; a missing bias among q/k/v is read as zeros).
-    Raises ``ValueError`` for anything a plain multi-head softmax self-attention would not have: cross or
-    joint attention, q/k norms, group or spatial norms, residual/rescaled outputs, ``inner_dim != dim``.
-    """
-    if isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(attn, "proj", None), nn.Linear):
-        for name in ("q_norm", "k_norm", "norm"):
-            sub = getattr(attn, name, None)
-            if sub is not None and not isinstance(sub, nn.Identity):
-                raise ValueError(f"the softmax attention has a non-identity {name!r}, which a linear mixer lacks")
-        qkv, proj = attn.qkv, attn.proj
-        dim = qkv.in_features
-        if qkv.out_features != 3 * dim or proj.in_features != dim or proj.out_features != dim:
-            raise ValueError(f"expected qkv Linear({dim}, {3 * dim}) and proj Linear({dim}, {dim})")
-        num_heads = getattr(attn, "num_heads", None)
-        if not isinstance(num_heads, int):
-            raise ValueError("the softmax attention has no integer num_heads attribute")
-        return SimpleNamespace(
-            dim=dim,
-            num_heads=num_heads,
-            qkv_weight=qkv.weight,
-            qkv_bias=qkv.bias,
-            proj_weight=proj.weight,
-            proj_bias=proj.bias,
-        )
-    if all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v")):
-        if getattr(attn, "is_cross_attention", False) or getattr(attn, "only_cross_attention", False):
-            raise ValueError("cross-attention cannot become a self-attention mixer")
-        extras = ("norm_q", "norm_k", "group_norm", "spatial_norm", "norm_cross", "add_q_proj", "add_k_proj", "add_v_proj")
-        for name in extras:
-            if getattr(attn, name, None) is not None:
-                raise ValueError(f"the diffusers Attention has {name!r}, which a linear mixer lacks")
-        if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
-            raise ValueError("the diffusers Attention has a residual connection or an output rescale")
-        to_out = getattr(attn, "to_out", None)
-        if to_out is None or len(to_out) == 0 or not isinstance(to_out[0], nn.Linear):
-            raise ValueError("the diffusers Attention has no to_out[0] Linear")
-        q, k, v, o = attn.to_q, attn.to_k, attn.to_v, to_out[0]
-        dim = q.in_features
-        if any(t.in_features != dim or t.out_features != dim for t in (q, k, v, o)):
-            raise ValueError(f"to_q/to_k/to_v/to_out[0] must all be Linear({dim}, {dim}) (inner_dim == query_dim)")
-        num_heads = getattr(attn, "heads", None)
-        if not isinstance(num_heads, int):
-            raise ValueError("the diffusers Attention has no integer heads attribute")
-        biases = [t.bias for t in (q, k, v)]
-        if all(b is None for b in biases):
-            qkv_bias = None
-        else:
-            qkv_bias = torch.cat([q.weight.new_zeros(dim) if b is None else b for b in biases])
-        return SimpleNamespace(
-            dim=dim,
-            num_heads=num_heads,
-            qkv_weight=torch.cat([q.weight, k.weight, v.weight]),
-            qkv_bias=qkv_bias,
-            proj_weight=o.weight,
-            proj_bias=o.bias,
-        )
-    raise ValueError(
-        f"{type(attn).__name__} is not a softmax attention with qkv/proj or to_q/to_k/to_v/to_out Linears"
-    )
-
-
-@torch.no_grad()
-def copy_qkv_proj(mixer: QKVMixer, src: SimpleNamespace, inherit: str = "qkv+proj") -> None:
-    """Copy ``src`` (from :func:`softmax_attention_weights`) into ``mixer.qkv``/``mixer.proj`` per ``inherit``."""
-    if inherit == "qkv+proj":
-        mixer.qkv.weight.copy_(src.qkv_weight)
-        if src.qkv_bias is not None:
-            mixer.qkv.bias.copy_(src.qkv_bias)
-    if inherit in ("qkv+proj", "proj"):
-        mixer.proj.weight.copy_(src.proj_weight)
-        if src.proj_bias is not None:
-            mixer.proj.bias.copy_(src.proj_bias)
-
-
-def fuse_q_kv_state_dict(module: nn.Module, state_dict: Dict[str, Tensor], prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: ``{prefix}q.*`` + ``{prefix}kv.*`` → ``{prefix}qkv.*`` (rows ``[q; k; v]``).
-
-    The split layout is the LiT-style file's and LINA's ``vision_transformer_linear9.py::Attention``
-    (``q = Linear(C, C)``, ``kv = Linear(C, 2C)`` whose rows are ``[k; v]``); concatenating the rows gives
-    exactly the fused ``qkv`` of this project. Does nothing when ``{prefix}qkv.weight`` is present.
-    """
-    if prefix + "qkv.weight" in state_dict or not (prefix + "q.weight" in state_dict and prefix + "kv.weight" in state_dict):
-        return
-    for suffix in ("weight", "bias"):
-        q, kv = state_dict.pop(prefix + "q." + suffix, None), state_dict.pop(prefix + "kv." + suffix, None)
-        if q is not None and kv is not None:
-            state_dict[prefix + "qkv." + suffix] = torch.cat([q, kv])
-        elif q is not None or kv is not None:
-            raise ValueError(f"{prefix}q.{suffix} and {prefix}kv.{suffix} must be both present or both absent")
-
-
-__all__ = ["LiTAttention", "softmax_attention_weights", "copy_qkv_proj", "fuse_q_kv_state_dict"]
+__all__ = ["LiTAttention"]
