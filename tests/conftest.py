@@ -9,6 +9,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+try:  # `with torch.device(...)` recognises factories by identity, from a set built once: build it from the
+    # real torch.empty/empty_like now, before poison_empty patches them (else meta-device builds land on CPU)
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
+except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+    pass
+
+
 def _nan_filled(factory):
     def make(*args, **kwargs):
         out = factory(*args, **kwargs)

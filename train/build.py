@@ -18,7 +18,8 @@ from .config import Config, ConfigError
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """``timm.create_model(cfg.model['name'], num_classes=<from the data>, **other model keys)``.
 
-    Importing :mod:`linvision` first registers the ``linvit_*`` models. Unknown names and options a model
+    Importing :mod:`linvision` first registers its models (``linvit_*``, ``nalaformer_*``,
+    ``plstm_vis_*``, ``infvit_*``). Unknown names and options a model
     rejects become a :class:`ConfigError` naming the ``model`` section.
     """
     import linvision  # noqa: F401  (registers the linvision models in timm)
@@ -26,8 +27,9 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     name = cfg.model["name"]
     kwargs = cfg.model_kwargs()
     if not timm.is_model(name):
+        ours = timm.list_models(["linvit_*", "nalaformer_*", "plstm_vis_*", "infvit_*"])
         raise ConfigError(f"model.name: unknown model {name!r}; linvision models: "
-                          f"{', '.join(timm.list_models('linvit_*'))} (or any timm model name)")
+                          f"{', '.join(ours)} (or any timm model name)")
     given = kwargs.get("num_classes")
     if given is not None and given != num_classes:
         raise ConfigError(f"model.num_classes={given} but the data has {num_classes} classes")

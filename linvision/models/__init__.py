@@ -1,10 +1,16 @@
 """Models built from linvision mixers. Importing this package registers them in timm.
 
 - :mod:`.vit`: ``linvit_{tiny,small,base}_patch16_224`` (``timm.create_model(name, mixer=...)``).
+- :mod:`.nalaformer`: ``nalaformer_{xt,t,s,b,l}``, NaLaFormer's hierarchical backbone.
+- :mod:`.plstm_vis`: ``plstm_vis_{t,s,b}``, the pLSTM vision models (P/D blocks, corner pooling).
+- :mod:`.infvit`: ``infvit_4l_patch16_224``, ``infvit_pure_4l_patch16_224``, InfSA's 4-layer InfViT.
 - :mod:`.layout`: per-layer mixer names and options (shared with :func:`linvision.timm.linearize`).
 """
 from .block import MixerBlock
 from .layout import layer_options, resolve_mixers
 from .vit import LinVisionTransformer
+from .nalaformer import NaLaFormer
+from .plstm_vis import PLSTMVisionModel
+from . import infvit  # noqa: F401  (registers the infvit_* models)
 
-__all__ = ["LinVisionTransformer", "MixerBlock", "layer_options", "resolve_mixers"]
+__all__ = ["LinVisionTransformer", "MixerBlock", "NaLaFormer", "PLSTMVisionModel", "layer_options", "resolve_mixers"]

@@ -123,7 +123,7 @@ class LinVisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
         defaults = {"qkv_bias": qkv_bias}
         self.blocks = nn.Sequential(
             *[

@@ -82,8 +82,7 @@ def test_yaml_file_and_overrides(tmp_path):
 def test_shipped_configs_load(path):
     overrides = [] if "digits" in path.stem else ["data.root=/nonexistent"]
     cfg = load_config(str(path), overrides)
-    if not timm.is_model(cfg.model["name"]):
-        pytest.skip(f"{cfg.model['name']} is not registered (yet)")
+    assert timm.is_model(cfg.model["name"]), f"{path.name}: model {cfg.model['name']!r} is not registered"
     if cfg.model["name"].startswith("linvit_"):  # the options are accepted (one block keeps it quick)
         from linvision.train.build import build_model
 
