@@ -32,6 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    from .train import distill
+
+    distill.add_arguments(
+        sub.add_parser(
+            "distill",
+            help="distill a softmax diffusion denoiser into a linear-attention adapter with accelerate",
+            description=distill.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     from .sample import sample
 
     sample.add_arguments(
@@ -41,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=sample.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+    )
     )
     sub.add_parser("mixers", help="list the registered mixers and their options")
     return parser
@@ -60,6 +71,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .train import classify
 
         return classify.main(args)
+    if args.command == "distill":
+        from .train import distill
+
+        return distill.main(args)
     if args.command == "sample":
         from .sample import sample
 

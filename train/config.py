@@ -31,11 +31,14 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
-def _doc(default: Any, help: str, **kwargs) -> Any:
+def doc_field(default: Any, help: str, **kwargs) -> Any:
     """A dataclass field with a help text (shown by ``linvision classify --help``)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
+
+
+_doc = doc_field
 
 
 @dataclass
@@ -192,6 +195,10 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return copy.deepcopy(dict(value))
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -201,6 +208,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def build_section(cls, values: Any, name: str):
+    """A checked instance of dataclass ``cls`` from the mapping ``values`` of section ``name`` (shared by the jobs):
+    an unknown key is a :class:`ConfigError` listing the valid ones; values are type-checked."""
+    return _build_section(cls, values, name)
 
 
 def _build_section(cls, values: Any, name: str):
@@ -285,6 +298,11 @@ def set_override(tree: Dict[str, Any], assignment: str) -> None:
 
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file (``yaml.safe_load``), apply ``overrides`` (``a.b=value``), check and return it."""
+    return build_config(load_tree(path, overrides))
+
+
+def load_tree(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """The nested dict of a YAML file (``yaml.safe_load``, YAML 1.2 floats) with ``overrides`` applied, unchecked."""
     tree: Dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -299,19 +317,26 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
         tree = _yaml12_floats(tree)
     for assignment in overrides:
         set_override(tree, assignment)
-    return build_config(tree)
+    return tree
 
 
 def describe() -> str:
     """Every config key with its default and help, for ``--help``."""
     lines = ["config keys (section.key: default  help):", "  model.name: (required)  any timm model name; "
              "other model.* keys are create_model kwargs (e.g. model.mixer=linear)"]
-    for name, cls in SECTIONS.items():
+    return "\n".join(lines + describe_sections(SECTIONS))
+
+
+def describe_sections(sections: Mapping[str, Any]) -> List[str]:
+    """One ``  section.key: default  help`` line per field of each dataclass in ``sections``."""
+    lines = []
+    for name, cls in sections.items():
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {name}.{f.name}: {default!r}  {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    return lines
 
 
 __all__ = ["Config", "ConfigError", "DataConfig", "EmaConfig", "MixupConfig", "OptimConfig", "TrainConfig",
-           "build_config", "describe", "load_config", "parse_value", "set_override"]
+           "build_config", "build_section", "describe", "describe_sections", "doc_field", "load_config", "load_tree",
+           "parse_value", "set_override"]

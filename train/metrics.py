@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -35,9 +35,9 @@ class MetricsLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def truncate(self, completed_epochs: int) -> None:
-        """Keep only the records of epochs ``<= completed_epochs`` (atomically)."""
-        kept = [r for r in self.read() if r.get("epoch", 0) <= completed_epochs]
+    def truncate(self, completed: int, key: str = "epoch") -> None:
+        """Keep only the records whose ``key`` (epoch, or step for step-based jobs) is ``<= completed`` (atomically)."""
+        kept = [r for r in self.read() if r.get(key, 0) <= completed]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.path, lambda tmp: tmp.write_text(text))
 
@@ -75,4 +75,29 @@ def plot_metrics(records: Sequence[Dict[str, Any]], path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-__all__ = ["MetricsLog", "plot_metrics", "topk_correct"]
+def plot_series(panels: Sequence[Tuple[str, Sequence[Dict[str, Any]], Sequence[str]]], path: Path, x: str = "step",
+                log_y: bool = True) -> None:
+    """One subplot per ``(title, records, keys)``: each key present in the records against ``x``; PNG written
+    atomically (Agg canvas, no global matplotlib state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5 * len(panels), 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, records, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r[x], r[key]) for r in records if key in r and r[key] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key)
+        if log_y and ax.lines and all(v > 0 for line in ax.lines for v in line.get_ydata()):
+            ax.set_yscale("log")
+        ax.set(xlabel=x, title=title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+__all__ = ["MetricsLog", "plot_metrics", "plot_series", "topk_correct"]

@@ -122,7 +122,8 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
         ``mechanism``: any registered mixer for UNet/DiT/PixArt (``linfusion``, ``lit``, ``clear``, ``lina``,
         ``dydila``, …); ``clear``, ``lit`` or ``linfusion`` for SD3/FLUX. ``options``: the mechanism's
         options (e.g. ``projection_mid_dim``, ``radius``, ``pool_factor``; ``num_heads`` overrides the head
-        count of self-attention mixers). ``inherit``: copy the teacher's projections: ``"qkv+proj"``
+        count of self-attention mixers; ``projection_mid_dim_scale=k`` gives each LinFusion layer
+        ``projection_mid_dim = dim // k``, LinFusion-XL's 16). ``inherit``: copy the teacher's projections: ``"qkv+proj"``
         (default except LinFusion, whose official init is PyTorch's default: ``"none"``), ``"proj"`` or
         ``"none"``. ``install=False`` only builds it. The adapter takes the denoiser's device and dtype.
         """
@@ -134,6 +135,9 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
             raise ValueError(f"unknown inherit={inherit!r}; expected one of {INHERIT_MODES}")
         options = dict(options)
         heads_override = options.pop("num_heads", None)
+        mid_scale = options.pop("projection_mid_dim_scale", None)
+        if mid_scale is not None and "projection_mid_dim" in options:
+            raise ValueError("give projection_mid_dim or projection_mid_dim_scale, not both")
         modules_list = []
         for name, attn in targets:
             if family.kind == "self":
@@ -145,6 +149,8 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
                     raise ValueError("num_heads cannot be changed for a joint attention (the text stream keeps its heads)")
                 layout = joint_layout(attn)
                 dim, heads = layout.pop("dim"), layout.pop("heads")
+            if mid_scale is not None:  # LinFusion-XL's --mid_dim_scale: m = C / scale, per layer
+                layout["projection_mid_dim"] = max(1, dim // int(mid_scale))
             modules_list.append({"module_name": name, "dim": dim, "heads": heads, "options": layout})
         adapter = cls(mechanism=mechanism, modules_list=modules_list, mixer_options=options,
                       family=family.name, kind=family.kind)
