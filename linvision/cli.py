@@ -52,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
-    )
     sub.add_parser("mixers", help="list the registered mixers and their options")
     return parser
 
