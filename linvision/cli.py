@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    from . import demo
+
+    demo.add_arguments(
+        sub.add_parser(
+            "demo",
+            help="the whole story on the built-in digits: classify, train a DiT, distill, sample, score, report",
+            description=demo.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     sub.add_parser("mixers", help="list the registered mixers and their options")
     return parser
 
@@ -78,6 +88,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .sample import sample
 
         return sample.main(args)
+    if args.command == "demo":
+        from . import demo
+
+        return demo.main(args)
     if args.command == "mixers":
         from .mixers import list_mixers, mixer_options
 

@@ -1,0 +1,578 @@
+"""``linvision demo``: the whole story on scikit-learn's handwritten digits, offline, on a CPU, in minutes.
+
+Every stage runs the library's own jobs, not copies of them:
+
+1. **classify** — a ``linvit`` with the ``linear`` mixer, trained by ``linvision classify``
+   (:func:`linvision.train.classify.run`) from ``configs/classify/digits_linear.yaml`` plus overrides;
+   its EMA weights become the judge of the generated digits.
+2. **teacher** — a small class-conditional softmax ``DiTTransformer2DModel`` (+ a tiny VAE) trained on
+   the digits at 16 px by :mod:`linvision.train.digits_dit`, saved as a ``DiTPipeline``.
+3. **distill** — the teacher distilled into a linear-attention student (LiT's recipe by default) by
+   ``linvision distill`` (:func:`linvision.train.distill.run`).
+4. **sample** — teacher and student from the same seeds at 1×, 2× and 4× the training resolution through
+   ``linvision sample``'s code (:func:`linvision.sample.pipeline.load_pipeline`, ``attach_adapter`` and
+   :func:`linvision.sample.dit.sample_dit`).
+5. **score** — the classifier's accuracy / confidence / Inception-score-like measure on the samples, and
+   student-vs-teacher per-pixel MSE from the same noise.
+6. **bench** — time and peak memory of one DiT denoiser step against resolution, softmax vs every linear
+   mixer that fits a DiT (:func:`linvision.benchmarks.denoiser_memory.denoiser_step_memory`).
+
+Writes ``report.md``, ``results.json`` and PNGs (sample grids per scale, loss curves, the memory plot) to
+``--out`` (the stage runs live in sub-folders) and prints where the report is.
+
+    linvision demo                 # ≈ 10-15 min on 2 CPU cores
+    linvision demo --quick         # ≈ 2-3 min, rough digits (what the tests run)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+TRAINING_RESOLUTION = 16  # the teacher's pixels (latent 8×8 with its factor-2 VAE, patch 1: 64 tokens)
+SCALES = (1, 2, 4)
+ACCURACY_MARGIN = 10.0  # percentage points: the student's 1× classifier accuracy may trail the teacher's by this
+
+
+@dataclass
+class DemoSettings:
+    """Every size and step count of the demo (``quick()`` shrinks them)."""
+
+    seed: int = 0
+    quick: bool = False
+    threads: Optional[int] = None  # torch CPU threads for the demo's own work (None: torch's default)
+    # 1. classifier
+    classify_epochs: int = 20
+    classify_warmup_epochs: float = 2.0
+    # 2. teacher
+    vae_steps: int = 300
+    dit_steps: int = 1200
+    teacher_batch: int = 64
+    # 3. distillation
+    mechanism: str = "lit"
+    distill_steps: int = 150
+    distill_batch: int = 32
+    # 4. sampling
+    sample_steps: int = 25
+    guidance: float = 2.0
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    # 6. benchmark
+    bench_sizes: List[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    bench_width: int = 64
+    bench_depth: int = 4
+    bench_heads: int = 4
+    bench_sdpa: str = "math"
+    bench_repeat: int = 3
+    bench_mechanisms: Optional[List[str]] = None  # None: every linear mixer that fits a DiT
+
+    @classmethod
+    def for_run(cls, quick: bool, seed: int = 0) -> "DemoSettings":
+        if not quick:
+            return cls(seed=seed)
+        return cls(seed=seed, quick=True, classify_epochs=1, classify_warmup_epochs=0.2, vae_steps=40,
+                   dit_steps=100, teacher_batch=32, distill_steps=10, distill_batch=8, sample_steps=5, seeds=[0],
+                   bench_sizes=[8, 16, 32], bench_repeat=1, bench_mechanisms=["linfusion", "lit"])
+
+
+# --- small helpers --------------------------------------------------------------------------------------------
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def classify_config_path() -> Optional[Path]:
+    path = _repo_root() / "configs" / "classify" / "digits_linear.yaml"
+    return path if path.is_file() else None
+
+
+# The config's essentials, used only when configs/ is not beside the package (a wheel install).
+_DIGITS_LINEAR_FALLBACK = {
+    "model": {"name": "linvit_tiny_patch16_224", "mixer": "linear", "img_size": 32, "patch_size": 4,
+              "embed_dim": 64, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0, "drop_path_rate": 0.05},
+    "data": {"source": "digits", "img_size": 32, "batch_size": 32, "num_workers": 0, "interpolation": "bicubic",
+             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "scale": [0.75, 1.0],
+             "ratio": [0.85, 1.18], "hflip": 0.0, "color_jitter": None, "auto_augment": None, "reprob": 0.0},
+    "mixup": {"mixup": 0.0, "cutmix": 0.0},
+    "optim": {"name": "adamw", "lr": 2.0e-3, "lr_base_batch": None, "weight_decay": 0.05, "clip_grad": 1.0},
+    "train": {"epochs": 30, "warmup_epochs": 2, "warmup_lr": 1.0e-5, "min_lr": 1.0e-5, "label_smoothing": 0.1,
+              "mixed_precision": "no", "threads": 1},
+    "ema": {"enabled": True, "decay": 0.99, "warmup": True},
+}
+
+
+def _finite(tree: Any) -> bool:
+    if isinstance(tree, dict):
+        return all(_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(_finite(v) for v in tree)
+    if isinstance(tree, float):
+        return math.isfinite(tree)
+    return True
+
+
+# --- 1. classifier ------------------------------------------------------------------------------------------
+
+
+def classify_stage(out: Path, s: DemoSettings) -> Dict[str, Any]:
+    """Train the linear-attention ViT with ``linvision classify``; returns its last epoch's metrics."""
+    from linvision.train.classify import run
+    from linvision.train.config import build_config, load_config
+
+    overrides = [f"train.output_dir={out}", f"train.seed={s.seed}", f"train.epochs={s.classify_epochs}",
+                 f"train.warmup_epochs={s.classify_warmup_epochs}", "train.resume=null", "train.mixed_precision=no",
+                 "train.cpu=true"]
+    path = classify_config_path()
+    if path is not None:
+        cfg = load_config(str(path), overrides)
+    else:
+        from linvision.train.config import set_override
+
+        tree = json.loads(json.dumps(_DIGITS_LINEAR_FALLBACK))
+        for o in overrides:
+            set_override(tree, o)
+        cfg = build_config(tree)
+    record = run(cfg)
+    return {"config": str(path) if path else "built-in copy of digits_linear.yaml", "overrides": overrides,
+            "metrics": record, "output_dir": str(out)}
+
+
+def load_classifier(folder: Path):
+    """The classify run's EMA model (else its final model) from ``folder``, in eval mode, with its config."""
+    from safetensors.torch import load_file
+
+    from linvision.train.build import build_model
+    from linvision.train.config import load_config
+
+    cfg = load_config(str(folder / "config.yaml"))
+    model = build_model(cfg, 10)
+    weights = folder / "model_ema.safetensors"
+    if not weights.is_file():
+        weights = folder / "model.safetensors"
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def classifier_probs(model, cfg, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities for images ``(B, 3, H, W)`` in [0, 1], resized (bicubic) to the classifier's input
+    and normalised like its evaluation transform."""
+    import torch.nn.functional as F
+
+    size = int(cfg.data.img_size)
+    x = images.float()
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
+    return model((x - mean) / std).softmax(-1)
+
+
+def score(probs: torch.Tensor, labels: Sequence[int]) -> Dict[str, float]:
+    """Accuracy (arg-max = intended class), mean probability of the intended class, mean top probability and
+    the Inception score ``exp(E_x KL(p(y|x) || p(y)))`` (1: uninformative … 10: confident and diverse)."""
+    y = torch.tensor(list(labels))
+    p = probs.double().clamp_min(1e-12)
+    marginal = p.mean(0, keepdim=True)
+    kl = (p * (p.log() - marginal.log())).sum(1).mean()
+    return {"accuracy": float((p.argmax(1) == y).double().mean() * 100), "intended_confidence":
+            float(p[torch.arange(len(y)), y].mean()), "top_confidence": float(p.max(1).values.mean()),
+            "inception_score": float(kl.exp())}
+
+
+# --- 2. teacher ---------------------------------------------------------------------------------------------
+
+
+def teacher_stage(out: Path, s: DemoSettings, progress: bool = True) -> Dict[str, Any]:
+    """The softmax DiT teacher (``linvision.train.digits_dit``), saved as a ``DiTPipeline`` in ``out``."""
+    from linvision.train.digits_dit import DigitsDiTSettings, train_digits_dit
+
+    settings = DigitsDiTSettings(resolution=TRAINING_RESOLUTION, vae_steps=s.vae_steps, dit_steps=s.dit_steps,
+                                 batch_size=s.teacher_batch, seed=s.seed)
+    report = train_digits_dit(str(out), settings, threads=s.threads, progress=progress)
+    return {"folder": str(out), **report}
+
+
+# --- 3. distillation -----------------------------------------------------------------------------------------
+
+
+def distill_config_path() -> Optional[Path]:
+    path = _repo_root() / "configs" / "distill" / "tiny_dit_digits.yaml"
+    return path if path.is_file() else None
+
+
+def distill_overrides(teacher: Path, out: Path, s: DemoSettings, with_config: bool = True) -> List[str]:
+    """``linvision distill`` overrides of ``configs/distill/tiny_dit_digits.yaml`` (LiT on the digits teacher):
+    this run's teacher, folders, seed, steps and evaluation. Without the config file, the recipe's own keys
+    (LiT adapter trained from the teacher's projections, output + feature + variance matching) are added."""
+    overrides = [f"pipeline.model={teacher}", f"student.mechanism={s.mechanism}",
+                 f"data.resolution={TRAINING_RESOLUTION}", f"data.batch_size={s.distill_batch}",
+                 f"data.cache_dir={out / 'cache'}", f"train.output_dir={out}", f"train.seed={s.seed}",
+                 f"train.steps={s.distill_steps}", "train.mixed_precision=no", "train.cpu=true",
+                 "train.checkpoint_every=null", "train.resume=null",
+                 f"train.log_every={max(1, min(10, s.distill_steps // 10))}", "eval.enabled=true", "eval.every=null",
+                 "eval.class_labels=[0,1,2,3,4,5,6,7,8,9]", "eval.seeds=[0]", f"eval.steps={s.sample_steps}",
+                 f"eval.guidance={s.guidance}", f"optim.warmup_steps={min(20, s.distill_steps // 5)}"]
+    if with_config:
+        return overrides
+    return ["data.source=digits", "data.cond_dropout=0.1", "student.trainable=['adapter']", "loss.task=1.0",
+            "loss.output=0.5", "loss.feature=0.5", "loss.variance=0.05", "optim.lr=3.0e-4", "train.threads=1",
+            *overrides]
+
+
+def distill_stage(teacher: Path, out: Path, s: DemoSettings) -> Dict[str, Any]:
+    """Distil the teacher into a linear-attention student with ``linvision distill`` (its config
+    ``configs/distill/tiny_dit_digits.yaml`` + overrides); returns its result plus the ``linvision sample``
+    config it wrote (``sample.yaml``: the pipeline and adapter to load)."""
+    import yaml
+
+    from linvision.train.distill import run
+    from linvision.train.distill_config import load_distill_config
+
+    path = distill_config_path()
+    overrides = distill_overrides(teacher, out, s, with_config=path is not None)
+    result = run(load_distill_config(str(path) if path else None, overrides))
+    sample_cfg = yaml.safe_load((out / "sample.yaml").read_text())
+    return {"config": str(path) if path else "built-in copy of tiny_dit_digits.yaml", "overrides": overrides,
+            "result": result, "pipeline": sample_cfg["pipeline"]["model"],
+            "adapter": sample_cfg["pipeline"]["adapter"], "output_dir": str(out)}
+
+
+# --- 4. sampling ---------------------------------------------------------------------------------------------
+
+
+def sample_stage(teacher: str, student_pipeline: str, adapter: str, s: DemoSettings, bar=None) -> Dict[str, Any]:
+    """Images ``{"teacher"|"student": {scale: (B, 3, R, R) in [0, 1]}}`` and their labels: every digit × every
+    seed, the same noise for both, through ``linvision sample``'s loading and DiT sampling loop."""
+    from linvision.sample.dit import sample_dit
+    from linvision.sample.pipeline import attach_adapter, load_pipeline
+
+    labels = [d for _ in s.seeds for d in range(10)]  # one row of digits 0-9 per seed
+    seeds = [seed for seed in s.seeds for _ in range(10)]
+    images: Dict[str, Dict[int, torch.Tensor]] = {}
+    seconds: Dict[str, Dict[int, float]] = {}
+    for who in ("teacher", "student"):
+        pipe = load_pipeline(teacher if who == "teacher" else student_pipeline, "float32", "cpu")
+        if who == "student":
+            attach_adapter(pipe, adapter)
+        images[who], seconds[who] = {}, {}
+        for scale in SCALES:
+            size = TRAINING_RESOLUTION * scale
+            generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+            start = time.perf_counter()
+            images[who][scale] = sample_dit(pipe, labels, size, size, steps=s.sample_steps, guidance_scale=s.guidance,
+                                            generator=generators, output_type="pt").float().cpu()
+            seconds[who][scale] = round(time.perf_counter() - start, 2)
+            if bar is not None:
+                bar.update(1)
+    return {"images": images, "labels": labels, "seeds": seeds, "seconds": seconds}
+
+
+def save_pair_grid(teacher: torch.Tensor, student: torch.Tensor, columns: int, path: Path, upscale: int = 1) -> None:
+    """Teacher rows above student rows (``columns`` images a row), separated by a blank row."""
+    from PIL import Image
+
+    from linvision.sample.output import make_grid
+
+    def pil(batch):
+        array = (batch.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+        out = [Image.fromarray(a) for a in array]
+        return [i.resize((i.width * upscale, i.height * upscale), Image.NEAREST) for i in out] if upscale > 1 else out
+
+    t, st = pil(teacher), pil(student)
+    blank = [Image.new("RGB", t[0].size, "white")] * columns
+    make_grid(t + blank + st, columns=columns).save(path)
+
+
+# --- 6. benchmark --------------------------------------------------------------------------------------------
+
+
+def dit_mechanisms() -> List[str]:
+    """Every registered linear mixer that an adapter can install into a DiT (tried on a tiny random one)."""
+    from diffusers import DiTTransformer2DModel
+
+    from linvision.diffusers import DiffusersAdapter
+    from linvision.mixers import list_mixers
+
+    model = DiTTransformer2DModel(sample_size=4, num_layers=1, patch_size=2, attention_head_dim=8,
+                                  num_attention_heads=2, in_channels=4, out_channels=8, norm_type="ada_norm_zero")
+    x = torch.zeros(2, 4, 4, 4)
+    fits = []
+    for name in list_mixers():
+        if name.startswith("softmax") or "softmax" in name:
+            continue
+        try:
+            adapter = DiffusersAdapter.construct_for(model, name)
+        except Exception:  # noqa: BLE001 - a mixer that does not fit a DiT is simply left out
+            continue
+        try:
+            with torch.no_grad():
+                model(x, timestep=torch.tensor([1, 1]), class_labels=torch.tensor([0, 1]))
+            fits.append(name)
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            adapter.uninstall()
+    return fits
+
+
+def bench_stage(s: DemoSettings, mechanisms: Sequence[str], progress=None) -> List[Dict[str, Any]]:
+    """Rows ``{variant, size, tokens, peak_mib, ms}`` of one CFG-batched DiT step per latent size."""
+    from linvision.benchmarks.denoiser_memory import denoiser_step_memory
+
+    rows: List[Dict[str, Any]] = []
+    for size in s.bench_sizes:
+        rows += denoiser_step_memory("dit", sizes=[size], adapters=list(mechanisms), width=s.bench_width,
+                                     depth=s.bench_depth, heads=s.bench_heads, sdpa=s.bench_sdpa, repeat=s.bench_repeat)
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def plot_bench(rows: Sequence[Dict[str, Any]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_mem, ax_ms = fig.subplots(1, 2)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for v in variants:
+        pts = [r for r in rows if r["variant"] == v]
+        style = dict(marker="o", linewidth=2.5 if v == "softmax" else 1.2, color="black" if v == "softmax" else None)
+        ax_mem.plot([r["tokens"] for r in pts], [max(r["peak_mib"], 1e-3) for r in pts], label=v, **style)
+        ax_ms.plot([r["tokens"] for r in pts], [max(r["ms"], 1e-3) for r in pts], label=v, **style)
+    for ax, title, unit in ((ax_mem, "extra peak memory per DiT step", "MiB"), (ax_ms, "time per DiT step", "ms")):
+        ax.set(xscale="log", yscale="log", xlabel="image tokens (latent side / patch)²", ylabel=unit, title=title)
+        ax.grid(alpha=0.3, which="both")
+    ax_ms.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def plot_losses(classify_dir: Path, teacher_report: Dict[str, Any], distill_dir: Path, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from linvision.train.metrics import MetricsLog
+
+    fig = Figure(figsize=(16, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_c, ax_t, ax_d = fig.subplots(1, 3)
+    records = MetricsLog(classify_dir / "metrics.jsonl").read()
+    for key in ("train_loss", "val_loss", "ema_val_loss"):
+        pts = [(r["epoch"], r[key]) for r in records if key in r]
+        if pts:
+            ax_c.plot(*zip(*pts), marker="o", label=key)
+    ax_c.set(xlabel="epoch", ylabel="cross-entropy", title="1. linear-attention classifier")
+    dit = teacher_report.get("dit_loss", [])
+    ax_t.plot([50 * (i + 1) for i in range(len(dit))], dit, label="DiT ε-MSE")
+    vae = teacher_report.get("vae_loss", [])
+    ax_t.plot([50 * i for i in range(len(vae))], vae, label="VAE recon")
+    ax_t.set(xlabel="step", yscale="log", title="2. softmax DiT teacher")
+    drecords = MetricsLog(distill_dir / "metrics.jsonl").read()
+    for key in ("loss", "task", "output", "feature", "variance"):
+        pts = [(r["step"], r[key]) for r in drecords if key in r and r[key] is not None and r[key] > 0]
+        if pts:
+            ax_d.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=key)
+    ax_d.set(xlabel="step", yscale="log", title="3. distillation into the linear student")
+    for ax in (ax_c, ax_t, ax_d):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+# --- the demo ------------------------------------------------------------------------------------------------
+
+
+def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, progress: bool = True,
+             settings: Optional[DemoSettings] = None) -> Dict[str, Any]:
+    """Run every stage into ``out``; returns the numbers written to ``out/results.json``."""
+    from tqdm.auto import tqdm
+
+    from linvision.train import rng
+
+    s = settings or DemoSettings.for_run(quick, seed)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    old_threads = torch.get_num_threads()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    times: Dict[str, float] = {}
+    results: Dict[str, Any] = {"settings": asdict(s), "training_resolution": TRAINING_RESOLUTION, "scales": list(SCALES)}
+    wall = time.perf_counter()
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        tqdm.write(f"[demo] stage {name} ...")
+        start = time.perf_counter()
+        rng.seed_everything(s.seed)
+        value = fn()
+        times[name] = round(time.perf_counter() - start, 2)
+        tqdm.write(f"[demo] stage {name}: {times[name]:.1f} s")
+        return value
+
+    try:
+        # 1. classifier
+        c = stage("1 classify", lambda: classify_stage(root / "classify", s))
+        metrics = c["metrics"]
+        results["classifier"] = {"val_top1": metrics.get("val_top1"), "ema_val_top1": metrics.get("ema_val_top1"),
+                                 "epochs": s.classify_epochs, "config": c["config"], "overrides": c["overrides"]}
+        classifier, ccfg = load_classifier(root / "classify")
+        # 2. teacher
+        t = stage("2 teacher", lambda: teacher_stage(root / "teacher", s, progress))
+        results["teacher"] = {k: t[k] for k in ("vae_recon_mse", "scaling_factor", "train_s")}
+        results["teacher"].update(dit_loss_first=t["dit_loss"][0], dit_loss_last=t["dit_loss"][-1],
+                                  settings=t["settings"])
+        # 3. distillation
+        d = stage("3 distill", lambda: distill_stage(root / "teacher", root / "distill", s))
+        r = d["result"]
+        results["distill"] = {"mechanism": s.mechanism, "steps": r.get("steps"), "first": r.get("first"),
+                              "last": r.get("last"), "sample_mse_start": r.get("sample_mse_start"),
+                              "sample_mse_end": r.get("sample_mse_end"), "config": d["config"],
+                              "overrides": d["overrides"]}
+        # 4. sampling
+        with tqdm(total=2 * len(SCALES), desc="sample teacher/student", disable=not progress) as bar:
+            samples = stage("4 sample", lambda: sample_stage(str(root / "teacher"), d["pipeline"], d["adapter"], s, bar))
+        # 5. scores and grids
+        def scores():
+            table: Dict[str, Any] = {}
+            for scale in SCALES:
+                teacher_x, student_x = samples["images"]["teacher"][scale], samples["images"]["student"][scale]
+                row = {"student_teacher_mse": float(((student_x - teacher_x) ** 2).mean()),
+                       "sample_s": {w: samples["seconds"][w][scale] for w in ("teacher", "student")}}
+                for who, x in (("teacher", teacher_x), ("student", student_x)):
+                    row[who] = score(classifier_probs(classifier, ccfg, x), samples["labels"])
+                row["student_minus_teacher_accuracy"] = row["student"]["accuracy"] - row["teacher"]["accuracy"]
+                table[f"{scale}x"] = row
+                grid = root / f"samples_{scale}x.png"
+                save_pair_grid(teacher_x, student_x, 10, grid, upscale=max(1, 4 // scale))
+                row["grid"] = grid.name
+            return table
+
+        results["samples"] = stage("5 score", scores)
+        # 6. benchmark
+        def bench():
+            fits = dit_mechanisms()
+            mechanisms = [m for m in (s.bench_mechanisms or fits) if m in fits]
+            with tqdm(total=len(s.bench_sizes), desc="denoiser step memory", disable=not progress) as bar:
+                rows = bench_stage(s, mechanisms, bar)
+            plot_bench(rows, root / "denoiser_memory.png")
+            return {"mechanisms": mechanisms, "rows": rows}
+
+        results["bench"] = stage("6 bench", bench)
+        plot_losses(root / "classify", t, root / "distill", root / "loss_curves.png")
+        times["total"] = round(time.perf_counter() - wall, 2)
+        results["times_s"] = times
+        results["all_finite"] = _finite({k: v for k, v in results.items() if k != "settings"})
+        (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        (root / "report.md").write_text(render_report(results, root))
+    finally:
+        torch.set_num_threads(old_threads)
+    print(f"[demo] report: {root / 'report.md'} ({times['total']:.0f} s)")
+    return results
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) >= 1 else f"{v:.4g}"
+    return str(v)
+
+
+def render_report(r: Dict[str, Any], root: Path) -> str:
+    s = r["settings"]
+    c, t, d = r["classifier"], r["teacher"], r["distill"]
+    res = r["training_resolution"]
+    lines = [
+        "# linvision demo: linear attention on handwritten digits",
+        "",
+        f"Run {'with --quick' if s['quick'] else 'in full'}, seed {s['seed']}, in {r['times_s']['total']:.0f} s on "
+        f"{torch.get_num_threads()} CPU thread(s). Data: scikit-learn's 1797 handwritten digits (8×8, upsampled "
+        "bicubically). Every stage runs the library's own job: `linvision classify`, the digits DiT teacher "
+        "(`linvision.train.digits_dit`), `linvision distill`, `linvision sample`'s DiT loop and the denoiser "
+        "memory benchmark.",
+        "",
+        "## Numbers",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| classifier (linvit, `linear` mixer) val top-1 | {_fmt(c['val_top1'])} % (EMA {_fmt(c['ema_val_top1'])} %) |",
+        f"| teacher DiT ε-loss first → last | {_fmt(t['dit_loss_first'])} → {_fmt(t['dit_loss_last'])} |",
+        f"| distillation ({d['mechanism']}, {d['steps']} steps) loss first → last | "
+        f"{_fmt((d['first'] or {}).get('loss'))} → {_fmt((d['last'] or {}).get('loss'))} |",
+        f"| student-vs-teacher sample MSE at {res} px, before → after distillation | "
+        f"{_fmt(d['sample_mse_start'])} → {_fmt(d['sample_mse_end'])} |",
+        "",
+        "Samples: every digit 0–9 × seeds " + ", ".join(map(str, s["seeds"])) + f", {s['sample_steps']} DDIM steps, "
+        f"guidance {s['guidance']}; teacher and student from the same noise. The classifier judges each sample "
+        "(resized to its 32 px input): accuracy = arg-max is the intended digit; IS = exp(E KL(p(y|x)‖p(y))), "
+        "10 at best.",
+        "",
+        "| scale | px | teacher acc % | student acc % | teacher conf. | student conf. | teacher IS | student IS "
+        "| student-vs-teacher MSE | grid |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scale in r["scales"]:
+        row = r["samples"][f"{scale}x"]
+        te, st = row["teacher"], row["student"]
+        lines.append(f"| {scale}× | {res * scale} | {_fmt(te['accuracy'])} | {_fmt(st['accuracy'])} | "
+                     f"{_fmt(te['intended_confidence'])} | {_fmt(st['intended_confidence'])} | "
+                     f"{_fmt(te['inception_score'])} | {_fmt(st['inception_score'])} | "
+                     f"{_fmt(row['student_teacher_mse'])} | [{row['grid']}]({row['grid']}) |")
+    one = r["samples"]["1x"]
+    gap = one["student"]["accuracy"] - one["teacher"]["accuracy"]
+    lines += ["", f"At 1× the student's classifier accuracy is {gap:+.1f} points from the teacher's (the demo's target: "
+              f"within {ACCURACY_MARGIN:.0f} points; {'met' if gap >= -ACCURACY_MARGIN else 'not met'} in this run). "
+              "The DiT was trained at 1× only: 2× and 4× test how each attention extrapolates to more tokens.", ""]
+    for scale in r["scales"]:
+        lines += [f"### {scale}× ({res * scale} px): teacher (top) vs student (bottom)", "",
+                  f"![samples {scale}x]({r['samples'][f'{scale}x']['grid']})", ""]
+    lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", "",
+              "## One denoiser step against resolution", "",
+              f"A random-weight DiT (width {s['bench_width']}, depth {s['bench_depth']}, {s['bench_heads']} heads, "
+              f"patch 2, batch 2 = CFG), softmax (SDPA `{s['bench_sdpa']}` backend) vs every linear mixer that fits "
+              f"a DiT: {', '.join(r['bench']['mechanisms'])}. Extra peak memory beyond weights and inputs, and time, "
+              "of one no-grad step.", "", "![denoiser memory](denoiser_memory.png)", "",
+              "| latent | tokens | variant | peak MiB | ms |", "|---|---|---|---|---|"]
+    for row in r["bench"]["rows"]:
+        lines.append(f"| {row['size']} | {row['tokens']} | {row['variant']} | {row['peak_mib']:.2f} | {row['ms']:.1f} |")
+    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in r["times_s"].items()]
+    lines += ["", "## Settings", "", "```json", json.dumps(s, indent=1), "```", "",
+              "Stage runs (configs, checkpoints, logs): `classify/`, `teacher/` (the `DiTPipeline`), `distill/` "
+              "(adapter, `sample.yaml` for `linvision sample`). All numbers: `results.json`.", ""]
+    return "\n".join(lines)
+
+
+# --- command line --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="folder for the report and every artefact (default runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and steps: about 3 minutes, rough digits")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+
+
+def main(args: argparse.Namespace) -> int:
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def cli(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="linvision demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
