@@ -1,6 +1,9 @@
 """linvision.kernels: the kernel layer, one folder per operation (PyTorch reference beside Triton kernel).
 
-Needs only torch (and triton for the GPU path). Layout everywhere is ``[B, N, H, D]``.
+Needs only torch (and triton for the GPU path). Layout everywhere is ``[B, N, H, D]``. Shared by the ops:
+``backend`` (choosing the PyTorch or Triton path), ``validation`` (input checks), ``triton_support`` (host-side
+Triton helpers: block sizes, split plans, SM count, ``tl.dot`` precision) and ``triton_device`` (``@triton.jit``
+helpers inlined into the kernels).
 
 - ``linvision.kernels.linear_attention.linear_attention``: bidirectional linear attention.
 - ``linvision.kernels.window_attention.window_attention``: circular-window softmax attention on a 2-D grid with

@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from ..backend import KERNEL_DTYPES, resolve_backend
+from ..backend import resolve_backend
+from ..validation import check_bool, check_qkv, check_triton_dtype, expand_floating
 from .naive import additive_scan_naive, additive_scan_recurrent, causal_lse, noncausal_state
 
 
@@ -48,53 +48,34 @@ def additive_scan(
     backend); the output has the input dtype. ``backend``: ``"auto"`` (Triton on CUDA, else PyTorch),
     ``"torch"``, ``"triton"``. The Triton backend is differentiable in ``q``, ``k``, ``v`` and ``k_mod``.
     """
-    lse_init = _validated(q, k, v, k_mod, causal, lse_init)
-    if k_mod is not None:
-        k_mod = k_mod.expand(k.shape)
+    k_mod, lse_init = _validated(q, k, v, k_mod, causal, lse_init)
     chosen = resolve_backend(backend, q, k, v)
     if chosen == "triton":
-        if q.dtype == torch.float64:
-            raise ValueError("the Triton backend takes fp16, bf16 or fp32; use backend='torch' for fp64")
+        check_triton_dtype(q)
         from .triton import additive_scan_triton
 
         return additive_scan_triton(q, k, v, k_mod, causal=bool(causal), lse_init=lse_init)
     return additive_scan_naive(q, k, v, k_mod, bool(causal), lse_init)
 
 
-def _validated(q, k, v, k_mod, causal, lse_init) -> float:
-    """Check shapes, dtypes and options; return ``lse_init`` as a float."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, N, H, D], got shape {tuple(getattr(t, 'shape', ()))}")
-    if q.dtype not in KERNEL_DTYPES + (torch.float64,):
-        raise ValueError(f"unsupported dtype {q.dtype}; expected fp16, bf16, fp32 or fp64")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, N, H, Dv] = [{q.shape[0]}, {q.shape[1]}, {q.shape[2]}, Dv], got {tuple(v.shape)}")
+def _validated(q, k, v, k_mod, causal, lse_init):
+    """Check shapes, dtypes and options; return ``k_mod`` expanded to ``k``'s shape (or None) and ``lse_init``
+    as a float."""
+    check_qkv(q, k, v)
     if q.shape[1] == 0:
         raise ValueError("the additive scan needs at least one token")
     if q.shape[3] == 0 or v.shape[3] == 0:
         raise ValueError("head dimensions must be positive")
     if k_mod is not None:
-        if not isinstance(k_mod, Tensor) or not k_mod.is_floating_point() or k_mod.dim() > 4:
-            raise ValueError(f"k_mod must be a floating tensor that broadcasts to {tuple(k.shape)}")
-        try:
-            torch.broadcast_shapes(k_mod.shape, k.shape)
-            k_mod.expand(k.shape)
-        except RuntimeError:
-            raise ValueError(f"k_mod of shape {tuple(k_mod.shape)} does not broadcast to {tuple(k.shape)}") from None
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
+        k_mod = expand_floating("k_mod", k_mod, k.shape, str(tuple(k.shape)))
+    check_bool("causal", causal)
     try:
         lse_init = float(lse_init)
     except (TypeError, ValueError):
         raise ValueError(f"lse_init must be a float (or -inf), got {lse_init!r}") from None
     if math.isnan(lse_init) or lse_init == math.inf:
         raise ValueError(f"lse_init must be finite or -inf, got {lse_init}")
-    return lse_init
+    return k_mod, lse_init
 
 
 __all__ = ["additive_scan", "additive_scan_naive", "additive_scan_recurrent", "causal_lse", "noncausal_state"]

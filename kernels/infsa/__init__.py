@@ -38,12 +38,12 @@ Accumulation in fp32 (fp64 for fp64 inputs); outputs in the input dtype. ``backe
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Callable, Tuple, Union
 
-import torch
 from torch import Tensor
 
-from ..backend import KERNEL_DTYPES, resolve_backend
+from ..backend import resolve_backend
+from ..validation import check_bool, check_qkv, check_triton_dtype
 from .naive import (
     linear_infsa_pooled_naive,
     linear_infsa_scores_naive,
@@ -62,26 +62,14 @@ def pure_infsa(q: Tensor, k: Tensor, v: Tensor, *, rho: Rho = DEFAULT_RHO, eps: 
     Shapes: ``q [B, N, H, D]``, ``k [B, M, H, D]``, ``v [B, M, H, Dv]`` → ``o [B, N, H, Dv]``.
     O(N·M·D) time; the Triton path needs O(N) memory, the PyTorch path holds the N×M matrix.
     """
-    rho = _validated(q, k, v, rho, eps)
-    if resolve_backend(backend, q, k, v) == "triton":
-        _no_fp64_on_triton(q)
-        from .triton import pure_infsa_triton
-
-        return pure_infsa_triton(q, k, v, rho, float(eps))
-    return pure_infsa_naive(q, k, v, rho, float(eps))
+    return _dispatch(q, k, v, rho, eps, backend, pure_infsa_naive, "pure_infsa_triton")
 
 
 def linear_infsa_pooled(
     q: Tensor, k: Tensor, v: Tensor, *, rho: Rho = DEFAULT_RHO, eps: float = DEFAULT_EPS, backend: str = "auto"
 ) -> Tensor:
     """Linear InfSA's pooled vector ``ρ Σ_j a_j v_j`` per (batch, head): ``[B, H, Dv]``, O(N·D)."""
-    rho = _validated(q, k, v, rho, eps)
-    if resolve_backend(backend, q, k, v) == "triton":
-        _no_fp64_on_triton(q)
-        from .triton import linear_infsa_pooled_triton
-
-        return linear_infsa_pooled_triton(q, k, v, rho, float(eps))
-    return linear_infsa_pooled_naive(q, k, v, rho, float(eps))
+    return _dispatch(q, k, v, rho, eps, backend, linear_infsa_pooled_naive, "linear_infsa_pooled_triton")
 
 
 def linear_infsa(
@@ -99,8 +87,7 @@ def linear_infsa(
     Without ``per_token`` the result is a stride-0 broadcast view of :func:`linear_infsa_pooled` (all N
     rows equal per head; ``.contiguous()`` it before writing in place). See the module docstring.
     """
-    if not isinstance(per_token, bool):
-        raise ValueError(f"per_token must be a bool, got {per_token!r}")
+    check_bool("per_token", per_token)
     if per_token:
         rho = _validated(q, k, v, rho, eps)
         from ..linear_attention import linear_attention
@@ -126,26 +113,23 @@ def linear_infsa_scores(q: Tensor, k: Tensor, *, eps: float = DEFAULT_EPS) -> Tu
     return linear_infsa_scores_naive(q, k, float(eps))
 
 
-def _no_fp64_on_triton(q: Tensor) -> None:
-    if q.dtype == torch.float64 and q.is_cuda:
-        raise ValueError("the Triton backend takes fp16, bf16 or fp32 CUDA tensors; use backend='torch' for fp64")
+def _dispatch(q, k, v, rho, eps, backend: str, naive: Callable, triton_name: str) -> Tensor:
+    """Validate, then run the reference ``naive`` or the Triton function ``triton_name`` of :mod:`.triton`
+    (imported only when chosen); the Triton kernels also take fp64 CPU tensors under the interpreter."""
+    rho = _validated(q, k, v, rho, eps)
+    if resolve_backend(backend, q, k, v) == "triton":
+        check_triton_dtype(q, interpreter_fp64=True)
+        from . import triton as kernels
+
+        return getattr(kernels, triton_name)(q, k, v, rho, float(eps))
+    return naive(q, k, v, rho, float(eps))
 
 
 def _validated(q, k, v, rho, eps) -> Rho:
     """Check shapes, dtypes, ρ and eps; return ρ as a float or a 0-dim tensor."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, N, H, D], got shape {tuple(getattr(t, 'shape', ()))}")
-    if q.dtype not in KERNEL_DTYPES + (torch.float64,):
-        raise ValueError(f"unsupported dtype {q.dtype}; expected fp16, bf16, fp32 or fp64")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv(q, k, v, cross=True, dk="D")
     B, N, H, D = q.shape
     M = k.shape[1]
-    if k.shape != (B, M, H, D):
-        raise ValueError(f"k must be [B, M, H, D] = [{B}, M, {H}, {D}], got {tuple(k.shape)}")
-    if v.shape[:3] != (B, M, H):
-        raise ValueError(f"v must be [B, M, H, Dv] = [{B}, {M}, {H}, Dv], got {tuple(v.shape)}")
     if N == 0 or M == 0 or D == 0:
         raise ValueError(f"InfSA needs at least one query, one key and one channel, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if not isinstance(eps, (int, float)) or not eps >= 0:

@@ -36,19 +36,36 @@ Pure InfSA (``R = ReLU(Q Kᵀ / d)``), flash-style: the N×M matrix is never sto
 """
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_HEAD_DIM = 256
-MAX_SPLITS = 64
-PROGRAMS_PER_SM = 4
+from ..triton_device import (
+    block_range,
+    flat_head_block,
+    load_tile,
+    program_head,
+    split_blocks,
+    store_tile,
+    token_block,
+    token_range,
+)
+from ..triton_support import (
+    MAX_HEAD_DIM,
+    MAX_SPLITS,
+    SplitPlan,
+    check_head_dims,
+    dot_precision,
+    plan_splits,
+    pow2_block,
+    sm_count,
+    strides,
+)
+
 MIN_TOKENS_PER_SPLIT = 256
-INTERPRETER_SM_COUNT = 4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,24 +81,16 @@ def _pool_queries_fwd(
     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial Σ n_i and P = Σ n_i q_i over one split of the queries (n_i = s‖q_i‖)."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, b, h = program_head(0, H)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     base = q_ptr + b * s_qb + h * s_qh
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    offs_d, mask_d = block_range(0, D, BLOCK_D)
     e_acc = tl.zeros((BLOCK_T,), dtype=ACC)
     p_acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    num_blocks = tl.cdiv(N, BLOCK_T)
-    first = pid_s * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, num_blocks)
+    first, last = split_blocks(pid_s, blocks_per_split, N, BLOCK_T)
     for blk in range(first, last):
-        offs_t = (blk * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask_t = offs_t < N
-        qq = tl.load(
-            base + offs_t[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask_t[:, None] & mask_d[None, :], other=0.0
-        ).to(ACC)
+        offs_t, mask_t = token_block(blk, N, BLOCK_T)
+        qq = load_tile(base, offs_t, mask_t, s_qn, offs_d, mask_d, s_qd).to(ACC)
         n = tl.sqrt(tl.sum(qq * qq, 1)) * scale
         e_acc += n
         p_acc += tl.sum(n[:, None] * qq, 0)
@@ -99,17 +108,9 @@ def _pool_queries_bwd(
     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq_i = n_i dP + (dP·q_i + dΣn) s q_i / ‖q_i‖ for one block of queries."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_bh = pid // num_blocks
-    blk = pid % num_blocks
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_t = (blk * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    mask_t = offs_t < N
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    mask = mask_t[:, None] & mask_d[None, :]
-    qq = tl.load(q_ptr + b * s_qb + h * s_qh + offs_t[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask, other=0.0)
+    pid_bh, b, h, blk, offs_t, mask_t = flat_head_block(num_blocks, H, N, BLOCK_T)
+    offs_d, mask_d = block_range(0, D, BLOCK_D)
+    qq = load_tile(q_ptr + b * s_qb + h * s_qh, offs_t, mask_t, s_qn, offs_d, mask_d, s_qd)
     qq = qq.to(ACC)
     dp = tl.load(dp_ptr + pid_bh * D + offs_d, mask=mask_d, other=0.0)
     de = tl.load(de_ptr + pid_bh)
@@ -117,10 +118,16 @@ def _pool_queries_bwd(
     dn = tl.sum(qq * dp[None, :], 1) + de
     coef = tl.where(norm > 0, dn * scale / tl.where(norm > 0, norm, 1.0), 0.0)
     dq = (norm * scale)[:, None] * dp[None, :] + coef[:, None] * qq
-    tl.store(
-        dq_ptr + b * s_gb + h * s_gh + offs_t[:, None] * s_gn + offs_d[None, :] * s_gd,
-        dq.to(dq_ptr.dtype.element_ty), mask=mask,
-    )
+    store_tile(dq_ptr + b * s_gb + h * s_gh, offs_t, mask_t, s_gn, offs_d, mask_d, s_gd, dq)
+
+
+@triton.jit
+def _key_prologue(qbar_ptr, pid_bh, D, Dv, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Channel offsets and masks of D and Dv, and the pooled query q̄ of one (batch, head)."""
+    offs_d, mask_d = block_range(0, D, BLOCK_D)
+    offs_v, mask_v = block_range(0, Dv, BLOCK_V)
+    qbar = tl.load(qbar_ptr + pid_bh * D + offs_d, mask=mask_d, other=0.0)
+    return offs_d, mask_d, offs_v, mask_v, qbar
 
 
 @triton.jit(do_not_specialize=["M", "blocks_per_split"])
@@ -132,31 +139,18 @@ def _pool_keys_fwd(
     ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Partial Σ r_j and U = Σ r_j v_j over one split of the keys (r_j = ReLU(s q̄·k_j))."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, b, h = program_head(0, H)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    offs_v = tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
-    qbar = tl.load(qbar_ptr + pid_bh * D + offs_d, mask=mask_d, other=0.0)
+    offs_d, mask_d, offs_v, mask_v, qbar = _key_prologue(qbar_ptr, pid_bh, D, Dv, BLOCK_D, BLOCK_V)
     z_acc = tl.zeros((BLOCK_T,), dtype=ACC)
     u_acc = tl.zeros((BLOCK_V,), dtype=ACC)
-    num_blocks = tl.cdiv(M, BLOCK_T)
-    first = pid_s * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, num_blocks)
+    first, last = split_blocks(pid_s, blocks_per_split, M, BLOCK_T)
     for blk in range(first, last):
-        offs_t = (blk * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask_t = offs_t < M
-        kk = tl.load(
-            k_base + offs_t[:, None] * s_km + offs_d[None, :] * s_kd, mask=mask_t[:, None] & mask_d[None, :], other=0.0
-        ).to(ACC)
-        vv = tl.load(
-            v_base + offs_t[:, None] * s_vm + offs_v[None, :] * s_vd, mask=mask_t[:, None] & mask_v[None, :], other=0.0
-        ).to(ACC)
+        offs_t, mask_t = token_block(blk, M, BLOCK_T)
+        kk = load_tile(k_base, offs_t, mask_t, s_km, offs_d, mask_d, s_kd).to(ACC)
+        vv = load_tile(v_base, offs_t, mask_t, s_vm, offs_v, mask_v, s_vd).to(ACC)
         r = tl.maximum(tl.sum(kk * qbar[None, :], 1) * scale, 0.0)
         z_acc += r
         u_acc += tl.sum(r[:, None] * vv, 0)
@@ -177,46 +171,29 @@ def _pool_keys_bwd(
     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
 ):
     """dk, dv per key of one split, and the partial Σ_j dt_j k_j (for dq̄)."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, b, h = program_head(0, H)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    offs_v = tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
-    qbar = tl.load(qbar_ptr + pid_bh * D + offs_d, mask=mask_d, other=0.0)
+    offs_d, mask_d, offs_v, mask_v, qbar = _key_prologue(qbar_ptr, pid_bh, D, Dv, BLOCK_D, BLOCK_V)
     du = tl.load(du_ptr + pid_bh * Dv + offs_v, mask=mask_v, other=0.0)
     dz = tl.load(dz_ptr + pid_bh)
     c_acc = tl.zeros((BLOCK_D,), dtype=ACC)
-    num_blocks = tl.cdiv(M, BLOCK_T)
-    first = pid_s * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, num_blocks)
+    first, last = split_blocks(pid_s, blocks_per_split, M, BLOCK_T)
     for blk in range(first, last):
-        offs_t = (blk * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask_t = offs_t < M
-        mk = mask_t[:, None] & mask_d[None, :]
-        mv = mask_t[:, None] & mask_v[None, :]
-        kk = tl.load(k_base + offs_t[:, None] * s_km + offs_d[None, :] * s_kd, mask=mk, other=0.0).to(ACC)
-        vv = tl.load(v_base + offs_t[:, None] * s_vm + offs_v[None, :] * s_vd, mask=mv, other=0.0).to(ACC)
+        offs_t, mask_t = token_block(blk, M, BLOCK_T)
+        kk = load_tile(k_base, offs_t, mask_t, s_km, offs_d, mask_d, s_kd).to(ACC)
+        vv = load_tile(v_base, offs_t, mask_t, s_vm, offs_v, mask_v, s_vd).to(ACC)
         t = tl.sum(kk * qbar[None, :], 1) * scale
         dt = tl.where(t > 0, tl.sum(vv * du[None, :], 1) + dz, 0.0)
         dt = tl.where(mask_t, dt, 0.0)
         c_acc += tl.sum(dt[:, None] * kk, 0)
         if NEED_DK:
             dk = (dt * scale)[:, None] * qbar[None, :]
-            tl.store(
-                dk_ptr + b * s_gkb + h * s_gkh + offs_t[:, None] * s_gkm + offs_d[None, :] * s_gkd,
-                dk.to(dk_ptr.dtype.element_ty), mask=mk,
-            )
+            store_tile(dk_ptr + b * s_gkb + h * s_gkh, offs_t, mask_t, s_gkm, offs_d, mask_d, s_gkd, dk)
         if NEED_DV:
             dv = tl.maximum(t, 0.0)[:, None] * du[None, :]
-            tl.store(
-                dv_ptr + b * s_gvb + h * s_gvh + offs_t[:, None] * s_gvm + offs_v[None, :] * s_gvd,
-                dv.to(dv_ptr.dtype.element_ty), mask=mv,
-            )
+            store_tile(dv_ptr + b * s_gvb + h * s_gvh, offs_t, mask_t, s_gvm, offs_v, mask_v, s_gvd, dv)
     part = pid_s.to(tl.int64) * BH + pid_bh
     tl.store(c_part + part * D + offs_d, c_acc, mask=mask_d)
 
@@ -224,6 +201,25 @@ def _pool_keys_bwd(
 # ----------------------------------------------------------------------------------------------------------
 # Pure InfSA kernels
 # ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pure_block(num_blocks, H, n, D, Dv, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    """:func:`flat_head_block`, plus the channel offsets and masks of D and Dv."""
+    pid_bh, b, h, blk, offs, mask = flat_head_block(num_blocks, H, n, BLOCK)
+    offs_d, mask_d = block_range(0, D, BLOCK_D)
+    offs_v, mask_v = block_range(0, Dv, BLOCK_V)
+    return b, h, pid_bh, blk, offs, mask, offs_d, mask_d, offs_v, mask_v
+
+
+@triton.jit
+def _load_pair(a_base, b_base, start, n, s_an, s_ad, s_bn, s_bd, offs_d, mask_d, offs_v, mask_v,
+               ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows ``[start, start + BLOCK)`` of a ``[·, D]`` and a ``[·, Dv]`` tensor (k and v, or q and dU), in ``ACC``."""
+    offs, mask = token_range(start, n, BLOCK)
+    a = load_tile(a_base, offs, mask, s_an, offs_d, mask_d, s_ad).to(ACC)
+    b = load_tile(b_base, offs, mask, s_bn, offs_v, mask_v, s_bd).to(ACC)
+    return a, b
 
 
 @triton.jit(do_not_specialize=["N", "M", "num_blocks"])
@@ -238,41 +234,20 @@ def _pure_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """U = ReLU(Q Kᵀ/d) V for one block of queries, and that block's Σ ReLU(·)²."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_bh = pid // num_blocks
-    blk = pid % num_blocks
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = (blk * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    mask_m = offs_m < N
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    offs_v = tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
-    qq = tl.load(
-        q_ptr + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
-        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
-    ).to(ACC)
+    b, h, pid_bh, blk, offs_m, mask_m, offs_d, mask_d, offs_v, mask_v = _pure_block(
+        num_blocks, H, N, D, Dv, BLOCK_M, BLOCK_D, BLOCK_V)
+    qq = load_tile(q_ptr + b * s_qb + h * s_qh, offs_m, mask_m, s_qn, offs_d, mask_d, s_qd).to(ACC)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=ACC)
     f2 = tl.zeros((BLOCK_M,), dtype=ACC)
     for start in range(0, M, BLOCK_N):
-        offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_n = offs_n < M
-        kk = tl.load(
-            k_base + offs_n[:, None] * s_km + offs_d[None, :] * s_kd, mask=mask_n[:, None] & mask_d[None, :], other=0.0
-        ).to(ACC)
-        vv = tl.load(
-            v_base + offs_n[:, None] * s_vm + offs_v[None, :] * s_vd, mask=mask_n[:, None] & mask_v[None, :], other=0.0
-        ).to(ACC)
+        kk, vv = _load_pair(k_base, v_base, start, M, s_km, s_kd, s_vm, s_vd, offs_d, mask_d, offs_v, mask_v,
+                            ACC, BLOCK_N)
         r = tl.maximum(tl.dot(qq, tl.trans(kk), input_precision=PRECISION) * inv_d, 0.0)
         f2 += tl.sum(r * r, 1)
         acc = tl.dot(r, vv, acc, input_precision=PRECISION)
-    tl.store(
-        u_ptr + b * s_ub + h * s_uh + offs_m[:, None] * s_un + offs_v[None, :] * s_ud, acc,
-        mask=mask_m[:, None] & mask_v[None, :],
-    )
+    store_tile(u_ptr + b * s_ub + h * s_uh, offs_m, mask_m, s_un, offs_v, mask_v, s_ud, acc)
     tl.store(f2_part + pid_bh * num_blocks + blk, tl.sum(f2, 0))
 
 
@@ -289,45 +264,23 @@ def _pure_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """dq = Σ_j dS_ij k_j / d for one block of queries."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_bh = pid // num_blocks
-    blk = pid % num_blocks
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = (blk * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    mask_m = offs_m < N
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    offs_v = tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
-    mq = mask_m[:, None] & mask_d[None, :]
-    qq = tl.load(q_ptr + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mq, other=0.0)
+    b, h, pid_bh, blk, offs_m, mask_m, offs_d, mask_d, offs_v, mask_v = _pure_block(
+        num_blocks, H, N, D, Dv, BLOCK_M, BLOCK_D, BLOCK_V)
+    qq = load_tile(q_ptr + b * s_qb + h * s_qh, offs_m, mask_m, s_qn, offs_d, mask_d, s_qd)
     qq = qq.to(ACC)
-    du = tl.load(
-        du_ptr + b * s_ub + h * s_uh + offs_m[:, None] * s_un + offs_v[None, :] * s_ud,
-        mask=mask_m[:, None] & mask_v[None, :], other=0.0,
-    ).to(ACC)
+    du = load_tile(du_ptr + b * s_ub + h * s_uh, offs_m, mask_m, s_un, offs_v, mask_v, s_ud).to(ACC)
     two_df2 = 2.0 * tl.load(df2_ptr + pid_bh)
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC)
     for start in range(0, M, BLOCK_N):
-        offs_n = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_n = offs_n < M
-        kk = tl.load(
-            k_base + offs_n[:, None] * s_km + offs_d[None, :] * s_kd, mask=mask_n[:, None] & mask_d[None, :], other=0.0
-        ).to(ACC)
-        vv = tl.load(
-            v_base + offs_n[:, None] * s_vm + offs_v[None, :] * s_vd, mask=mask_n[:, None] & mask_v[None, :], other=0.0
-        ).to(ACC)
+        kk, vv = _load_pair(k_base, v_base, start, M, s_km, s_kd, s_vm, s_vd, offs_d, mask_d, offs_v, mask_v,
+                            ACC, BLOCK_N)
         s = tl.dot(qq, tl.trans(kk), input_precision=PRECISION) * inv_d
         dr = tl.dot(du, tl.trans(vv), input_precision=PRECISION) + two_df2 * tl.maximum(s, 0.0)
         ds = tl.where(s > 0, dr, 0.0)
         acc = tl.dot(ds, kk, acc, input_precision=PRECISION)
-    tl.store(
-        dq_ptr + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd,
-        (acc * inv_d).to(dq_ptr.dtype.element_ty), mask=mq,
-    )
+    store_tile(dq_ptr + b * s_gb + h * s_gh, offs_m, mask_m, s_gn, offs_d, mask_d, s_gd, acc * inv_d)
 
 
 @triton.jit(do_not_specialize=["N", "M", "num_blocks"])
@@ -345,22 +298,11 @@ def _pure_bwd_dkv(
     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
 ):
     """dk = Σ_i dS_ij q_i / d and dv = Σ_i R_ij dU_i for one block of keys."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_bh = pid // num_blocks
-    blk = pid % num_blocks
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = (blk * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mask_n = offs_n < M
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    offs_v = tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
-    mk = mask_n[:, None] & mask_d[None, :]
-    mv = mask_n[:, None] & mask_v[None, :]
-    kk = tl.load(k_ptr + b * s_kb + h * s_kh + offs_n[:, None] * s_km + offs_d[None, :] * s_kd, mask=mk, other=0.0)
+    b, h, pid_bh, blk, offs_n, mask_n, offs_d, mask_d, offs_v, mask_v = _pure_block(
+        num_blocks, H, M, D, Dv, BLOCK_N, BLOCK_D, BLOCK_V)
+    kk = load_tile(k_ptr + b * s_kb + h * s_kh, offs_n, mask_n, s_km, offs_d, mask_d, s_kd)
     kk = kk.to(ACC)
-    vv = tl.load(v_ptr + b * s_vb + h * s_vh + offs_n[:, None] * s_vm + offs_v[None, :] * s_vd, mask=mv, other=0.0)
+    vv = load_tile(v_ptr + b * s_vb + h * s_vh, offs_n, mask_n, s_vm, offs_v, mask_v, s_vd)
     vv = vv.to(ACC)
     two_df2 = 2.0 * tl.load(df2_ptr + pid_bh)
     q_base = q_ptr + b * s_qb + h * s_qh
@@ -368,14 +310,8 @@ def _pure_bwd_dkv(
     dk_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
     dv_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
     for start in range(0, N, BLOCK_M):
-        offs_m = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
-        mask_m = offs_m < N
-        qq = tl.load(
-            q_base + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=mask_m[:, None] & mask_d[None, :], other=0.0
-        ).to(ACC)
-        du = tl.load(
-            u_base + offs_m[:, None] * s_un + offs_v[None, :] * s_ud, mask=mask_m[:, None] & mask_v[None, :], other=0.0
-        ).to(ACC)
+        qq, du = _load_pair(q_base, u_base, start, N, s_qn, s_qd, s_un, s_ud, offs_d, mask_d, offs_v, mask_v,
+                            ACC, BLOCK_M)
         st = tl.dot(kk, tl.trans(qq), input_precision=PRECISION) * inv_d  # Sᵀ: [BLOCK_N, BLOCK_M]
         rt = tl.maximum(st, 0.0)
         if NEED_DV:
@@ -385,15 +321,9 @@ def _pure_bwd_dkv(
             dst = tl.where(st > 0, drt, 0.0)
             dk_acc = tl.dot(dst, qq, dk_acc, input_precision=PRECISION)
     if NEED_DK:
-        tl.store(
-            dk_ptr + b * s_gkb + h * s_gkh + offs_n[:, None] * s_gkm + offs_d[None, :] * s_gkd,
-            (dk_acc * inv_d).to(dk_ptr.dtype.element_ty), mask=mk,
-        )
+        store_tile(dk_ptr + b * s_gkb + h * s_gkh, offs_n, mask_n, s_gkm, offs_d, mask_d, s_gkd, dk_acc * inv_d)
     if NEED_DV:
-        tl.store(
-            dv_ptr + b * s_gvb + h * s_gvh + offs_n[:, None] * s_gvm + offs_v[None, :] * s_gvd,
-            dv_acc.to(dv_ptr.dtype.element_ty), mask=mv,
-        )
+        store_tile(dv_ptr + b * s_gvb + h * s_gvh, offs_n, mask_n, s_gvm, offs_v, mask_v, s_gvd, dv_acc)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,50 +331,21 @@ def _pure_bwd_dkv(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class SplitPlan(NamedTuple):
-    blocks: int
-    splits: int
-    blocks_per_split: int
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return INTERPRETER_SM_COUNT
-
-
 def split_plan(seq_len: int, block_t: int, batch_heads: int, device: torch.device) -> SplitPlan:
     """Sequence splits of a reduction kernel: enough programs to fill the GPU, at most ``MAX_SPLITS``,
     each covering at least ``MIN_TOKENS_PER_SPLIT`` tokens, and never an empty split."""
-    blocks = triton.cdiv(seq_len, block_t)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), max(1, batch_heads))
-    splits = max(1, min(wanted, seq_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS, blocks))
-    per = max(1, triton.cdiv(blocks, splits))
-    return SplitPlan(blocks, max(1, triton.cdiv(blocks, per)), per)
-
-
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return plan_splits(seq_len, block_t, batch_heads, 1, sm_count(device), MIN_TOKENS_PER_SPLIT)
 
 
 def _acc_types(t: Tensor) -> Tuple[torch.dtype, "tl.dtype", str]:
+    """Accumulation dtype (torch and Triton; fp64 for fp64 inputs, else fp32) and the ``tl.dot`` precision."""
     if t.dtype == torch.float64:
-        return torch.float64, tl.float64, "ieee"
-    return torch.float32, tl.float32, ("ieee" if t.dtype == torch.float32 else "tf32")
-
-
-def check_head_dims(d: int, dv: int) -> None:
-    if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton backend supports head dims up to {MAX_HEAD_DIM}, got D={d}, Dv={dv}")
+        return torch.float64, tl.float64, dot_precision(t.dtype)
+    return torch.float32, tl.float32, dot_precision(t.dtype)
 
 
 def _token_block(*dims: int) -> int:
-    return 64 if max(_block(d) for d in dims) <= 64 else 32
+    return 64 if max(pow2_block(d) for d in dims) <= 64 else 32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,7 +361,7 @@ class _PoolQueries(torch.autograd.Function):
         B, N, H, D = q.shape
         BH = B * H
         acc_t, acc_tl, _ = _acc_types(q)
-        block_t, block_d = _token_block(D), _block(D)
+        block_t, block_d = _token_block(D), pow2_block(D)
         plan = split_plan(N, block_t, BH, q.device)
         e_part = torch.empty((plan.splits, BH), dtype=acc_t, device=q.device)
         p_part = torch.empty((plan.splits, BH, D), dtype=acc_t, device=q.device)
@@ -485,7 +386,7 @@ class _PoolQueries(torch.autograd.Function):
         n_blocks = triton.cdiv(N, block_t)
         _pool_queries_bwd[(BH * n_blocks,)](
             q, d_p, d_e, dq, N, H, D, n_blocks, D**-0.5, *q.stride(), *dq.stride(),
-            ACC=acc_tl, BLOCK_T=block_t, BLOCK_D=_block(D),
+            ACC=acc_tl, BLOCK_T=block_t, BLOCK_D=pow2_block(D),
         )
         return dq
 
@@ -506,7 +407,7 @@ class _PoolKeys(torch.autograd.Function):
         u_part = torch.empty((plan.splits, BH, Dv), dtype=acc_t, device=k.device)
         _pool_keys_fwd[(BH, plan.splits)](
             k, v, q_bar, z_part, u_part, M, H, BH, D, Dv, plan.blocks_per_split, D**-0.5, *k.stride(), *v.stride(),
-            ACC=acc_tl, BLOCK_T=block_t, BLOCK_D=_block(D), BLOCK_V=_block(Dv),
+            ACC=acc_tl, BLOCK_T=block_t, BLOCK_D=pow2_block(D), BLOCK_V=pow2_block(Dv),
         )
         ctx.save_for_backward(k, v, q_bar)
         return z_part.sum(0), u_part.sum(0)
@@ -530,8 +431,9 @@ class _PoolKeys(torch.autograd.Function):
         _pool_keys_bwd[(BH, plan.splits)](
             k, v, q_bar, d_u, d_z, dk if need_dk else c_part, dv if need_dv else c_part, c_part,
             M, H, BH, D, Dv, plan.blocks_per_split, D**-0.5,
-            *k.stride(), *v.stride(), *(dk.stride() if need_dk else (0,) * 4), *(dv.stride() if need_dv else (0,) * 4),
-            ACC=acc_tl, BLOCK_T=block_t, BLOCK_D=_block(D), BLOCK_V=_block(Dv), NEED_DK=need_dk, NEED_DV=need_dv,
+            *k.stride(), *v.stride(), *strides(dk, 4), *strides(dv, 4),
+            ACC=acc_tl, BLOCK_T=block_t, BLOCK_D=pow2_block(D), BLOCK_V=pow2_block(Dv),
+            NEED_DK=need_dk, NEED_DV=need_dv,
         )
         d_qbar = c_part.sum(0) * D**-0.5
         return dk, dv, d_qbar
@@ -553,7 +455,8 @@ class _PureInfSA(torch.autograd.Function):
         _pure_fwd[(BH * n_blocks,)](
             q, k, v, u, f2_part, N, M, H, D, Dv, n_blocks, 1.0 / D,
             *q.stride(), *k.stride(), *v.stride(), *u.stride(),
-            ACC=acc_tl, PRECISION=precision, BLOCK_M=block, BLOCK_N=block, BLOCK_D=_block(D), BLOCK_V=_block(Dv),
+            ACC=acc_tl, PRECISION=precision, BLOCK_M=block, BLOCK_N=block,
+            BLOCK_D=pow2_block(D), BLOCK_V=pow2_block(Dv),
         )
         f2 = f2_part.sum(1)
         ctx.save_for_backward(q, k, v, f2)
@@ -574,7 +477,8 @@ class _PureInfSA(torch.autograd.Function):
         d_f2 = torch.where(f2 > 0, d_f2, torch.zeros_like(d_f2)).contiguous()
         need_dq, need_dk, need_dv = ctx.needs_input_grad
         block = _token_block(D, Dv)
-        consts = dict(ACC=acc_tl, PRECISION=precision, BLOCK_M=block, BLOCK_N=block, BLOCK_D=_block(D), BLOCK_V=_block(Dv))
+        consts = dict(ACC=acc_tl, PRECISION=precision, BLOCK_M=block, BLOCK_N=block,
+                      BLOCK_D=pow2_block(D), BLOCK_V=pow2_block(Dv))
         dq = dk = dv = None
         if need_dq:
             dq = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
@@ -591,7 +495,7 @@ class _PureInfSA(torch.autograd.Function):
                 q, k, v, d_u, d_f2, dk if need_dk else d_f2, dv if need_dv else d_f2,
                 N, M, H, D, Dv, m_blocks, 1.0 / D,
                 *q.stride(), *k.stride(), *v.stride(), *d_u.stride(),
-                *(dk.stride() if need_dk else (0,) * 4), *(dv.stride() if need_dv else (0,) * 4),
+                *strides(dk, 4), *strides(dv, 4),
                 NEED_DK=need_dk, NEED_DV=need_dv, **consts,
             )
         return dq, dk, dv
@@ -605,7 +509,7 @@ class _PureInfSA(torch.autograd.Function):
 def linear_infsa_pooled_triton(q: Tensor, k: Tensor, v: Tensor, rho, eps: float) -> Tensor:
     """``ρ U / (Σr + eps)`` per (batch, head): ``[B, H, Dv]`` in the input dtype; differentiable in q, k, v, ρ."""
     B, _, H, D = q.shape
-    check_head_dims(D, v.shape[3])
+    check_head_dims("head dims", D=D, Dv=v.shape[3])
     e_sum, p = _PoolQueries.apply(q)
     q_bar = p * (D**-0.5) / (e_sum + eps).unsqueeze(-1)
     z_sum, u = _PoolKeys.apply(k, v, q_bar)
@@ -618,8 +522,18 @@ def linear_infsa_pooled_triton(q: Tensor, k: Tensor, v: Tensor, rho, eps: float)
 def pure_infsa_triton(q: Tensor, k: Tensor, v: Tensor, rho, eps: float) -> Tensor:
     """``ρ U / (√ΣR² + eps)`` as ``[B, N, H, Dv]`` in the input dtype; differentiable in q, k, v, ρ."""
     B, _, H, D = q.shape
-    check_head_dims(D, v.shape[3])
+    check_head_dims("head dims", D=D, Dv=v.shape[3])
     u, f2 = _PureInfSA.apply(q, k, v)
     rho = rho.to(u.dtype) if isinstance(rho, Tensor) else rho
     coef = rho / (torch.sqrt(f2) + eps)  # [B·H]
     return (u * coef.view(B, 1, H, 1)).to(q.dtype)
+
+
+__all__ = [
+    "MAX_HEAD_DIM",
+    "MAX_SPLITS",
+    "MIN_TOKENS_PER_SPLIT",
+    "linear_infsa_pooled_triton",
+    "pure_infsa_triton",
+    "split_plan",
+]

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from ..backend import KERNEL_DTYPES, resolve_backend
+from ..backend import resolve_backend
+from ..validation import check_qkv, check_triton_dtype, expand_floating
 from .feature_maps import FEATURE_MAPS
 from .naive import chunk_tokens, linear_attention_naive
 from .state import LinearAttentionState, apply_state, state_of
@@ -58,8 +58,7 @@ def linear_attention(
         raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAPS} or None")
     chosen = resolve_backend(backend, q, k, v)
     if chosen == "triton":
-        if q.dtype == torch.float64:
-            raise ValueError("the Triton backend takes fp16, bf16 or fp32; use backend='torch' for fp64")
+        check_triton_dtype(q)
         from .triton import linear_attention_triton
 
         # φ is applied inside the kernels as q, k (and q_den, k_den) are loaded: no mapped copy is stored.
@@ -79,19 +78,9 @@ def _validated(q, k, v, q_den, k_den, k_weight, v_weight, normalize, eps, scale)
     scale = 1.0 if scale is None else float(scale)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, N, H, D], got shape {tuple(getattr(t, 'shape', ()))}")
-    if q.dtype not in KERNEL_DTYPES + (torch.float64,):
-        raise ValueError(f"unsupported dtype {q.dtype}; expected fp16, bf16, fp32 or fp64")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, N, H, Dk = q.shape
+    check_qkv(q, k, v, cross=True)
+    B, N, H = q.shape[:3]
     M = k.shape[1]
-    if k.shape != (B, M, H, Dk):
-        raise ValueError(f"k must be [B, M, H, Dk] = [{B}, M, {H}, {Dk}], got {tuple(k.shape)}")
-    if v.shape[:3] != (B, M, H):
-        raise ValueError(f"v must be [B, M, H, Dv] = [{B}, {M}, {H}, Dv], got {tuple(v.shape)}")
     if M == 0:
         raise ValueError("linear attention needs at least one key token")
     if (q_den is None) != (k_den is None):
@@ -105,16 +94,9 @@ def _validated(q, k, v, q_den, k_den, k_weight, v_weight, normalize, eps, scale)
             )
         if q_den.dtype != q.dtype or k_den.dtype != q.dtype:
             raise ValueError("q_den and k_den must have the dtype of q")
-    weights = []
-    for name, w in (("k_weight", k_weight), ("v_weight", v_weight)):
-        if w is not None:
-            if not isinstance(w, Tensor) or w.dim() > 3 or not w.is_floating_point():
-                raise ValueError(f"{name} must be a floating tensor that broadcasts to [B, M, H] = [{B}, {M}, {H}]")
-            try:
-                w = w.expand(B, M, H)
-            except RuntimeError:
-                raise ValueError(f"{name} of shape {tuple(w.shape)} does not broadcast to [B, M, H] = [{B}, {M}, {H}]") from None
-        weights.append(w)
+    target = f"[B, M, H] = [{B}, {M}, {H}]"
+    weights = [None if w is None else expand_floating(name, w, (B, M, H), target)
+               for name, w in (("k_weight", k_weight), ("v_weight", v_weight))]
     return q, k, v, q_den, k_den, weights[0], weights[1], scale
 
 

@@ -34,7 +34,9 @@ Backward, the same shape. Saved for backward: the inputs and the fp32 state (S, 
    ``dkd = wk dz / c``, ``dwk = k·dk̃ + kd·dz / c``, ``dwv = v·dṽ`` (weight gradients of shape
    ``[B, M, H]``; autograd reduces them to the shape of an expanded weight view).
 
-B·H is the first grid axis (limit 2³¹−1); splits (≤ 64), chunks and Dv tiles are small.
+B·H is the first grid axis (limit 2³¹−1); splits (≤ 64), chunks and Dv tiles are small. The kernels live in
+:mod:`.triton_forward` and :mod:`.triton_backward`; this module plans the launches and holds the
+``autograd.Function``.
 
 Feature maps (``feature_map`` ``"relu"`` / ``"elu+1"`` and ``feature_offset``) are fused: every kernel
 applies ``φ`` in fp32 to q, k, qd, kd as it loads them (padding re-masked to zero), and the backward
@@ -72,541 +74,35 @@ Block sizes are fixed heuristics (no autotune), so the interpreter needs no benc
 """
 from __future__ import annotations
 
-import functools
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
-MAX_HEAD_DIM = 256  # Dk and Dd limit: both are held whole in one program
-MAX_SPLITS = 64  # cap on the number of sequence splits of a reduction kernel
-PROGRAMS_PER_SM = 4  # reduction kernels aim at this many programs per SM in total
-TOKENS_PER_SPLIT_PER_DIM = 8  # a split covers at least 8·max(Dk, Dv) tokens (partials ≲ 25% of its K/V bytes)
-INTERPRETER_SM_COUNT = 4  # pretend SM count under TRITON_INTERPRET (CPU tensors)
+from ..triton_support import (
+    INTERPRETER_SM_COUNT,
+    MAX_HEAD_DIM,
+    MAX_SPLITS,
+    PROGRAMS_PER_SM,
+    TOKENS_PER_SPLIT_PER_DIM,
+    SplitPlan,
+    check_head_dims,
+    chunk_plan,
+    dot_precision,
+    plan_splits,
+    pow2_block,
+    sm_count,
+    strides,
+    sum_splits,
+    value_tile,
+)
+from .triton_backward import _la_key_bwd, _la_query_bwd
+from .triton_forward import _la_out_fwd, _la_state_fwd
+
 _MAX_ACC = 128 * 128  # largest fp32 [Dk, BLOCK_V] accumulator tile per program
 _NORM_CODES = {"none": 0, "div": 1, "sub": 2}
 _FEATURE_MAP_CODES = {None: 0, "relu": 1, "elu+1": 2}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _phi(x, FMAP: tl.constexpr, offset):
-    """Feature map on fp32 values: ``map(x) + offset`` with map 0 = identity, 1 = ReLU, 2 = ELU + 1."""
-    if FMAP == 1:
-        x = tl.maximum(x, 0.0)
-    elif FMAP == 2:
-        x = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
-    return x + offset
-
-
-@triton.jit
-def _dphi(x, FMAP: tl.constexpr):
-    """dφ/dx at the raw fp32 values x (the offset does not matter)."""
-    if FMAP == 1:
-        d = tl.where(x > 0, 1.0, 0.0)
-    elif FMAP == 2:
-        d = tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
-    else:
-        d = tl.full(x.shape, 1.0, tl.float32)
-    return d
-
-
-@triton.jit(do_not_specialize=["M", "blocks_per_split"])
-def _la_state_fwd(
-    k_ptr, v_ptr, kd_ptr, wk_ptr, wv_ptr,
-    s_part, z_part, vb_part,
-    M, H, BH, Dk, Dv, Dd, blocks_per_split, phi_offset,
-    s_kb, s_km, s_kh, s_kd,
-    s_vb, s_vm, s_vh, s_vd,
-    s_db, s_dm, s_dh, s_dd,
-    s_wkb, s_wkm, s_wkh,
-    s_wvb, s_wvm, s_wvh,
-    NORM: tl.constexpr, HAS_DEN: tl.constexpr, HAS_WK: tl.constexpr, HAS_WV: tl.constexpr,
-    PHI: tl.constexpr, FMAP: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Partial sums over one split of the keys: S tile [Dk, BLOCK_V], z [Dd], v̄ tile [BLOCK_V] (fp32)."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1)
-    pid_v = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    k_base = k_ptr + b * s_kb + h * s_kh
-    v_base = v_ptr + b * s_vb + h * s_vh
-    kd_base = kd_ptr + b * s_db + h * s_dh
-    wk_base = wk_ptr + b * s_wkb + h * s_wkh
-    wv_base = wv_ptr + b * s_wvb + h * s_wvh
-
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < Dk
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < Dd
-
-    acc = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
-    z_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    vb_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    num_blocks = tl.cdiv(M, BLOCK_T)
-    first = pid_s * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, num_blocks)
-    for blk in range(first, last):
-        offs_t = (blk * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask_t = offs_t < M
-        kk = tl.load(
-            k_base + offs_t[:, None] * s_km + offs_k[None, :] * s_kd,
-            mask=mask_t[:, None] & mask_k[None, :], other=0.0,
-        ).to(tl.float32)
-        if PHI:
-            kk = tl.where(mask_t[:, None] & mask_k[None, :], _phi(kk, FMAP, phi_offset), 0.0)
-        vv = tl.load(
-            v_base + offs_t[:, None] * s_vm + offs_v[None, :] * s_vd,
-            mask=mask_t[:, None] & mask_v[None, :], other=0.0,
-        ).to(tl.float32)
-        if HAS_WK:
-            wk = tl.load(wk_base + offs_t * s_wkm, mask=mask_t, other=0.0).to(tl.float32)
-            kk = kk * wk[:, None]
-        if HAS_WV:
-            wv = tl.load(wv_base + offs_t * s_wvm, mask=mask_t, other=0.0).to(tl.float32)
-            vv = vv * wv[:, None]
-        acc = tl.dot(tl.trans(kk), vv, acc, input_precision=PRECISION)
-        if NORM != 0:
-            if pid_v == 0:
-                if HAS_DEN:
-                    kd = tl.load(
-                        kd_base + offs_t[:, None] * s_dm + offs_d[None, :] * s_dd,
-                        mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-                    ).to(tl.float32)
-                    if PHI:
-                        kd = tl.where(mask_t[:, None] & mask_d[None, :], _phi(kd, FMAP, phi_offset), 0.0)
-                    if HAS_WK:
-                        kd = kd * wk[:, None]
-                    z_acc += tl.sum(kd, 0)
-                else:
-                    z_acc += tl.sum(kk, 0)  # BLOCK_D == BLOCK_K here
-        if NORM == 2:
-            vb_acc += tl.sum(vv, 0)
-
-    part = pid_s.to(tl.int64) * BH + pid_bh
-    tl.store(
-        s_part + part * Dk * Dv + offs_k[:, None] * Dv + offs_v[None, :], acc,
-        mask=mask_k[:, None] & mask_v[None, :],
-    )
-    if NORM != 0:
-        if pid_v == 0:
-            tl.store(z_part + part * Dd + offs_d, z_acc, mask=mask_d)
-    if NORM == 2:
-        tl.store(vb_part + part * Dv + offs_v, vb_acc, mask=mask_v)
-
-
-@triton.jit(do_not_specialize=["N", "blocks_per_chunk"])
-def _la_out_fwd(
-    q_ptr, qd_ptr, s_ptr, z_ptr, vb_ptr, o_ptr,
-    N, H, Dk, Dv, Dd, blocks_per_chunk, eps, scale, phi_offset,
-    s_qb, s_qn, s_qh, s_qd,
-    s_db, s_dn, s_dh, s_dd,
-    s_ob, s_on, s_oh, s_od,
-    NORM: tl.constexpr, HAS_DEN: tl.constexpr, PHI: tl.constexpr, FMAP: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """o[:, tile] for a contiguous chunk of query blocks: f(q S, qd·z, v̄) with an fp32 normaliser.
-
-    The state tile S[:, tile] (and z, v̄) is loaded once per program and kept while the program walks
-    its query blocks, so the state is not re-read per block."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1)
-    pid_v = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = q_ptr + b * s_qb + h * s_qh
-    qd_base = qd_ptr + b * s_db + h * s_dh
-    o_base = o_ptr + b * s_ob + h * s_oh
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < Dk
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < Dd
-
-    st = tl.load(
-        s_ptr + pid_bh * Dk * Dv + offs_k[:, None] * Dv + offs_v[None, :],
-        mask=mask_k[:, None] & mask_v[None, :], other=0.0,
-    )
-    if NORM != 0:
-        z = tl.load(z_ptr + pid_bh * Dd + offs_d, mask=mask_d, other=0.0)
-    if NORM == 2:
-        vb = tl.load(vb_ptr + pid_bh * Dv + offs_v, mask=mask_v, other=0.0)
-
-    num_blocks = tl.cdiv(N, BLOCK_T)
-    first = pid_c * blocks_per_chunk
-    last = tl.minimum(first + blocks_per_chunk, num_blocks)
-    for blk in range(first, last):
-        offs_t = (blk * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask_t = offs_t < N
-        q = tl.load(
-            q_base + offs_t[:, None] * s_qn + offs_k[None, :] * s_qd,
-            mask=mask_t[:, None] & mask_k[None, :], other=0.0,
-        ).to(tl.float32)
-        if PHI:
-            q = tl.where(mask_k[None, :], _phi(q, FMAP, phi_offset), 0.0)
-        num = tl.dot(q, st, input_precision=PRECISION)
-        if NORM != 0:
-            if HAS_DEN:
-                qd = tl.load(
-                    qd_base + offs_t[:, None] * s_dn + offs_d[None, :] * s_dd,
-                    mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-                ).to(tl.float32)
-                if PHI:
-                    qd = tl.where(mask_d[None, :], _phi(qd, FMAP, phi_offset), 0.0)
-            else:
-                qd = q
-            qz = tl.sum(qd * z[None, :], 1)
-        if NORM == 1:
-            out = num * (1.0 / (qz + eps))[:, None]
-        elif NORM == 2:
-            out = scale * num + (1.0 - scale * qz)[:, None] * vb[None, :]
-        else:
-            out = scale * num
-        tl.store(
-            o_base + offs_t[:, None] * s_on + offs_v[None, :] * s_od, out.to(o_ptr.dtype.element_ty),
-            mask=mask_t[:, None] & mask_v[None, :],
-        )
-
-
-@triton.jit
-def _row_tile(dq, t, do_w, s_base, vb_base, offs_k, mask_k, offs_w, mask_w, Dv,
-              NORM: tl.constexpr, NEED_DQ: tl.constexpr, PRECISION: tl.constexpr):
-    """One Dv tile of the row pass: dq += dO_w S_wᵀ (also needed for div's dO·qS); t += dO_w·v̄_w (sub)."""
-    if NEED_DQ or NORM == 1:
-        s_w = tl.load(s_base + offs_k[:, None] * Dv + offs_w[None, :], mask=mask_k[:, None] & mask_w[None, :], other=0.0)
-        dq = tl.dot(do_w, tl.trans(s_w), dq, input_precision=PRECISION)
-    if NORM == 2:
-        vb_w = tl.load(vb_base + offs_w, mask=mask_w, other=0.0)
-        t += tl.sum(do_w * vb_w[None, :], 1)
-    return dq, t
-
-
-@triton.jit(do_not_specialize=["N", "blocks_per_split"])
-def _la_query_bwd(
-    q_ptr, qd_ptr, do_ptr, s_ptr, z_ptr, vb_ptr,
-    dq_ptr, dqd_ptr, ds_part, dz_part, dvb_part,
-    N, H, BH, Dk, Dv, Dd, blocks_per_split, eps, scale, phi_offset,
-    s_qb, s_qn, s_qh, s_qd,
-    s_db, s_dn, s_dh, s_dd,
-    s_gb, s_gn, s_gh, s_gd,
-    s_dqb, s_dqn, s_dqh, s_dqd,
-    s_ddb, s_ddn, s_ddh, s_ddd,
-    NORM: tl.constexpr, HAS_DEN: tl.constexpr, ROW_PASS: tl.constexpr, NEED_DQ: tl.constexpr,
-    NEED_DQD: tl.constexpr, ROW_V: tl.constexpr, PHI: tl.constexpr, FMAP: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Query side of the backward over one split of the queries: dq, dqd per token; partial dS, dz, dv̄."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1)
-    pid_v = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = q_ptr + b * s_qb + h * s_qh
-    qd_base = qd_ptr + b * s_db + h * s_dh
-    do_base = do_ptr + b * s_gb + h * s_gh
-    dq_base = dq_ptr + b * s_dqb + h * s_dqh
-    dqd_base = dqd_ptr + b * s_ddb + h * s_ddh
-    s_base = s_ptr + pid_bh * Dk * Dv
-
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < Dk
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < Dd
-    if NORM != 0:
-        z = tl.load(z_ptr + pid_bh * Dd + offs_d, mask=mask_d, other=0.0)
-
-    ds_acc = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
-    dz_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dvb_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    num_blocks = tl.cdiv(N, BLOCK_T)
-    first = pid_s * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, num_blocks)
-    for blk in range(first, last):
-        offs_t = (blk * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask_t = offs_t < N
-        q = tl.load(
-            q_base + offs_t[:, None] * s_qn + offs_k[None, :] * s_qd,
-            mask=mask_t[:, None] & mask_k[None, :], other=0.0,
-        ).to(tl.float32)
-        if PHI:
-            q = tl.where(mask_t[:, None] & mask_k[None, :], _phi(q, FMAP, phi_offset), 0.0)
-        do = tl.load(
-            do_base + offs_t[:, None] * s_gn + offs_v[None, :] * s_gd,
-            mask=mask_t[:, None] & mask_v[None, :], other=0.0,
-        ).to(tl.float32)
-        if NORM != 0:
-            if HAS_DEN:
-                qd = tl.load(
-                    qd_base + offs_t[:, None] * s_dn + offs_d[None, :] * s_dd,
-                    mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-                ).to(tl.float32)
-                if PHI:
-                    qd = tl.where(mask_t[:, None] & mask_d[None, :], _phi(qd, FMAP, phi_offset), 0.0)
-            else:
-                qd = q
-            qz = tl.sum(qd * z[None, :], 1)
-        if NORM == 1:
-            inv = 1.0 / (qz + eps)
-            g = do * inv[:, None]
-        else:
-            g = do * scale
-            if NORM == 2:
-                dvb_acc += tl.sum((1.0 - scale * qz)[:, None] * do, 0)
-        ds_acc = tl.dot(tl.trans(q), g, ds_acc, input_precision=PRECISION)
-
-        if ROW_PASS:
-            # Whole-row quantities (over all of Dv): dq and dqz; done by the first Dv-tile program only.
-            if pid_v == 0:
-                dq = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)  # dO Sᵀ (unscaled)
-                t = tl.zeros((BLOCK_T,), dtype=tl.float32)
-                # dO is re-read in ROW_V-wide slices (cache hits) so that only a [Dk, ROW_V] slice of S is live.
-                for v0 in range(0, Dv, ROW_V):
-                    offs_w = v0 + tl.arange(0, ROW_V)
-                    mask_w = offs_w < Dv
-                    do_w = tl.load(
-                        do_base + offs_t[:, None] * s_gn + offs_w[None, :] * s_gd,
-                        mask=mask_t[:, None] & mask_w[None, :], other=0.0,
-                    ).to(tl.float32)
-                    dq, t = _row_tile(dq, t, do_w, s_base, vb_ptr + pid_bh * Dv, offs_k, mask_k, offs_w, mask_w,
-                                      Dv, NORM, NEED_DQ, PRECISION)
-                if NORM == 1:
-                    dqz = -tl.sum(dq * q, 1) * inv * inv  # dO·(q S) = (dO Sᵀ)·q
-                elif NORM == 2:
-                    dqz = -scale * t
-                if NEED_DQ:
-                    if NORM == 1:
-                        dq = dq * inv[:, None]
-                    else:
-                        dq = dq * scale
-                    if NORM != 0:
-                        if not HAS_DEN:
-                            dq += dqz[:, None] * z[None, :]
-                    if PHI:
-                        if FMAP != 0:  # chain rule through φ at the raw q (re-read: a cache hit)
-                            q_raw = tl.load(
-                                q_base + offs_t[:, None] * s_qn + offs_k[None, :] * s_qd,
-                                mask=mask_t[:, None] & mask_k[None, :], other=0.0,
-                            ).to(tl.float32)
-                            dq = dq * _dphi(q_raw, FMAP)
-                    tl.store(
-                        dq_base + offs_t[:, None] * s_dqn + offs_k[None, :] * s_dqd,
-                        dq.to(dq_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_k[None, :],
-                    )
-                if NEED_DQD:
-                    dqd = dqz[:, None] * z[None, :]
-                    if PHI:
-                        if FMAP != 0:
-                            qd_raw = tl.load(
-                                qd_base + offs_t[:, None] * s_dn + offs_d[None, :] * s_dd,
-                                mask=mask_t[:, None] & mask_d[None, :], other=0.0,
-                            ).to(tl.float32)
-                            dqd = dqd * _dphi(qd_raw, FMAP)
-                    tl.store(
-                        dqd_base + offs_t[:, None] * s_ddn + offs_d[None, :] * s_ddd,
-                        dqd.to(dqd_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :],
-                    )
-                if NORM != 0:
-                    dz_acc += tl.sum(dqz[:, None] * qd, 0)
-
-    part = pid_s.to(tl.int64) * BH + pid_bh
-    tl.store(
-        ds_part + part * Dk * Dv + offs_k[:, None] * Dv + offs_v[None, :], ds_acc,
-        mask=mask_k[:, None] & mask_v[None, :],
-    )
-    if NORM != 0:
-        if pid_v == 0:
-            tl.store(dz_part + part * Dd + offs_d, dz_acc, mask=mask_d)
-    if NORM == 2:
-        tl.store(dvb_part + part * Dv + offs_v, dvb_acc, mask=mask_v)
-
-
-@triton.jit
-def _key_tile(
-    dkt, dwv, kw, wv, ds, dvb, v_base, dv_base, offs_t, mask_t, offs_v, mask_v, s_vm, s_vd, s_gvm, s_gvd, dv_ptr,
-    NORM: tl.constexpr, HAS_WV: tl.constexpr, NEED_DKT: tl.constexpr, NEED_DV: tl.constexpr,
-    NEED_DWV: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One Dv tile of the key side: dk̃ += ṽ dSᵀ; dṽ = k̃ dS + dv̄ → dv, and dwv += v·dṽ."""
-    mask_tv = mask_t[:, None] & mask_v[None, :]
-    vv = tl.load(v_base + offs_t[:, None] * s_vm + offs_v[None, :] * s_vd, mask=mask_tv, other=0.0).to(tl.float32)
-    if NEED_DKT:
-        if HAS_WV:
-            dkt = tl.dot(vv * wv[:, None], tl.trans(ds), dkt, input_precision=PRECISION)
-        else:
-            dkt = tl.dot(vv, tl.trans(ds), dkt, input_precision=PRECISION)
-    if NEED_DV or NEED_DWV:
-        dvt = tl.dot(kw, ds, input_precision=PRECISION)
-        if NORM == 2:
-            dvt += dvb[None, :]
-        if NEED_DV:
-            if HAS_WV:
-                dv = dvt * wv[:, None]
-            else:
-                dv = dvt
-            tl.store(
-                dv_base + offs_t[:, None] * s_gvm + offs_v[None, :] * s_gvd, dv.to(dv_ptr.dtype.element_ty),
-                mask=mask_tv,
-            )
-        if NEED_DWV:
-            dwv += tl.sum(vv * dvt, 1)
-    return dkt, dwv
-
-
-@triton.jit(do_not_specialize=["M", "blocks_per_chunk"])
-def _la_key_bwd(
-    k_ptr, v_ptr, kd_ptr, wk_ptr, wv_ptr, ds_ptr, dz_ptr, dvb_ptr,
-    dk_ptr, dv_ptr, dkd_ptr, dwk_ptr, dwv_ptr,
-    M, H, Dk, Dv, Dd, blocks_per_chunk, phi_offset,
-    s_kb, s_km, s_kh, s_kd,
-    s_vb, s_vm, s_vh, s_vd,
-    s_db, s_dm, s_dh, s_dd,
-    s_wkb, s_wkm, s_wkh,
-    s_wvb, s_wvm, s_wvh,
-    s_gkb, s_gkm, s_gkh, s_gkd,
-    s_gvb, s_gvm, s_gvh, s_gvd,
-    s_gdb, s_gdm, s_gdh, s_gdd,
-    s_gwkb, s_gwkm, s_gwkh,
-    s_gwvb, s_gwvm, s_gwvh,
-    NORM: tl.constexpr, HAS_DEN: tl.constexpr, HAS_WK: tl.constexpr, HAS_WV: tl.constexpr,
-    NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, NEED_DKD: tl.constexpr, NEED_DWK: tl.constexpr,
-    NEED_DWV: tl.constexpr, NEED_DKT: tl.constexpr, V_TILES: tl.constexpr, PHI: tl.constexpr, FMAP: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Key side of the backward for a contiguous chunk of key blocks (dS, dz, dv̄ arrive divided by c).
-
-    With one Dv tile, dS (and dz, dv̄) is loaded once per program and kept across its key blocks."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    k_base = k_ptr + b * s_kb + h * s_kh
-    kd_base = kd_ptr + b * s_db + h * s_dh
-    wk_base = wk_ptr + b * s_wkb + h * s_wkh
-    wv_base = wv_ptr + b * s_wvb + h * s_wvh
-    v_base = v_ptr + b * s_vb + h * s_vh
-    dk_base = dk_ptr + b * s_gkb + h * s_gkh
-    dv_base = dv_ptr + b * s_gvb + h * s_gvh
-    dkd_base = dkd_ptr + b * s_gdb + h * s_gdh
-    dwk_base = dwk_ptr + b * s_gwkb + h * s_gwkh
-    dwv_base = dwv_ptr + b * s_gwvb + h * s_gwvh
-    ds_base = ds_ptr + pid_bh * Dk * Dv
-
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < Dk
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < Dd
-    offs_v = tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
-    dvb = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    if V_TILES == 1:
-        ds = tl.load(ds_base + offs_k[:, None] * Dv + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-        if NORM == 2:
-            dvb = tl.load(dvb_ptr + pid_bh * Dv + offs_v, mask=mask_v, other=0.0)
-    if NORM != 0:
-        dz = tl.load(dz_ptr + pid_bh * Dd + offs_d, mask=mask_d, other=0.0)
-
-    num_blocks = tl.cdiv(M, BLOCK_T)
-    first = pid_c * blocks_per_chunk
-    last = tl.minimum(first + blocks_per_chunk, num_blocks)
-    for blk in range(first, last):
-        offs_t = (blk * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask_t = offs_t < M
-        mask_tk = mask_t[:, None] & mask_k[None, :]
-        mask_td = mask_t[:, None] & mask_d[None, :]
-        k_raw = tl.load(k_base + offs_t[:, None] * s_km + offs_k[None, :] * s_kd, mask=mask_tk, other=0.0)
-        k = k_raw.to(tl.float32)
-        if PHI:
-            k = tl.where(mask_tk, _phi(k, FMAP, phi_offset), 0.0)
-        if HAS_WK:
-            wk = tl.load(wk_base + offs_t * s_wkm, mask=mask_t, other=0.0).to(tl.float32)
-            kw = k * wk[:, None]
-        else:
-            kw = k
-        if HAS_WV:
-            wv = tl.load(wv_base + offs_t * s_wvm, mask=mask_t, other=0.0).to(tl.float32)
-        else:
-            wv = tl.zeros((BLOCK_T,), dtype=tl.float32)  # unused
-        dkt = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)  # dk̃ = dS ṽ / c
-        dwv = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        if V_TILES == 1:
-            dkt, dwv = _key_tile(
-                dkt, dwv, kw, wv, ds, dvb, v_base, dv_base, offs_t, mask_t, offs_v, mask_v, s_vm, s_vd, s_gvm, s_gvd,
-                dv_ptr, NORM, HAS_WV, NEED_DKT, NEED_DV, NEED_DWV, PRECISION,
-            )
-        else:
-            for v0 in range(0, Dv, BLOCK_V):
-                offs_w = v0 + tl.arange(0, BLOCK_V)
-                mask_w = offs_w < Dv
-                ds_w = tl.load(
-                    ds_base + offs_k[:, None] * Dv + offs_w[None, :], mask=mask_k[:, None] & mask_w[None, :], other=0.0
-                )
-                if NORM == 2:
-                    dvb = tl.load(dvb_ptr + pid_bh * Dv + offs_w, mask=mask_w, other=0.0)
-                dkt, dwv = _key_tile(
-                    dkt, dwv, kw, wv, ds_w, dvb, v_base, dv_base, offs_t, mask_t, offs_w, mask_w, s_vm, s_vd, s_gvm,
-                    s_gvd, dv_ptr, NORM, HAS_WV, NEED_DKT, NEED_DV, NEED_DWV, PRECISION,
-                )
-
-        if NEED_DK:
-            dk = dkt
-            if NORM != 0:
-                if not HAS_DEN:
-                    dk += dz[None, :]  # BLOCK_D == BLOCK_K here
-            if HAS_WK:
-                dk = dk * wk[:, None]
-            if PHI:
-                if FMAP != 0:
-                    dk = dk * _dphi(k_raw.to(tl.float32), FMAP)
-            tl.store(
-                dk_base + offs_t[:, None] * s_gkm + offs_k[None, :] * s_gkd, dk.to(dk_ptr.dtype.element_ty),
-                mask=mask_tk,
-            )
-        if NEED_DKD:
-            dkd = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32) + dz[None, :]
-            if HAS_WK:
-                dkd = dkd * wk[:, None]
-            if PHI:
-                if FMAP != 0:
-                    kd_raw = tl.load(
-                        kd_base + offs_t[:, None] * s_dm + offs_d[None, :] * s_dd, mask=mask_td, other=0.0
-                    ).to(tl.float32)
-                    dkd = dkd * _dphi(kd_raw, FMAP)
-            tl.store(
-                dkd_base + offs_t[:, None] * s_gdm + offs_d[None, :] * s_gdd, dkd.to(dkd_ptr.dtype.element_ty),
-                mask=mask_td,
-            )
-        if NEED_DWK:
-            dwk = tl.sum(k * dkt, 1)
-            if NORM != 0:
-                if HAS_DEN:
-                    kd = tl.load(
-                        kd_base + offs_t[:, None] * s_dm + offs_d[None, :] * s_dd, mask=mask_td, other=0.0
-                    ).to(tl.float32)
-                    if PHI:
-                        kd = tl.where(mask_td, _phi(kd, FMAP, phi_offset), 0.0)
-                else:
-                    kd = k
-                dwk += tl.sum(kd * dz[None, :], 1)
-            tl.store(dwk_base + offs_t * s_gwkm, dwk.to(dwk_ptr.dtype.element_ty), mask=mask_t)
-        if NEED_DWV:
-            tl.store(dwv_base + offs_t * s_gwvm, dwv.to(dwv_ptr.dtype.element_ty), mask=mask_t)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -627,14 +123,6 @@ class TileConfig(NamedTuple):
     row_v: int  # Dv slice of the query-side row pass (dq = dO Sᵀ): only a [Dk, row_v] slice of S is live
 
 
-class SplitPlan(NamedTuple):
-    """A sequence cut into ``splits`` contiguous ranges of ``blocks_per_split`` token blocks."""
-
-    blocks: int
-    splits: int
-    blocks_per_split: int
-
-
 def tile_config(dk: int, dv: int, dd: int) -> TileConfig:
     """Fixed block-size heuristics (no autotune). ``tl.dot`` needs every dimension ≥ 16.
 
@@ -643,11 +131,10 @@ def tile_config(dk: int, dv: int, dd: int) -> TileConfig:
     grows to keep the fp32 tiles in registers (checked with ``ptxas -v`` for sm_90a, bf16 inputs: no
     spilling for D ≤ 128; some spilling at D = 256, which is supported but not tuned).
     """
-    if dk > MAX_HEAD_DIM or dd > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton backend supports Dk and Dd up to {MAX_HEAD_DIM}, got Dk={dk}, Dd={dd}")
-    block_k = max(16, triton.next_power_of_2(dk))
-    block_d = max(16, triton.next_power_of_2(dd))
-    block_v = min(max(16, triton.next_power_of_2(dv)), max(16, _MAX_ACC // block_k))
+    check_head_dims("Dk and Dd", Dk=dk, Dd=dd)
+    block_k = pow2_block(dk)
+    block_d = pow2_block(dd)
+    block_v = value_tile(block_k, dv, _MAX_ACC)
     widest = max(block_k, block_v, block_d)
     if widest <= 32:
         block_t, num_warps = 64, 4 if widest <= 16 else 8
@@ -661,40 +148,10 @@ def tile_config(dk: int, dv: int, dd: int) -> TileConfig:
     )
 
 
-def _plan(blocks: int, splits: int) -> SplitPlan:
-    splits = max(1, min(splits, blocks))
-    per = max(1, triton.cdiv(blocks, splits))
-    return SplitPlan(blocks, max(1, triton.cdiv(blocks, per)), per)  # re-balanced: no split is empty
-
-
 def split_plan(seq_len: int, block_t: int, batch_heads: int, v_tiles: int, head_dim: int, sm_count: int) -> SplitPlan:
-    """Sequence splits of a reduction kernel (fp32 partials per split); bounded by ``MAX_SPLITS`` for any N.
-
-    ``min(programs wanted / (B·H·tiles), seq_len / (8·head_dim), MAX_SPLITS, token blocks)``, at least one.
-    Once ``seq_len`` is large enough the result no longer depends on it.
-    """
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, max(1, batch_heads * v_tiles))
-    by_tokens = seq_len // (TOKENS_PER_SPLIT_PER_DIM * max(1, head_dim))
-    return _plan(triton.cdiv(seq_len, block_t), min(wanted, by_tokens, MAX_SPLITS))
-
-
-def chunk_plan(seq_len: int, block_t: int, batch_heads: int, v_tiles: int, sm_count: int) -> SplitPlan:
-    """Chunks of a per-token kernel (output, key-side backward): each program loads the state once and
-    walks a contiguous chunk of blocks; ``PROGRAMS_PER_SM`` programs per SM in total, no partials."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, max(1, batch_heads * v_tiles))
-    return _plan(triton.cdiv(seq_len, block_t), wanted)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; ``INTERPRETER_SM_COUNT`` for CPU tensors (interpreter)."""
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return INTERPRETER_SM_COUNT
+    """Sequence splits of a reduction kernel (:func:`..triton_support.plan_splits`), each covering at least
+    ``TOKENS_PER_SPLIT_PER_DIM · head_dim`` tokens; bounded by ``MAX_SPLITS`` for any N."""
+    return plan_splits(seq_len, block_t, batch_heads, v_tiles, sm_count, TOKENS_PER_SPLIT_PER_DIM * max(1, head_dim))
 
 
 def partial_buffer_shapes(
@@ -724,13 +181,9 @@ def _partials(seq_len, B, H, Dk, Dv, Dd, normalize, device) -> Tuple[Tensor, Ten
     return state, bufs.get("z", state), bufs.get("v_bar", state), max(1, blocks_per_split)
 
 
-def _strides(t: Optional[Tensor], n: int) -> Tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0,) * n
-
-
 def _reduce(part: Tensor, count: int) -> Tensor:
     """Deterministic sum over the split axis, divided by ``c``."""
-    out = part[0] if part.shape[0] == 1 else part.sum(0)
+    out = sum_splits(part)
     return out.div_(count) if count != 1 else out
 
 
@@ -753,7 +206,7 @@ class _LinearAttention(torch.autograd.Function):
         norm = _NORM_CODES[normalize]
         count = M if mean else 1
         cfg = tile_config(Dk, Dv, Dd)
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        precision = dot_precision(q.dtype)
         BH = B * H
         dev = q.device
         kd = k_den if has_den else k
@@ -767,7 +220,7 @@ class _LinearAttention(torch.autograd.Function):
                 k, v, kd, k_weight if k_weight is not None else k, v_weight if v_weight is not None else v,
                 s_part, z_part, vb_part,
                 M, H, BH, Dk, Dv, Dd, per_split, offset,
-                *k.stride(), *v.stride(), *kd.stride(), *_strides(k_weight, 3), *_strides(v_weight, 3),
+                *k.stride(), *v.stride(), *kd.stride(), *strides(k_weight, 3), *strides(v_weight, 3),
                 NORM=norm, HAS_DEN=has_den, HAS_WK=k_weight is not None, HAS_WV=v_weight is not None,
                 PRECISION=precision, **phi, **_blocks(cfg),
             )
@@ -826,7 +279,7 @@ class _LinearAttention(torch.autograd.Function):
             q, qd, grad_out, state, z, v_bar,
             dq if dq is not None else state, dqd if dqd is not None else state, ds_part, dz_part, dvb_part,
             N, H, BH, Dk, Dv, Dd, per_split, eps, scale, offset,
-            *q.stride(), *qd.stride(), *grad_out.stride(), *_strides(dq, 4), *_strides(dqd, 4),
+            *q.stride(), *qd.stride(), *grad_out.stride(), *strides(dq, 4), *strides(dqd, 4),
             NORM=norm, HAS_DEN=has_den, ROW_PASS=need_dq or need_dqd or norm != 0,
             NEED_DQ=need_dq, NEED_DQD=need_dqd, ROW_V=cfg.row_v, PRECISION=precision, **phi, **_blocks(cfg),
         )
@@ -851,8 +304,8 @@ class _LinearAttention(torch.autograd.Function):
                 dkd if dkd is not None else d_state, dwk if dwk is not None else d_state,
                 dwv if dwv is not None else d_state,
                 M, H, Dk, Dv, Dd, chunks.blocks_per_split, offset,
-                *k.stride(), *v.stride(), *kd.stride(), *_strides(k_weight, 3), *_strides(v_weight, 3),
-                *_strides(dk, 4), *_strides(dv, 4), *_strides(dkd, 4), *_strides(dwk, 3), *_strides(dwv, 3),
+                *k.stride(), *v.stride(), *kd.stride(), *strides(k_weight, 3), *strides(v_weight, 3),
+                *strides(dk, 4), *strides(dv, 4), *strides(dkd, 4), *strides(dwk, 3), *strides(dwv, 3),
                 NORM=norm, HAS_DEN=has_den, HAS_WK=k_weight is not None, HAS_WV=v_weight is not None,
                 NEED_DK=need_dk, NEED_DV=need_dv, NEED_DKD=need_dkd, NEED_DWK=need_dwk, NEED_DWV=need_dwv,
                 NEED_DKT=need_dk or need_dwk, V_TILES=cfg.v_tiles, PRECISION=precision, **phi, **_blocks(cfg),
@@ -898,5 +351,5 @@ def linear_attention_triton(
 
 __all__ = [
     "linear_attention_triton", "tile_config", "split_plan", "chunk_plan", "partial_buffer_shapes", "sm_count",
-    "MAX_HEAD_DIM", "MAX_SPLITS",
+    "INTERPRETER_SM_COUNT", "MAX_HEAD_DIM", "MAX_SPLITS", "PROGRAMS_PER_SM",
 ]

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
-from ..backend import KERNEL_DTYPES, resolve_backend
+from ..backend import resolve_backend
+from ..validation import check_qkv, check_triton_dtype
 from .chunked import gating_matrix_2d as _gating_matrix_2d
 from .chunked import plstm2d_chunked, plstm2d_full_g
 from .naive import (
@@ -95,8 +95,7 @@ def plstm2d(
     if chosen == "triton":
         if method != "chunked":
             raise ValueError(f"backend='triton' implements method='chunked' only, got method={method!r}")
-        if q.dtype == torch.float64:
-            raise ValueError("the Triton backend takes fp16, bf16 or fp32; use backend='torch' for fp64")
+        check_triton_dtype(q)
         from .triton import plstm2d_triton
 
         out = plstm2d_triton(q, k, v, *gates, d, hw, scale, chunk_size)
@@ -192,17 +191,7 @@ def _scale(scale, q):
 
 
 def _check_qkv(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, N, H, D], got shape {tuple(getattr(t, 'shape', ()))}")
-    if q.dtype not in KERNEL_DTYPES + (torch.float64,):
-        raise ValueError(f"unsupported dtype {q.dtype}; expected fp16, bf16, fp32 or fp64")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, N, H, Dv] = [{q.shape[0]}, {q.shape[1]}, {q.shape[2]}, Dv], got {tuple(v.shape)}")
+    check_qkv(q, k, v)
     if q.shape[1] == 0 or q.shape[-1] == 0 or v.shape[-1] == 0:
         raise ValueError("empty token or head dimension")
 

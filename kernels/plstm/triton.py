@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_device import block_range, load_tile
+from ..triton_support import dot_precision, pow2_block
 from .chunked import chunk_scan, frame_cell_matrices, from_frames, to_frames
 from .naive import direct_term
 
@@ -63,9 +65,9 @@ def _mm(a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _chunk_tokens(cx, cy, X, Y, flip_x, flip_y, C: tl.constexpr):
-    """Token index (raster order of the original grid) of a chunk's nodes, and their validity mask."""
-    offs_n = tl.arange(0, C * C)
+def _node_tokens(offs_n, cx, cy, X, Y, flip_x, flip_y, C: tl.constexpr):
+    """Token index (raster order of the original grid) of the local nodes ``offs_n`` of chunk ``(cx, cy)`` in a
+    flipped frame, and their validity mask."""
     xf = cx * C + offs_n // C
     yf = cy * C + offs_n % C
     valid = (xf < X) & (yf < Y)
@@ -73,6 +75,48 @@ def _chunk_tokens(cx, cy, X, Y, flip_x, flip_y, C: tl.constexpr):
     yo = tl.where(flip_y, Y - 1 - yf, yf)
     tok = tl.where(valid, xo.to(tl.int64) * Y + yo, 0)
     return tok, valid
+
+
+@triton.jit
+def _chunk_tokens(cx, cy, X, Y, flip_x, flip_y, C: tl.constexpr):
+    """Token index and validity of all ``C²`` nodes of a chunk."""
+    return _node_tokens(tl.arange(0, C * C), cx, cy, X, Y, flip_x, flip_y, C)
+
+
+@triton.jit
+def _frame(frame, O, H):
+    """Batch, head and orientation of a frame ``(b·H + h)·O + o``, and the orientation's flips."""
+    o = frame % O
+    bh = frame // O
+    h = bh % H
+    b = bh // H
+    return b, h, o, (o == 1) | (o == 3), (o == 2) | (o == 3)
+
+
+@triton.jit
+def _chunk_of(pid, NX, NY, O, H):
+    """Decode a flat ``(frame, chunk)`` program id: frame, chunk, its grid position and the frame's b, h, o, flips."""
+    chunk = pid % (NX * NY)
+    frame = pid // (NX * NY)
+    b, h, o, flip_x, flip_y = _frame(frame, O, H)
+    return frame, chunk, chunk // NY, chunk % NY, b, h, o, flip_x, flip_y
+
+
+@triton.jit
+def _border_slots(cx, cy, NY, Dk, C: tl.constexpr, Dv):
+    """Offsets of the double-buffered border scratch for chunk ``(cx, cy)``: the right-border row slot to read (written
+    by the previous chunk row in scan order) and to write, and the same for the bottom-border slot."""
+    rd = ((cx + 1) % 2) * NY * Dk * C * Dv + cy * Dk * C * Dv
+    wr = (cx % 2) * NY * Dk * C * Dv + cy * Dk * C * Dv
+    ud = ((cy + 1) % 2) * Dk * C * Dv
+    uw = (cy % 2) * Dk * C * Dv
+    return rd, wr, ud, uw
+
+
+@triton.jit
+def _accumulate(ptrs, mask, value):
+    """``*ptrs += value`` where ``mask`` (the buffer belongs to this program)."""
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit(do_not_specialize=["X", "Y", "NX", "NY"])
@@ -92,18 +136,12 @@ def _plstm_scan_fwd(
     (for the backward)."""
     pid = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1)
-    o = pid % O
-    bh = pid // O
-    h = bh % H
-    b = bh // H
-    flip_x = (o == 1) | (o == 3)
-    flip_y = (o == 2) | (o == 3)
+    b, h, o, flip_x, flip_y = _frame(pid, O, H)
     C2: tl.constexpr = C * C
 
     offs_a = tl.arange(0, C)
     offs_n = tl.arange(0, C2)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
+    offs_v, mask_v = block_range(pid_v * BLOCK_V, Dv, BLOCK_V)
     tile = offs_a[:, None] * Dv + offs_v[None, :]  # [C, BLOCK_V] inside one (d) state slice
     tile_mask = (offs_a[:, None] < C) & mask_v[None, :]
     q_base = q_ptr + b * s_qb + h * s_qh
@@ -116,9 +154,7 @@ def _plstm_scan_fwd(
     for cx in range(NX):
         for cy in range(NY):
             tok, valid = _chunk_tokens(cx, cy, X, Y, flip_x, flip_y, C)
-            vv = tl.load(
-                v_base + tok[:, None] * s_vn + offs_v[None, :] * s_vd, mask=valid[:, None] & mask_v[None, :], other=0.0
-            ).to(tl.float32)
+            vv = load_tile(v_base, tok, valid, s_vn, offs_v, mask_v, s_vd).to(tl.float32)
             chunk = (pid * NX + cx) * NY + cy
             sq = chunk * C * C + offs_a[:, None] * C + offs_a[None, :]  # [C, C]
             trl = tl.load(trl_ptr + sq)
@@ -132,10 +168,7 @@ def _plstm_scan_fwd(
             ml = tl.load(ml_ptr + m_off)
             mu = tl.load(mu_ptr + m_off)
             acc = tl.zeros((C2, BLOCK_V), dtype=tl.float32)
-            rd = ((cx + 1) % 2) * NY * Dk * C * Dv + cy * Dk * C * Dv  # slot written by chunk row cx - 1
-            wr = (cx % 2) * NY * Dk * C * Dv + cy * Dk * C * Dv
-            ud = ((cy + 1) % 2) * Dk * C * Dv  # slot written by chunk cy - 1 of this row
-            uw = (cy % 2) * Dk * C * Dv
+            rd, wr, ud, uw = _border_slots(cx, cy, NY, Dk, C, Dv)  # read: written by chunks (cx - 1, cy), (cx, cy - 1)
             for d in range(Dk):
                 qd = tl.load(q_base + tok * s_qn + d * s_qd, mask=valid, other=0.0).to(tl.float32)
                 kd = tl.load(k_base + tok * s_kn + d * s_kd, mask=valid, other=0.0).to(tl.float32)
@@ -172,49 +205,28 @@ def _plstm_intra_fwd(
     pid_r = tl.program_id(1)
     pid_v = tl.program_id(2)
     C2: tl.constexpr = C * C
-    chunk = pid % (NX * NY)
-    frame = pid // (NX * NY)
-    cx = chunk // NY
-    cy = chunk % NY
-    o = frame % O
-    bh = frame // O
-    h = bh % H
-    b = bh // H
-    flip_x = (o == 1) | (o == 3)
-    flip_y = (o == 2) | (o == 3)
+    frame, chunk, cx, cy, b, h, o, flip_x, flip_y = _chunk_of(pid, NX, NY, O, H)
 
     tok, valid = _chunk_tokens(cx, cy, X, Y, flip_x, flip_y, C)  # all C² source nodes
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # target rows (local node index)
-    xr = cx * C + offs_r // C
-    yr = cy * C + offs_r % C
-    valid_r = (xr < X) & (yr < Y)
-    tok_r = tl.where(valid_r, tl.where(flip_x, X - 1 - xr, xr).to(tl.int64) * Y + tl.where(flip_y, Y - 1 - yr, yr), 0)
+    tok_r, valid_r = _node_tokens(offs_r, cx, cy, X, Y, flip_x, flip_y, C)
     offs_n = tl.arange(0, C2)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
+    offs_v, mask_v = block_range(pid_v * BLOCK_V, Dv, BLOCK_V)
     q_base = q_ptr + b * s_qb + h * s_qh
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
 
     s = tl.zeros((BLOCK_R, C2), dtype=tl.float32)
     for k0 in range(0, Dk, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < Dk
-        qq = tl.load(
-            q_base + tok_r[:, None] * s_qn + offs_k[None, :] * s_qd, mask=valid_r[:, None] & mask_k[None, :], other=0.0
-        ).to(tl.float32)
-        kk = tl.load(
-            k_base + tok[:, None] * s_kn + offs_k[None, :] * s_kd, mask=valid[:, None] & mask_k[None, :], other=0.0
-        ).to(tl.float32)
+        offs_k, mask_k = block_range(k0, Dk, BLOCK_K)
+        qq = load_tile(q_base, tok_r, valid_r, s_qn, offs_k, mask_k, s_qd).to(tl.float32)
+        kk = load_tile(k_base, tok, valid, s_kn, offs_k, mask_k, s_kd).to(tl.float32)
         s += _mm(qq, tl.trans(kk), DOT, PRECISION)
     gg = tl.load(g_ptr + (frame * NX * NY + chunk) * C2 * C2 + offs_r[:, None] * C2 + offs_n[None, :])
-    vv = tl.load(
-        v_base + tok[:, None] * s_vn + offs_v[None, :] * s_vd, mask=valid[:, None] & mask_v[None, :], other=0.0
-    ).to(tl.float32)
+    vv = load_tile(v_base, tok, valid, s_vn, offs_v, mask_v, s_vd).to(tl.float32)
     res = _mm(gg * s, vv, DOT, PRECISION) * scale
     out_ptrs = out_ptr + (o * B + b) * X * Y * H * Dv + h * Dv + tok_r[:, None] * H * Dv + offs_v[None, :]
-    omask = valid_r[:, None] & mask_v[None, :]
-    tl.store(out_ptrs, tl.load(out_ptrs, mask=omask, other=0.0) + res, mask=omask)
+    _accumulate(out_ptrs, valid_r[:, None] & mask_v[None, :], res)
 
 
 @triton.jit(do_not_specialize=["X", "Y", "NX", "NY"])
@@ -237,18 +249,12 @@ def _plstm_scan_bwd(
     borders (``dtrl = Σ_d dR Lᵀ`` …). dq, dk, dv go to per-orientation fp32 buffers ``[O, B, N, H, D]``.
     """
     pid = tl.program_id(0).to(tl.int64)
-    o = pid % O
-    bh = pid // O
-    h = bh % H
-    b = bh // H
-    flip_x = (o == 1) | (o == 3)
-    flip_y = (o == 2) | (o == 3)
+    b, h, o, flip_x, flip_y = _frame(pid, O, H)
     C2: tl.constexpr = C * C
 
     offs_a = tl.arange(0, C)
     offs_n = tl.arange(0, C2)
-    offs_v = tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
+    offs_v, mask_v = block_range(0, Dv, BLOCK_V)
     tile = offs_a[:, None] * Dv + offs_v[None, :]
     tile_mask = (offs_a[:, None] < C) & mask_v[None, :]
     q_base = q_ptr + b * s_qb + h * s_qh
@@ -265,7 +271,7 @@ def _plstm_scan_bwd(
             cy = NY - 1 - ry
             tok, valid = _chunk_tokens(cx, cy, X, Y, flip_x, flip_y, C)
             vmask = valid[:, None] & mask_v[None, :]
-            vv = tl.load(v_base + tok[:, None] * s_vn + offs_v[None, :] * s_vd, mask=vmask, other=0.0).to(tl.float32)
+            vv = load_tile(v_base, tok, valid, s_vn, offs_v, mask_v, s_vd).to(tl.float32)
             dout = tl.load(do_base + tok[:, None] * H * Dv + offs_v[None, :], mask=vmask, other=0.0) * scale
             chunk = (pid * NX + cx) * NY + cy
             sq = chunk * C * C + offs_a[:, None] * C + offs_a[None, :]
@@ -293,10 +299,7 @@ def _plstm_scan_bwd(
             g_ml = tl.zeros((C2, C), dtype=tl.float32)
             g_mu = tl.zeros((C2, C), dtype=tl.float32)
             dv_acc = tl.zeros((C2, BLOCK_V), dtype=tl.float32)
-            rd = ((cx + 1) % 2) * NY * Dk * C * Dv + cy * Dk * C * Dv  # written by chunk (cx + 1, cy)
-            wr = (cx % 2) * NY * Dk * C * Dv + cy * Dk * C * Dv
-            ud = ((cy + 1) % 2) * Dk * C * Dv  # written by chunk (cx, cy + 1)
-            uw = (cy % 2) * Dk * C * Dv
+            rd, wr, ud, uw = _border_slots(cx, cy, NY, Dk, C, Dv)  # read: written by chunks (cx + 1, cy), (cx, cy + 1)
             for d in range(Dk):
                 qd = tl.load(q_base + tok * s_qn + d * s_qd, mask=valid, other=0.0).to(tl.float32)
                 kd = tl.load(k_base + tok * s_kn + d * s_kd, mask=valid, other=0.0).to(tl.float32)
@@ -357,23 +360,12 @@ def _plstm_intra_bwd(
     buffers written by :func:`_plstm_scan_bwd`."""
     pid = tl.program_id(0).to(tl.int64)
     C2: tl.constexpr = C * C
-    chunk = pid % (NX * NY)
-    frame = pid // (NX * NY)
-    cx = chunk // NY
-    cy = chunk % NY
-    o = frame % O
-    bh = frame // O
-    h = bh % H
-    b = bh // H
-    flip_x = (o == 1) | (o == 3)
-    flip_y = (o == 2) | (o == 3)
+    frame, chunk, cx, cy, b, h, o, flip_x, flip_y = _chunk_of(pid, NX, NY, O, H)
 
     tok, valid = _chunk_tokens(cx, cy, X, Y, flip_x, flip_y, C)
     offs_n = tl.arange(0, C2)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < Dk
-    offs_v = tl.arange(0, BLOCK_V)
-    mask_v = offs_v < Dv
+    offs_k, mask_k = block_range(0, Dk, BLOCK_K)
+    offs_v, mask_v = block_range(0, Dv, BLOCK_V)
     q_base = q_ptr + b * s_qb + h * s_qh
     k_base = k_ptr + b * s_kb + h * s_kh
     v_base = v_ptr + b * s_vb + h * s_vh
@@ -381,23 +373,16 @@ def _plstm_intra_bwd(
     grad_base = (o * B + b) * X * Y * H + h
     kmask = valid[:, None] & mask_k[None, :]
     vmask = valid[:, None] & mask_v[None, :]
-    kk = tl.load(k_base + tok[:, None] * s_kn + offs_k[None, :] * s_kd, mask=kmask, other=0.0).to(tl.float32)
-    vv = tl.load(v_base + tok[:, None] * s_vn + offs_v[None, :] * s_vd, mask=vmask, other=0.0).to(tl.float32)
+    kk = load_tile(k_base, tok, valid, s_kn, offs_k, mask_k, s_kd).to(tl.float32)
+    vv = load_tile(v_base, tok, valid, s_vn, offs_v, mask_v, s_vd).to(tl.float32)
     dk_acc = tl.zeros((C2, BLOCK_K), dtype=tl.float32)
     dv_acc = tl.zeros((C2, BLOCK_V), dtype=tl.float32)
     g_base = g_ptr + (frame * NX * NY + chunk) * C2 * C2
     dg_base = dg_ptr + (frame * NX * NY + chunk) * C2 * C2
     for r0 in range(0, C2, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        xr = cx * C + offs_r // C
-        yr = cy * C + offs_r % C
-        valid_r = (xr < X) & (yr < Y)
-        tok_r = tl.where(
-            valid_r, tl.where(flip_x, X - 1 - xr, xr).to(tl.int64) * Y + tl.where(flip_y, Y - 1 - yr, yr), 0
-        )
-        qq = tl.load(
-            q_base + tok_r[:, None] * s_qn + offs_k[None, :] * s_qd, mask=valid_r[:, None] & mask_k[None, :], other=0.0
-        ).to(tl.float32)
+        tok_r, valid_r = _node_tokens(offs_r, cx, cy, X, Y, flip_x, flip_y, C)
+        qq = load_tile(q_base, tok_r, valid_r, s_qn, offs_k, mask_k, s_qd).to(tl.float32)
         dout = tl.load(
             do_base + tok_r[:, None] * H * Dv + offs_v[None, :], mask=valid_r[:, None] & mask_v[None, :], other=0.0
         ) * scale
@@ -407,23 +392,16 @@ def _plstm_intra_bwd(
         tl.store(dg_base + offs_r[:, None] * C2 + offs_n[None, :], a * s)
         ag = a * gg
         dq_ptrs = dq_ptr + (grad_base + tok_r[:, None] * H) * Dk + offs_k[None, :]
-        qmask = valid_r[:, None] & mask_k[None, :]
-        tl.store(dq_ptrs, tl.load(dq_ptrs, mask=qmask, other=0.0) + _mm(ag, kk, DOT, PRECISION), mask=qmask)
+        _accumulate(dq_ptrs, valid_r[:, None] & mask_k[None, :], _mm(ag, kk, DOT, PRECISION))
         dk_acc += _mm(tl.trans(ag), qq, DOT, PRECISION)
         dv_acc += _mm(tl.trans(gg * s), dout, DOT, PRECISION)
-    dk_ptrs = dk_ptr + (grad_base + tok[:, None] * H) * Dk + offs_k[None, :]
-    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kmask, other=0.0) + dk_acc, mask=kmask)
-    dv_ptrs = dv_ptr + (grad_base + tok[:, None] * H) * Dv + offs_v[None, :]
-    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=vmask, other=0.0) + dv_acc, mask=vmask)
+    _accumulate(dk_ptr + (grad_base + tok[:, None] * H) * Dk + offs_k[None, :], kmask, dk_acc)
+    _accumulate(dv_ptr + (grad_base + tok[:, None] * H) * Dv + offs_v[None, :], vmask, dv_acc)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # launch and autograd
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 MAX_BWD_DIM = 128  # the Triton backward holds all of Dk and Dv in one program; beyond, it recomputes in PyTorch
@@ -434,13 +412,13 @@ class _Plan:
 
     def __init__(self, q: Tensor, v: Tensor, C: int, full_v: bool = False):
         Dk, Dv = q.shape[-1], v.shape[-1]
-        self.BLOCK_V = max(2, _next_pow2(Dv)) if full_v else min(64, max(2, _next_pow2(Dv)))
-        self.BLOCK_K = min(64, max(2, _next_pow2(Dk))) if not full_v else max(2, _next_pow2(Dk))
+        self.BLOCK_V = pow2_block(Dv, 2) if full_v else min(64, pow2_block(Dv, 2))
+        self.BLOCK_K = min(64, pow2_block(Dk, 2)) if not full_v else pow2_block(Dk, 2)
         C2 = C * C
         self.BLOCK_R = min(C2, 64 if not full_v else 32)
         self.dot = C >= 16 and self.BLOCK_V >= 16  # scan: [C, C], [C, C²], [C², C] by [·, BLOCK_V]
         self.dot_intra = min(self.BLOCK_R, self.BLOCK_K, C2, self.BLOCK_V) >= 16
-        self.precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.precision = dot_precision(q.dtype)
         self.n_v = triton.cdiv(Dv, self.BLOCK_V)
 
 

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..backend import KERNEL_DTYPES, resolve_backend
+from ..backend import resolve_backend
+from ..validation import check_4d, check_qkv, check_triton_dtype
 from .naive import window_attention_blocked, window_attention_dense, window_mask
 
 
@@ -60,8 +61,7 @@ def window_attention(
     if chosen == "triton" and backend == "auto" and q.dtype == torch.float64:
         chosen = "torch"  # the kernels take fp16/bf16/fp32; auto falls back to the reference for fp64
     if chosen == "triton":
-        if q.dtype == torch.float64:
-            raise ValueError("the Triton backend takes fp16, bf16 or fp32; use backend='torch' for fp64")
+        check_triton_dtype(q)
         from .triton import window_attention_triton
 
         return window_attention_triton(q, k, v, hw, radius, T, pooled_k, pooled_v, scale)
@@ -85,8 +85,7 @@ def pool_tokens(
     factor = int(factor)
     if h % factor or w % factor:
         raise ValueError(f"the pooling factor {factor} must divide the grid hw={h}x{w}")
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor [B, N, H, D], got shape {tuple(getattr(x, 'shape', ()))}")
+    check_4d(x=x)
     T = _check_prefix(num_prefix_tokens)
     B, N, H, D = x.shape
     if N != T + h * w:
@@ -155,18 +154,8 @@ def _validated(q, k, v, hw, radius, num_prefix_tokens, pooled_k, pooled_v, scale
     h, w = _check_hw(hw)
     radius = _check_radius(radius)
     T = _check_prefix(num_prefix_tokens)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, N, H, D], got shape {tuple(getattr(t, 'shape', ()))}")
-    if q.dtype not in KERNEL_DTYPES + (torch.float64,):
-        raise ValueError(f"unsupported dtype {q.dtype}; expected fp16, bf16, fp32 or fp64")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv(q, k, v)
     B, N, H, Dk = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != (B, N, H):
-        raise ValueError(f"v must be [B, N, H, Dv] = [{B}, {N}, {H}, Dv], got {tuple(v.shape)}")
     if N != T + h * w:
         raise ValueError(f"token count {N} does not match hw={h}x{w} plus {T} prefix tokens (= {T + h * w})")
     if (pooled_k is None) != (pooled_v is None):
