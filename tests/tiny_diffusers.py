@@ -2,7 +2,7 @@
 
 Each ``build_*`` returns a pipeline in eval mode; ``save`` writes it to a folder and reloads it offline.
 ``run(pipe, family, height, width)`` samples 2 steps with precomputed text embeddings, so no tokenizer
-or text encoder runs. Configs follow ``/work/shared/spec/integration.md`` (diffusers' dummy components).
+or text encoder runs. Configs follow the team spec ``shared/spec/integration.md`` (diffusers' dummy components).
 """
 from __future__ import annotations
 

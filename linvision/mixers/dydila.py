@@ -2,7 +2,7 @@
 
 Paper: "Dynamic Differential Linear Attention: Enhancing Linear Diffusion Transformer for High-Quality
 Image Generation" (Cao et al., arXiv 2601.13683). **No official code** and no checkpoints exist; this
-file follows ``/work/shared/spec/dydila.md``, whose equations come from a secondary review quoting the
+file follows the team spec ``shared/spec/dydila.md``, whose equations come from a secondary review quoting the
 paper [2nd] and from a third-party port [UNVERIFIED]. Every choice below is therefore a documented
 deviation, to revisit once the paper's PDF has been checked.
 
