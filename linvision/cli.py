@@ -2,8 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import List, Optional
+
+# subcommand -> (module with add_arguments(parser) and main(args), one-line help)
+JOBS = {
+    "bench": ("linvision.benchmarks.run", "time and peak memory of every mixer against softmax at growing resolution"),
+    "classify": ("linvision.train.classify", "train an image classifier (ImageFolder or the built-in digits) with accelerate"),
+    "distill": ("linvision.train.distill", "distill a softmax diffusion denoiser into a linear-attention adapter with accelerate"),
+    "sample": ("linvision.sample.sample", "draw images with a diffusers pipeline and a linvision adapter, at any resolution"),
+    "demo": ("linvision.demo", "the whole story on the built-in digits: classify, train a DiT, distill, sample, score, report"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,56 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Linear-attention blocks for vision and diffusion: benchmarks and jobs.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from .benchmarks import run as bench
-
-    bench.add_arguments(
-        sub.add_parser(
-            "bench",
-            help="time and peak memory of every mixer against softmax at growing resolution",
-            description=bench.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+    for name, (module_name, help_text) in JOBS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(
+            sub.add_parser(
+                name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            )
         )
-    )
-    from .train import classify
-
-    classify.add_arguments(
-        sub.add_parser(
-            "classify",
-            help="train an image classifier (ImageFolder or the built-in digits) with accelerate",
-            description=classify.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    from .train import distill
-
-    distill.add_arguments(
-        sub.add_parser(
-            "distill",
-            help="distill a softmax diffusion denoiser into a linear-attention adapter with accelerate",
-            description=distill.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    from .sample import sample
-
-    sample.add_arguments(
-        sub.add_parser(
-            "sample",
-            help="draw images with a diffusers pipeline and a linvision adapter, at any resolution",
-            description=sample.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    from . import demo
-
-    demo.add_arguments(
-        sub.add_parser(
-            "demo",
-            help="the whole story on the built-in digits: classify, train a DiT, distill, sample, score, report",
-            description=demo.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
     sub.add_parser("mixers", help="list the registered mixers and their options")
     return parser
 
@@ -72,34 +39,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "bench":
-        from .benchmarks import run as bench
+    if args.command in JOBS:
+        return importlib.import_module(JOBS[args.command][0]).main(args)
+    from .mixers import list_mixers, mixer_options
 
-        return bench.main(args)
-    if args.command == "classify":
-        from .train import classify
-
-        return classify.main(args)
-    if args.command == "distill":
-        from .train import distill
-
-        return distill.main(args)
-    if args.command == "sample":
-        from .sample import sample
-
-        return sample.main(args)
-    if args.command == "demo":
-        from . import demo
-
-        return demo.main(args)
-    if args.command == "mixers":
-        from .mixers import list_mixers, mixer_options
-
-        for name in list_mixers():
-            print(f"{name:10s} {', '.join(o for o in mixer_options(name) if o not in ('dim', 'num_heads'))}")
-        return 0
-    parser.error(f"unknown command {args.command}")
-    return 2
+    for name in list_mixers():
+        print(f"{name:10s} {', '.join(o for o in mixer_options(name) if o not in ('dim', 'num_heads'))}")
+    return 0
 
 
 if __name__ == "__main__":
