@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import timm
 import torch
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -72,11 +72,29 @@ def build_mixup(cfg: Config, num_classes: int) -> Optional[Mixup]:
                  label_smoothing=cfg.train.label_smoothing, num_classes=num_classes)
 
 
-def build_criterion(cfg: Config, mixing: bool) -> nn.Module:
-    """Soft-target cross-entropy under mixup/cutmix, else cross-entropy with label smoothing."""
+def build_criterion(cfg: Config, mixing: bool, num_classes: Optional[int] = None) -> nn.Module:
+    """The training loss, chosen as timm's ``train.py`` does.
+
+    - ``train.bce_loss`` (DeiT-III): timm's ``BinaryCrossEntropy``, the mean over classes and samples of a
+      per-class sigmoid cross-entropy. Under mixup/cutmix it takes the soft targets (label smoothing is
+      already in them); otherwise it one-hot encodes the labels with ``train.label_smoothing``. With
+      ``train.bce_target_thresh`` the targets are binarised first (``target > thresh``): DeiT-III's
+      ``targets.gt(0.0)`` and pLSTM's ``y > 0`` are ``bce_target_thresh: 0.0``.
+    - otherwise: soft-target cross-entropy under mixup/cutmix, else cross-entropy with label smoothing.
+
+    ``num_classes`` (when given) checks that label smoothing leaves the thresholded targets meaningful.
+    """
+    t = cfg.train
+    if t.bce_loss:
+        off_value = t.label_smoothing / num_classes if num_classes else 0.0
+        if t.bce_target_thresh is not None and off_value > t.bce_target_thresh:
+            raise ConfigError(f"train.bce_target_thresh={t.bce_target_thresh} is below the smoothed target of "
+                              f"every class ({t.label_smoothing}/{num_classes}), so every class would count as "
+                              "positive; set train.label_smoothing=0 (as DeiT-III) or a higher threshold")
+        return BinaryCrossEntropy(smoothing=0.0 if mixing else t.label_smoothing, target_threshold=t.bce_target_thresh)
     if mixing:
         return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    return nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
 
 def build_ema(cfg: Config, model: nn.Module) -> Optional[ModelEmaV3]:

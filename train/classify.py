@@ -1,9 +1,10 @@
 """Train an image classifier (any timm model, e.g. a linvision ``linvit_*`` with a linear mixer) with accelerate.
 
 Reads a YAML config (``configs/classify/*.yaml``), applies ``section.key=value`` overrides, and trains with
-AdamW (no weight decay on norms, biases and position embeddings), linear warmup + cosine decay per optimizer
-step, mixup/cutmix, RandAugment and random erasing (timm), gradient accumulation and clipping, mixed
-precision and model EMA; evaluates top-1/top-5 of the model and its EMA after every epoch.
+AdamW or LAMB (no weight decay on norms, biases and position embeddings), linear warmup + cosine decay per
+optimizer step, mixup/cutmix, RandAugment or DeiT-III's 3-Augment and random erasing, cross-entropy or
+DeiT-III's binary cross-entropy, gradient accumulation and clipping, mixed precision and model EMA;
+evaluates top-1/top-5 of the model and its EMA after every epoch.
 
 Writes to ``train.output_dir``: ``config.yaml`` (resolved), ``checkpoint.pt`` (atomic, resumable),
 ``metrics.jsonl`` (one line per epoch), ``metrics.png`` (loss and accuracy), and at the end
@@ -125,6 +126,8 @@ def _run(cfg: Config) -> Dict[str, Any]:
     splits = build_datasets(cfg)
     num_classes = len(splits.classes)
     model = build_model(cfg, num_classes)
+    mixup = build_mixup(cfg, num_classes)  # neither draws random numbers
+    criterion = build_criterion(cfg, mixing=mixup is not None, num_classes=num_classes)
     out = Path(t.output_dir)
     if accelerator.is_main_process:  # only once the data and model are known to be valid
         out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +146,6 @@ def _run(cfg: Config) -> Dict[str, Any]:
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, lr, t.warmup_lr, t.min_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = build_ema(cfg, accelerator.unwrap_model(model))  # a copy on the training device
-    mixup = build_mixup(cfg, num_classes)
-    criterion = build_criterion(cfg, mixing=mixup is not None)
     rng.seed_everything(t.seed + rank)  # training randomness (drop-path, mixup) differs per process
 
     progress = Progress()

@@ -64,8 +64,13 @@ class DataConfig:
     scale: List[float] = _doc([0.08, 1.0], "RandomResizedCrop area range")
     ratio: List[float] = _doc([0.75, 1.3333333333333333], "RandomResizedCrop aspect-ratio range")
     hflip: float = _doc(0.5, "horizontal flip probability")
-    color_jitter: Optional[float] = _doc(0.4, "colour jitter strength (ignored by timm when auto_augment is set)")
+    color_jitter: Optional[float] = _doc(0.4, "colour jitter strength (ignored by timm when auto_augment is set; "
+                                         "applied after the grey/solarize/blur op with three_augment)")
     auto_augment: Optional[str] = _doc(None, "timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment)")
+    three_augment: bool = _doc(False, "DeiT-III's 3-Augment instead of timm's transform: crop + flip, then one of "
+                               "grayscale, solarize, Gaussian blur, then colour jitter (excludes auto_augment)")
+    simple_random_crop: bool = _doc(False, "three_augment: DeiT-III's --src, resize to img_size and a random crop "
+                                    "with 4 px reflect padding instead of the RandomResizedCrop")
     reprob: float = _doc(0.0, "random erasing probability")
     remode: str = _doc("pixel", "random erasing fill: const, rand, pixel")
     recount: int = _doc(1, "random erasing count")
@@ -108,6 +113,10 @@ class TrainConfig:
     warmup_lr: float = _doc(1.0e-6, "learning rate at step 0")
     min_lr: float = _doc(1.0e-5, "learning rate at the end of the cosine decay")
     label_smoothing: float = _doc(0.1, "label smoothing (inside Mixup's soft targets when mixing is on)")
+    bce_loss: bool = _doc(False, "binary cross-entropy per class (timm's BinaryCrossEntropy, DeiT-III's --bce-loss) "
+                          "instead of softmax cross-entropy, on the (mixup) targets")
+    bce_target_thresh: Optional[float] = _doc(None, "bce_loss: targets above this become 1, the rest 0 (DeiT-III and "
+                                              "pLSTM: 0.0, every class in a mix is positive); null: soft targets")
     accum_steps: int = _doc(1, "gradient accumulation: micro-batches per optimizer step")
     mixed_precision: Optional[str] = _doc(None, "'no', 'bf16' or 'fp16'; null: from `accelerate launch`/config")
     cpu: bool = _doc(False, "force CPU even when an accelerator is present")
@@ -277,6 +286,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.mean/std need 3 values, data.scale/ratio 2")
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _validate_recipe_switches(d, t)
+
+
+def _validate_recipe_switches(d: DataConfig, t: TrainConfig) -> None:
+    """3-Augment and BCE: the combinations that cannot work."""
+    if d.three_augment and d.auto_augment:
+        raise ConfigError(f"data.three_augment and data.auto_augment={d.auto_augment!r} exclude each other "
+                          "(3-Augment replaces the auto-augment policy); set data.auto_augment=null")
+    if d.simple_random_crop and not d.three_augment:
+        raise ConfigError("data.simple_random_crop is a 3-Augment option: set data.three_augment=true as well")
+    if d.simple_random_crop and d.interpolation == "random":
+        raise ConfigError("data.simple_random_crop resizes with one fixed interpolation: set data.interpolation "
+                          "to bicubic or bilinear")
+    if t.bce_target_thresh is not None and not t.bce_loss:
+        raise ConfigError("train.bce_target_thresh applies only with train.bce_loss=true")
+    if t.bce_target_thresh is not None and not 0 <= t.bce_target_thresh < 1:
+        raise ConfigError(f"train.bce_target_thresh must be in [0, 1) or null, got {t.bce_target_thresh}")
 
 
 def set_override(tree: Dict[str, Any], assignment: str) -> None:

@@ -26,6 +26,7 @@ from timm.data import create_transform
 from timm.data import auto_augment
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .augment import three_augment_transform
 from .config import Config, ConfigError, DataConfig
 from .rng import sample_seed, seeded
 
@@ -149,10 +150,14 @@ def _fix_posterize(transform: Callable) -> Callable:
 
 
 def build_transforms(d: DataConfig, is_training: bool) -> Callable:
-    """timm's ``create_transform`` with the config's augmentation (train) or resize/centre-crop (eval)."""
+    """timm's ``create_transform`` with the config's augmentation (train) or resize/centre-crop (eval);
+    with ``data.three_augment`` the training transform is DeiT-III's 3-Augment
+    (:func:`linvision.train.augment.three_augment_transform`)."""
     if not is_training:
         return create_transform(d.img_size, is_training=False, interpolation=d.interpolation, mean=tuple(d.mean),
                                 std=tuple(d.std), crop_pct=d.crop_pct)
+    if d.three_augment:
+        return three_augment_transform(d)
     try:
         transform = create_transform(
             d.img_size,

@@ -78,17 +78,30 @@ def test_yaml_file_and_overrides(tmp_path):
         load_config(str(path), ["train.epochs"])
 
 
+# per model family: overrides that shrink a shipped config's model to a few thousand parameters
+SHRINK = {
+    "linvit_": ["model.depth=1", "model.embed_dim=24", "model.num_heads=2"],
+    "infvit_": ["model.depth=1", "model.embed_dim=24", "model.num_heads=2"],
+    "plstm_vis_": ["model.num_blocks=1", "model.embed_dim=24", "model.num_heads=2"],
+    "nalaformer_": ["model.depths=[1, 1, 1, 1]", "model.embed_dims=[16, 32, 64, 64]", "model.num_heads=[1, 2, 2, 2]"],
+}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_load(path):
+def test_shipped_configs_load_and_build(path):
+    """Every shipped config loads, and its model (shrunk in width and depth, with every other model option of
+    the file) builds and classifies an image of the config's data.img_size."""
+    from linvision.train.build import build_model
+
     overrides = [] if "digits" in path.stem else ["data.root=/nonexistent"]
     cfg = load_config(str(path), overrides)
     assert timm.is_model(cfg.model["name"]), f"{path.name}: model {cfg.model['name']!r} is not registered"
-    if cfg.model["name"].startswith("linvit_"):  # the options are accepted (one block keeps it quick)
-        from linvision.train.build import build_model
-
-        small = load_config(str(path), overrides + ["model.depth=1", "model.embed_dim=24", "model.num_heads=2"])
-        assert build_model(small, 10).num_classes == 10
     assert cfg.train.epochs >= 1
+    (family,) = [f for f in SHRINK if cfg.model["name"].startswith(f)]
+    model = build_model(load_config(str(path), overrides + SHRINK[family]), 10).eval()
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 3, cfg.data.img_size, cfg.data.img_size))
+    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
 
 
 def test_missing_data_folder_and_unknown_model_are_clear_errors(tmp_path):
@@ -162,13 +175,23 @@ def test_one_epoch_writes_metrics_plot_checkpoint_and_weights(tmp_path):
     assert sorted(g["weight_decay"] for g in opt_groups) == [0.0, 0.05]
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """Mixup, cutmix, RandAugment, random erasing, drop-path, accumulation, clipping and EMA all on: stopping
-    after 3 of 8 optimizer steps (mid-epoch) and resuming gives the uninterrupted run's weights and metrics,
-    even with a different number of data-loader workers."""
-    options = dict(data={"auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25},
-                   mixup={"mixup": 0.8, "cutmix": 1.0}, model={"drop_path_rate": 0.1},
-                   optim={"clip_grad": 1.0}, train={"epochs": 2, "accum_steps": 2})
+RESUME_RECIPES = {
+    "deit": dict(data={"auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25}, optim={"clip_grad": 1.0},
+                 train={"epochs": 2, "accum_steps": 2}),
+    # DeiT-III / pLSTM-Vis: 3-Augment with colour jitter (and random erasing), BCE on targets > 0, LAMB
+    "deit3": dict(data={"three_augment": True, "color_jitter": 0.3, "hflip": 0.5, "reprob": 0.25},
+                  optim={"name": "lamb", "clip_grad": 1.0},
+                  train={"epochs": 2, "accum_steps": 2, "bce_loss": True, "bce_target_thresh": 0.0,
+                         "label_smoothing": 0.0}),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RESUME_RECIPES))
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, recipe):
+    """Mixup, cutmix, RandAugment or 3-Augment, random erasing, drop-path, accumulation, clipping and EMA all on:
+    stopping after 3 of 8 optimizer steps (mid-epoch) and resuming gives the uninterrupted run's weights and
+    metrics, even with a different number of data-loader workers."""
+    options = dict(RESUME_RECIPES[recipe], mixup={"mixup": 0.8, "cutmix": 1.0}, model={"drop_path_rate": 0.1})
     full, cut = tmp_path / "full", tmp_path / "cut"
     run(build_config(tiny(full, **options)))
     assert run(build_config(tiny(cut, **dict(options, train=dict(options["train"], max_steps=3))))) == {}
@@ -278,6 +301,8 @@ def test_classify_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: linvision classify" in out and "train.max_steps" in out and "data.source" in out
+    for key in ("train.bce_loss", "train.bce_target_thresh", "data.three_augment", "data.simple_random_crop"):
+        assert f"  {key}: " in out, key
 
 
 def test_command_line_config_error_is_one_line(tmp_path):
