@@ -27,7 +27,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--out", str(out), "--seed", "0"]) == 0
     assert str(out / "report.md") in capsys.readouterr().out  # it says where the report is
 
-    for name in ["report.md", "results.json", "loss_curves.png", "denoiser_memory.png",
+    for name in ["report.md", "results.json", "loss_curves.png", "denoiser_memory.png", "real_digits.png",
                  *[f"samples_{s}x.png" for s in SCALES]]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in out.glob("*.png"):
@@ -49,13 +49,16 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert row["student_teacher_mse"] >= 0
         for who in ("teacher", "student"):
             assert 0 <= row[who]["accuracy"] <= 100 and 1 <= row[who]["inception_score"] <= 10 + 1e-6
+    real = results["samples"]["real"]  # the judge on real held-out digits: its calibration
+    assert real["images"] == 360 and 0 <= real["accuracy"] <= 100
     variants = {r["variant"] for r in results["bench"]["rows"]}
     assert "softmax" in variants and len(variants) >= 2
     assert results["distill"]["steps"] == DemoSettings.for_run(True).distill_steps
     for stage in ("1 classify", "2 teacher", "3 distill", "4 sample", "5 score", "6 bench", "total"):
         assert results["times_s"][stage] >= 0
     report = (out / "report.md").read_text()
-    for name in ["samples_1x.png", "samples_2x.png", "samples_4x.png", "loss_curves.png", "denoiser_memory.png"]:
+    for name in ["samples_1x.png", "samples_2x.png", "samples_4x.png", "loss_curves.png", "denoiser_memory.png",
+                 "real_digits.png"]:
         assert name in report
 
 
