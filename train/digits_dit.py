@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .schedule import build_scheduler
 
 
 @dataclass
@@ -46,8 +47,7 @@ class DigitsDiTSettings:
     dit_head_dim: int = 16
     dit_steps: int = 2000
     dit_lr: float = 2e-3
-    dit_warmup: int = 100
-    dit_lr_decay: str = "cosine"  # 'cosine' (to 0 at the last step) or 'constant' after the warmup
+    dit_warmup: int = 100  # linear warmup steps, then a cosine decay to 0 at the last step
     ema_decay: Optional[float] = 0.995  # EMA of the DiT weights (what is saved); None: the last weights
     batch_size: int = 32  # small batches, many steps: on 1797 images the better use of a CPU minute
     seed: int = 0
@@ -55,8 +55,6 @@ class DigitsDiTSettings:
     def __post_init__(self):
         if self.vae_channels is None:
             self.vae_channels = [16, 32]
-        if self.dit_lr_decay not in ("cosine", "constant"):
-            raise ValueError(f"dit_lr_decay must be 'cosine' or 'constant', got {self.dit_lr_decay!r}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
 
@@ -128,26 +126,15 @@ def train_vae(vae, images: Tensor, s: DigitsDiTSettings, progress=None) -> List[
     return losses
 
 
-def lr_factor(step: int, s: DigitsDiTSettings) -> float:
-    """The DiT's learning-rate multiplier at ``step``: linear warmup over ``dit_warmup`` steps, then constant or
-    a cosine decay that reaches 0 at the last step."""
-    if step < s.dit_warmup:
-        return (step + 1) / s.dit_warmup
-    if s.dit_lr_decay == "constant":
-        return 1.0
-    progress = (step - s.dit_warmup) / max(1, s.dit_steps - s.dit_warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def train_dit(dit, latents: Tensor, labels: Tensor, scheduler, s: DigitsDiTSettings, progress=None) -> List[float]:
     """ε-prediction MSE on DDPM-noised latents (uniform timesteps), 10% label dropout (DiT's own), AdamW
-    with warmup and cosine decay (:func:`lr_factor`). With ``ema_decay`` the weights left in ``dit`` are the
+    with the classification job's schedule (linear warmup from ``dit_lr / dit_warmup``, cosine to 0). With ``ema_decay`` the weights left in ``dit`` are the
     exponential moving average (decay ramped up as ``min(ema_decay, (1 + n) / (10 + n))``, DiT's recipe keeps
     an EMA too). Returns the loss (mean of each 50 steps)."""
     g = torch.Generator().manual_seed(s.seed + 1)
     torch.manual_seed(s.seed + 1)  # DiT's label dropout draws from the global generator
     opt = torch.optim.AdamW(dit.parameters(), lr=s.dit_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, s))
+    sched = build_scheduler(opt, s.dit_steps, s.dit_warmup, s.dit_lr, s.dit_lr / max(1, s.dit_warmup), 0.0)
     ema = [p.detach().clone() for p in dit.parameters()] if s.ema_decay else None
     ac = scheduler.alphas_cumprod.float()
     batches = _batches(len(latents), s.batch_size, g)
