@@ -96,7 +96,7 @@ def bench_kernel(args, device: torch.device, dtype: torch.dtype) -> List[Dict]:
     """CUDA only: the linear-attention kernel against its reference and SDPA, with achieved GB/s."""
     import torch.nn.functional as F
 
-    from ..kernels.linear_attention import linear_attention
+    from ..kernels.linear_attn import linear_attention
 
     rows = []
     B, H = args.batch, args.heads

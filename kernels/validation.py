@@ -4,7 +4,9 @@ Layout everywhere is ``[B, N, H, D]``. The kernels take fp16, bf16 and fp32; the
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import numbers
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -58,9 +60,89 @@ def check_triton_dtype(q: Tensor, *, interpreter_fp64: bool = False) -> None:
     raise ValueError(f"the Triton backend takes fp16, bf16 or fp32{where}; use backend='torch' for fp64")
 
 
-def check_bool(name: str, value) -> None:
+def check_bool(name: str, value) -> bool:
+    """``value`` is a real ``bool`` (not a string, not an int); returned as is."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _is_int(value) -> bool:
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, *, min: Optional[int] = None, max: Optional[int] = None) -> int:
+    """``value`` is an int (or a one-element integer tensor) within ``[min, max]``; returned as a Python int.
+
+    A bool, a float (even ``8.0``) or a string is refused.
+    """
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if (min is not None and value < min) or (max is not None and value > max):
+        lo = "-inf" if min is None else min
+        hi = "inf" if max is None else max
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_float(
+    name: str,
+    value,
+    *,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+    min_open: bool = False,
+    max_open: bool = False,
+) -> float:
+    """``value`` is a finite real number (int or float, not a bool or a string) within the given bounds.
+
+    ``min_open`` / ``max_open`` exclude the bound itself (e.g. ``min=0, min_open=True`` for an eps > 0).
+    Returned as a Python float.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    below = min is not None and (value <= min if min_open else value < min)
+    above = max is not None and (value >= max if max_open else value > max)
+    if below or above:
+        lo = "-inf" if min is None else min
+        hi = "inf" if max is None else max
+        interval = f"{'(' if min_open or min is None else '['}{lo}, {hi}{')' if max_open or max is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence) -> object:
+    """``value`` is one of ``choices`` (compared with ``==`` after a type check, so ``True`` is not ``1``)."""
+    for c in choices:
+        if type(value) is type(c) and value == c:
+            return value
+    raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
+def check_hw(hw) -> Tuple[int, int]:
+    """``hw`` is a pair ``(h, w)`` of positive ints (Python ints or one-element integer tensors).
+
+    Floats (even ``8.0``), bools, strings and other shapes are refused: coercing them would run a silently
+    different grid.
+    """
+    if isinstance(hw, (str, bytes)):
+        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}")
+    try:
+        h, w = hw
+    except (TypeError, ValueError):
+        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}") from None
+    if not (_is_int(h) and _is_int(w)):
+        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}")
+    h, w = int(h), int(w)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"hw must be positive, got {(h, w)}")
+    return h, w
 
 
 def expand_floating(name: str, t, shape: Sequence[int], target: str) -> Tensor:
@@ -74,4 +156,15 @@ def expand_floating(name: str, t, shape: Sequence[int], target: str) -> Tensor:
         raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to {target}") from None
 
 
-__all__ = ["INPUT_DTYPES", "check_4d", "check_bool", "check_qkv", "check_triton_dtype", "expand_floating"]
+__all__ = [
+    "INPUT_DTYPES",
+    "check_4d",
+    "check_bool",
+    "check_choice",
+    "check_float",
+    "check_hw",
+    "check_int",
+    "check_qkv",
+    "check_triton_dtype",
+    "expand_floating",
+]

@@ -26,7 +26,7 @@ Options and deviations from upstream (outputs identical unless stated):
 - ``linear_infsa(per_token=True)`` (a fix of the rank-1 output, **changes outputs**): every query uses its
   own ``q̂_i`` instead of ``q̄``, with the ReLU moved onto the features so that the cost stays linear:
   ``o_i = ρ Σ_j (φ(q̂_i)·φ(k̂_j)) v_j / (Σ_l φ(q̂_i)·φ(k̂_l) + eps)``, ``φ = ReLU``. It runs on
-  :func:`linvision.kernels.linear_attention.linear_attention`.
+  :func:`linvision.kernels.linear_attn.linear_attention`.
 - :func:`linear_infsa` returns the pooled vector broadcast as a stride-0 view ``[B, N, H, Dv]`` (like
   upstream's ``expand_as``); :func:`linear_infsa_pooled` returns the ``[B, H, Dv]`` vector itself.
 - The Triton pure InfSA never materialises the N×M matrix (flash-style, two reductions in one pass);
@@ -90,7 +90,7 @@ def linear_infsa(
     check_bool("per_token", per_token)
     if per_token:
         rho = _validated(q, k, v, rho, eps)
-        from ..linear_attention import linear_attention
+        from ..linear_attn import linear_attention
 
         # φ(q/√d)·φ(k/√d) = φ(q)·φ(k)/d: scale the eps instead of the inputs (no scaled copies).
         o = linear_attention(q, k, v, feature_map="relu", eps=float(eps) * q.shape[-1], backend=backend)

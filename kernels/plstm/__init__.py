@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..validation import check_qkv, check_triton_dtype
+from ..validation import check_hw, check_qkv, check_triton_dtype
 from .chunked import gating_matrix_2d as _gating_matrix_2d
 from .chunked import plstm2d_chunked, plstm2d_full_g
 from .naive import (
@@ -207,12 +207,7 @@ def _check_gate(name, g, lead, allow_orient=False):
 
 def _validated_2d(q, k, v, gates, d, hw, scale):
     _check_qkv(q, k, v)
-    try:
-        X, Y = (int(s) for s in hw)
-    except (TypeError, ValueError):
-        raise ValueError(f"hw must be a pair (X, Y) of ints, got {hw!r}") from None
-    if X <= 0 or Y <= 0:
-        raise ValueError(f"hw must be positive, got {(X, Y)}")
+    X, Y = check_hw(hw)
     B, N, H = q.shape[:3]
     if N != X * Y:
         raise ValueError(f"q has {N} tokens but hw={X}x{Y} needs {X * Y}")

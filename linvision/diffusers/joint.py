@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
-from ..kernels.linear_attention import linear_attention
+from ..kernels.linear_attn import linear_attention
 from ..mixers.clear import FLUX_RADIUS, POOLED_LOG_FACTOR, clear_attention, clear_scale
 from ..mixers.linfusion import feature_mlp
 from ..mixers.lit import FEATURE_OFFSET

@@ -5,6 +5,8 @@ from typing import Tuple
 
 from torch import Tensor, nn
 
+from ..kernels.validation import check_hw, check_int
+
 
 def check_tokens(x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, dim: int) -> Tuple[int, int]:
     """Validate ``x (B, N, C)`` against ``hw`` and the prefix count; return ``(h, w)`` as ints.
@@ -16,14 +18,8 @@ def check_tokens(x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, dim: in
         raise ValueError(f"expected x of shape (B, N, C), got {tuple(getattr(x, 'shape', ()))}")
     if not x.is_floating_point():
         raise ValueError(f"expected a floating-point x, got {x.dtype}")
-    try:
-        h, w = (int(s) for s in hw)
-    except (TypeError, ValueError):
-        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"hw must be positive, got {(h, w)}")
-    if int(num_prefix_tokens) != num_prefix_tokens or num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+    h, w = check_hw(hw)
+    num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens, min=0)
     if x.shape[-1] != dim:
         raise ValueError(f"expected {dim} channels, got x of shape {tuple(x.shape)}")
     if x.shape[1] != h * w + num_prefix_tokens:
@@ -44,7 +40,9 @@ class TokenMixer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        if dim <= 0 or num_heads <= 0 or dim % num_heads:
+        dim = check_int("dim", dim, min=1)
+        num_heads = check_int("num_heads", num_heads, min=1)
+        if dim % num_heads:
             raise ValueError(f"dim={dim} must be a positive multiple of num_heads={num_heads}")
         self.dim = dim
         self.num_heads = num_heads

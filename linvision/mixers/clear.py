@@ -5,7 +5,7 @@ Xinchao Wang; arXiv 2412.16112, NeurIPS 2025). Official code followed, read at c
 98e9fed2b8a776a043a0421100db9831879de784 of ``Huage001/CLEAR``:
 
 - ``attention_processor.py::init_local_mask_flex`` / ``::init_local_downsample_mask_flex`` (the support)
-  → :func:`linvision.kernels.window_attention.window_attention` / ``window_mask``
+  → :func:`linvision.kernels.window_attn.window_attention` / ``window_mask``
 - ``attention_processor.py::LocalFlexAttnProcessor`` / ``::LocalDownsampleFlexAttnProcessor`` (pooling
   with ``spatial_weight``, proportional-attention scale) → :func:`clear_attention`, :func:`clear_scale`,
   :class:`ClearAttention` (``"clear"``)
@@ -27,7 +27,7 @@ pooled tokens ``√(log_{train_seq_len}(10·N_kv) / d)``: the official down-samp
 reproduced by default (``pooled_log_factor=10``; 1 is the fix, the teacher's formula).
 
 Cost per image token ``O((πr² + T + P)·d)`` with ``P = hw/f²`` pooled tokens: linear in the image for
-``f = None``. The attention core is :func:`linvision.kernels.window_attention.window_attention` (Triton on
+``f = None``. The attention core is :func:`linvision.kernels.window_attn.window_attention` (Triton on
 CUDA; a blocked PyTorch reference elsewhere), which a diffusers FLUX processor calls the same way with
 the 512 text tokens as prefix tokens (see :func:`clear_attention`).
 
@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
-from ..kernels.window_attention import pool_tokens, window_attention
+from ..kernels.window_attn import pool_tokens, window_attention
 from .base import QKVMixer
 
 FLUX_TRAIN_SEQ_LEN = 64**2 + 512  # official train_seq_len: 1024 px → 64×64 latent tokens + 512 text tokens

@@ -62,7 +62,7 @@ Implementation choices (the spec's open points, in its terms; none is confirmed 
   the ``1/N`` mean); the DWC sees only the ``h×w`` image tokens and is zero for prefix tokens (LiT's rule).
 - **Precision**: the kernel features, the routed scalars and the core are fp32; the output is cast to
   the input dtype before ``proj``. The core always goes through
-  :func:`linvision.kernels.linear_attention.linear_attention`.
+  :func:`linvision.kernels.linear_attn.linear_attention`.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.linear_attention import linear_attention
+from ..kernels.linear_attn import linear_attention
 from .lit import FEATURE_OFFSET, LiTAttention
 
 DENOMINATORS = ("kernel", "differential", "none")

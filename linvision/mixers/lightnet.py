@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.additive_scan import additive_scan
+from ..kernels.additive_recurrence import additive_scan
 from ..kernels.backend import BACKENDS
 from .base import QKVMixer
 
@@ -173,7 +173,7 @@ class LightNetAttention(QKVMixer):
     Per head (xmixers ``LightNetAttention``, vector decay): ``q = SiLU(W_q x)``, ``f = W_k x`` (the raw key
     is the log-weight), ``v = W_v x``. With MD-LRPE the core sees ``q̄ = [q cos Θ, q sin Θ]``, log-weights
     ``[f, f]`` and key modulation ``κ = [cos Θ, sin Θ]``, so that ``o_i = Σ_j Σ_c q_ic P_jc cos(Θ_ic − Θ_jc) v_j``
-    with ``P = softmax over tokens`` of ``f`` per channel (:func:`linvision.kernels.additive_scan.additive_scan`):
+    with ``P = softmax over tokens`` of ``f`` per channel (:func:`linvision.kernels.additive_recurrence.additive_scan`):
 
     - non-causal (default, ``causal=False``): one global softmax over all tokens: "You Only Scan Once";
     - causal (``causal=True``): the raster-order prefix softmax (prefix tokens first), i.e. LightNet's

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
-from ..kernels.linear_attention import linear_attention
+from ..kernels.linear_attn import linear_attention
 from .base import QKVMixer
 from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
@@ -39,7 +39,7 @@ class LinaAttention(QKVMixer):
     ``S = (φKᵀ N^-½)(V N^-½)`` [d, d], ``O = φQ S / (φQ · mean_N φK + eps)`` [N, d], ``eps = 1e-6`` on the
     mean. ``normalization="sub"`` (InLine, ``vision_transformer_linear9.py``): ``φ = ReLU`` with no offset,
     ``s = d^-½``, ``O = s·φQ S + (1 − s·φQ·mean_N φK)·mean_N V``: the weights sum to one with no division.
-    Both run in fp32 through :func:`linvision.kernels.linear_attention` (``mean=True``).
+    Both run in fp32 through :func:`linvision.kernels.linear_attn` (``mean=True``).
 
     Options:
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.backend import resolve_backend
-from ..kernels.linear_attention import apply_state, chunk_tokens, linear_attention, state_of
+from ..kernels.linear_attn import apply_state, chunk_tokens, linear_attention, state_of
 from .base import QKVMixer
 
 # The kernel's fused feature maps under this mixer's option names.
@@ -22,7 +22,7 @@ class LinearAttention(QKVMixer):
     (Katharopoulos et al., ICML 2020, arXiv 2006.16236), non-causal form. ``feature_map`` is
     ``"elu"`` (ELU+1, the paper's) or ``"relu"``; ``eps`` is added to the sum-form denominator.
     Prefix tokens join the sums like any other token. The core is
-    :func:`linvision.kernels.linear_attention.linear_attention` (fp32 state); ``backend`` picks its
+    :func:`linvision.kernels.linear_attn.linear_attention` (fp32 state); ``backend`` picks its
     implementation. Without autograd on the PyTorch path, the mixer streams tokens in chunks
     through projection, state and output, so Q, K and V of the whole sequence never exist at once.
     """

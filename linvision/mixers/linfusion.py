@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
-from ..kernels.linear_attention import linear_attention
+from ..kernels.linear_attn import linear_attention
 from .base import TokenMixer
 from .inherit import softmax_attention_weights
 
@@ -43,7 +43,7 @@ class LinFusionAttention(TokenMixer):
       ``-1`` → identity).
     - ``φ(u) = ELU(u) + 1``;  per head ``S = (φKᵀ N^-½)(V N^-½)`` [d, d],
       ``z = φQ · mean_N(φK) + eps`` [N, 1] (``eps = 1e-4`` on the mean), ``O = φQ S / z`` [N, d].
-      The core runs in fp32 through :func:`linvision.kernels.linear_attention` (``mean=True``).
+      The core runs in fp32 through :func:`linvision.kernels.linear_attn` (``mean=True``).
     - ``y = to_out[1](to_out[0](concat_h O))``: ``to_out[0]`` Linear(C, C) with bias, ``to_out[1]`` Dropout.
 
     No spatial or positional term: ``hw`` is only checked. Prefix tokens are ordinary tokens (they join

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
-from ..kernels.linear_attention import linear_attention
+from ..kernels.linear_attn import linear_attention
 from .base import QKVMixer
 from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
@@ -36,7 +36,7 @@ class LiTAttention(QKVMixer):
 
     - ``S = (φKᵀ N^-½)(V N^-½)``  [d, d],  ``z = φQ · mean_N(φK) + eps``  [N, 1],  ``O = φQ S / z``  [N, d]
       (eps is added to the *mean*, i.e. ``+eps·N`` relative to the sums). The core runs in fp32 through
-      :func:`linvision.kernels.linear_attention` (``mean=True``); the output has the input dtype.
+      :func:`linvision.kernels.linear_attn` (``mean=True``); the output has the input dtype.
     - ``DWC``: a ``dwc_kernel_size``×``dwc_kernel_size`` depth-wise ``Conv2d`` (zero padding, with bias) on V
       of the image tokens reshaped to the ``(h, w)`` grid, added to the concatenated heads before ``proj``.
 

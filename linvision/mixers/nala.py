@@ -38,7 +38,7 @@ Deviations from the official code (outputs equal for fp32 inputs, up to rounding
 
 - Input/output are tokens ``(B, N, C)`` with ``hw`` instead of ``(B, C, H, W)``; RoPE sin/cos are built
   from ``hw`` in each call, instead of once per stage in ``BasicLayer`` and passed in. Same values.
-- The attention core runs on :func:`linvision.kernels.linear_attention.linear_attention` (fp32 states,
+- The attention core runs on :func:`linvision.kernels.linear_attn.linear_attention` (fp32 states,
   ``mean=True``, ``eps=1e-6`` added where the official adds it), not on explicit matmuls.
 - Prefix tokens, as described above (an extension).
 - ``head_dim`` not a multiple of 4: the official RoPE crashes with a shape mismatch (a crash, so fixed):
@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
-from ..kernels.linear_attention import linear_attention
+from ..kernels.linear_attn import linear_attention
 from .base import TokenMixer
 
 LEPE_KERNEL = 5  # official: Conv2d(dim, dim, 5, 1, 2, groups=dim)

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from linvision.kernels.additive_scan import (
+from linvision.kernels.additive_recurrence import (
     additive_scan,
     additive_scan_naive,
     additive_scan_recurrent,
 )
-from linvision.kernels.additive_scan import triton as ast
+from linvision.kernels.additive_recurrence import triton as ast
 from tests.helpers import rel_err
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -7,7 +7,7 @@ them with ``-m "not gpu"``.
 import pytest
 import torch
 
-from linvision.kernels.additive_scan import additive_scan
+from linvision.kernels.additive_recurrence import additive_scan
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.gpu

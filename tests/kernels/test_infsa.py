@@ -13,7 +13,7 @@ from linvision.kernels.infsa import (
     pure_infsa,
     pure_infsa_scores,
 )
-from linvision.kernels.linear_attention import linear_attention
+from linvision.kernels.linear_attn import linear_attention
 from tests.helpers import rel_err
 
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "infsa" / "golden.safetensors"

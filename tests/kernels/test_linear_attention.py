@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from linvision.kernels.linear_attention import linear_attention
-from linvision.kernels.linear_attention.naive import linear_attention_naive
-from linvision.kernels.linear_attention.triton import (
+from linvision.kernels.linear_attn import linear_attention
+from linvision.kernels.linear_attn.naive import linear_attention_naive
+from linvision.kernels.linear_attn.triton import (
     MAX_SPLITS,
     chunk_plan,
     partial_buffer_shapes,

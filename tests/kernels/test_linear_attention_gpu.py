@@ -6,7 +6,7 @@ them with ``-m "not gpu"``.
 import pytest
 import torch
 
-from linvision.kernels.linear_attention import linear_attention
+from linvision.kernels.linear_attn import linear_attention
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.gpu

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from linvision.kernels.linear_attention.naive import linear_attention_naive, linear_attention_quadratic
+from linvision.kernels.linear_attn.naive import linear_attention_naive, linear_attention_quadratic
 from tests.helpers import rel_err
 
 

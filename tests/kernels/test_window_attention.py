@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linvision.kernels.window_attention import (
+from linvision.kernels.window_attn import (
     key_tiles_per_query_tile,
     pool_tokens,
     window_attention,
@@ -13,8 +13,8 @@ from linvision.kernels.window_attention import (
     window_attention_dense,
     window_mask,
 )
-from linvision.kernels.window_attention.tiles import reach_table, visited_key_tiles
-from linvision.kernels.window_attention.triton import visited_tile_counts
+from linvision.kernels.window_attn.tiles import reach_table, visited_key_tiles
+from linvision.kernels.window_attn.triton import visited_tile_counts
 from tests.helpers import rel_err
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -230,7 +230,7 @@ def test_triton_with_pooled_tokens_from_pool_tokens_and_bf16():
 
 def test_triton_reads_strided_views_and_any_tile_shape():
     """q, k, v as views of one packed projection (no copies); non-square tiles."""
-    from linvision.kernels.window_attention.triton import window_attention_triton
+    from linvision.kernels.window_attn.triton import window_attention_triton
 
     B, hw, H, D, T, r = 1, (7, 9), 2, 16, 1, 3
     N = T + hw[0] * hw[1]

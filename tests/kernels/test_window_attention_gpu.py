@@ -6,7 +6,7 @@ them with ``-m "not gpu"``.
 import pytest
 import torch
 
-from linvision.kernels.window_attention import pool_tokens, window_attention, window_attention_dense
+from linvision.kernels.window_attn import pool_tokens, window_attention, window_attention_dense
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.gpu

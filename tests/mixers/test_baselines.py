@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import linvision
-from linvision.kernels.linear_attention import naive
+from linvision.kernels.linear_attn import naive
 from tests.helpers import rel_err
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import linvision
-from linvision.kernels.linear_attention import linear_attention
+from linvision.kernels.linear_attn import linear_attention
 from linvision.mixers.dydila import DyDiLA, power_kernel
 from linvision.mixers.lit import LiTAttention
 from tests.helpers import rel_err

@@ -1,6 +1,6 @@
 """Triton forward and backward of circular-window attention (CLEAR) over ``[B, N, H, D]``.
 
-Operator: see :func:`linvision.kernels.window_attention.window_attention`. ``N = T + h·w`` tokens, prefix
+Operator: see :func:`linvision.kernels.window_attn.window_attention`. ``N = T + h·w`` tokens, prefix
 first; pooled keys/values ``[B, P, H, D]``. ``r²`` integer test ``dy² + dx² < r²``.
 
 Kernel plan

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..validation import check_4d, check_qkv, check_triton_dtype
+from ..validation import check_4d, check_hw, check_qkv, check_triton_dtype
 from .naive import window_attention_blocked, window_attention_dense, window_mask
 
 
@@ -79,7 +79,7 @@ def pool_tokens(
     ``1/f²`` (average pooling, the official initial value). ``h`` and ``w`` must be multiples of ``f``.
     Differentiable in ``x`` and ``weight``.
     """
-    h, w = _check_hw(hw)
+    h, w = check_hw(hw)
     if not isinstance(factor, numbers.Integral) or isinstance(factor, bool) or factor < 1:
         raise ValueError(f"pooling factor must be a positive int, got {factor!r}")
     factor = int(factor)
@@ -115,7 +115,7 @@ def key_tiles_per_query_tile(
     """
     from .tiles import default_tiles, visited_key_tiles
 
-    h, w = _check_hw(hw)
+    h, w = check_hw(hw)
     _check_radius(radius)
     qt, kt = default_tiles(interpreting=False)
     return torch.tensor(visited_key_tiles((h, w), int(radius), query_tile or qt, key_tile or kt), dtype=torch.long)
@@ -126,16 +126,6 @@ def key_tiles_per_query_tile(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_hw(hw) -> Tuple[int, int]:
-    try:
-        h, w = hw
-        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in (h, w)):
-            raise TypeError
-    except (TypeError, ValueError):
-        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"hw must be positive, got {(h, w)}")
-    return int(h), int(w)
 
 
 def _check_radius(radius) -> int:
@@ -151,7 +141,7 @@ def _check_prefix(num_prefix_tokens) -> int:
 
 
 def _validated(q, k, v, hw, radius, num_prefix_tokens, pooled_k, pooled_v, scale):
-    h, w = _check_hw(hw)
+    h, w = check_hw(hw)
     radius = _check_radius(radius)
     T = _check_prefix(num_prefix_tokens)
     check_qkv(q, k, v)

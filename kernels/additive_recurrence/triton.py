@@ -1,6 +1,6 @@
 """Triton forward and backward of LightNet's additive recurrence over ``[B, N, H, D]``.
 
-Equations: see :func:`linvision.kernels.additive_scan.additive_scan`. Notation per head and channel ``c``:
+Equations: see :func:`linvision.kernels.additive_recurrence.additive_scan`. Notation per head and channel ``c``:
 ``f = k`` (log-weights), ``κ`` = ``k_mod`` (1 when absent), ``z₀ = lse_init``,
 ``P_j = e^{f_j − z}`` (softmax weights), ``K̄_j = P_j ⊙ κ_j``, ``S = Σ_j K̄_j v_jᵀ``, ``o_i = q_iᵀ S``.
 

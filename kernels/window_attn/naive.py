@@ -14,7 +14,7 @@ Token layout (as everywhere in ``kernels``): ``[B, N, H, D]`` with ``N = T + h·
   queries dense in chunks. Memory and compute O(N·(b + 2r)²), never an N×N matrix.
 
 Both accumulate in fp32 (fp64 for fp64 inputs) and return the input dtype. Arguments are validated by
-the public :func:`linvision.kernels.window_attention.window_attention`.
+the public :func:`linvision.kernels.window_attn.window_attention`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Triton forward and backward of bidirectional linear attention over ``[B, N, H, D]``.
 
-Equations: see :func:`linvision.kernels.linear_attention.linear_attention`. With ``c = M`` (``mean``) or 1,
+Equations: see :func:`linvision.kernels.linear_attn.linear_attention`. With ``c = M`` (``mean``) or 1,
 ``k̃_j = wk_j k_j``, ``ṽ_j = wv_j v_j``, ``qd``/``kd`` the denominator features (``q``/``k`` by default):
 
 - state  ``S = Σ_j k̃_j ṽ_jᵀ / c``  ``[Dk, Dv]``,  ``z = Σ_j wk_j kd_j / c``  ``[Dd]``,  ``v̄ = Σ_j ṽ_j / c``  ``[Dv]``

@@ -2,7 +2,7 @@
 
 Everything is computed in fp32 (fp64 for fp64 inputs) and returned in the input dtype; autograd
 flows through it, so it doubles as the ``gradcheck``-able definition. See
-:func:`linvision.kernels.additive_scan.additive_scan` for the equations.
+:func:`linvision.kernels.additive_recurrence.additive_scan` for the equations.
 
 - Non-causal: tokens are streamed in chunks; each chunk contributes a max-referenced partial
   (``m``, ``l = Σ e^{f−m}``, ``S = Σ e^{f−m} κ vᵀ``), the partials combine like a log-sum-exp, and the
