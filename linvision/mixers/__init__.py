@@ -17,6 +17,8 @@ from .lit import LiTAttention
 from .nala import NormAwareLinearAttn, VanillaSelfAttention
 from .plstm import PLSTMMixer
 from .softmax import SoftmaxAttention
+from .transnormer import NormAttention
+from .transnormer_diag import DiagAttention
 
 MIXERS = MappingProxyType(
     {
@@ -32,6 +34,8 @@ MIXERS = MappingProxyType(
         "nala_softmax": VanillaSelfAttention,
         "plstm": PLSTMMixer,
         "softmax": SoftmaxAttention,
+        "transnormer": NormAttention,
+        "transnormer_diag": DiagAttention,
     }
 )
 

@@ -1,0 +1,59 @@
+"""Non-overlapping ``bh×bw`` blocks of a 2-D token grid, as batches of short sequences (no N×N mask).
+
+The grid ``h×w`` is cut at multiples of the block from the top-left corner. Where ``bh`` does not divide
+``h`` (or ``bw`` does not divide ``w``), the last block row (column) is shorter: the blocks there hold only
+real tokens, no padding. The grid therefore falls into at most four regions of equal-shaped blocks
+(interior, right strip, bottom strip, corner); each region is reshaped into ``(B·blocks, H, L, D)``
+sequences of ``L = block area`` tokens and handed to ``fn`` in one call.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Tuple
+
+from torch import Tensor
+
+BlockFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _spans(n: int, b: int) -> List[Tuple[int, int, int]]:
+    """``(start, stop, block)`` pieces of ``[0, n)``: whole blocks of ``b``, then the remainder."""
+    whole = (n // b) * b
+    spans = [(0, whole, b)] if whole else []
+    if whole < n:
+        spans.append((whole, n, n - whole))
+    return spans
+
+
+def _to_blocks(t: Tensor, bh: int, bw: int) -> Tensor:
+    """``(B, R, C, H, D)`` region with ``bh | R``, ``bw | C`` → ``(B·R/bh·C/bw, H, bh·bw, D)``."""
+    B, R, C, H, D = t.shape
+    t = t.reshape(B, R // bh, bh, C // bw, bw, H, D).permute(0, 1, 3, 5, 2, 4, 6)
+    return t.reshape(-1, H, bh * bw, D)
+
+
+def _from_blocks(o: Tensor, B: int, R: int, C: int, bh: int, bw: int) -> Tensor:
+    """Inverse of :func:`_to_blocks`: ``(B·blocks, H, bh·bw, D)`` → ``(B, R, C, H, D)``."""
+    H, D = o.shape[1], o.shape[-1]
+    o = o.reshape(B, R // bh, C // bw, H, bh, bw, D).permute(0, 1, 4, 2, 5, 3, 6)
+    return o.reshape(B, R, C, H, D)
+
+
+def block_local(q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], block: Tuple[int, int], fn: BlockFn) -> Tensor:
+    """Apply ``fn`` to every block of the grid separately.
+
+    ``q, k [B, h·w, H, Dk]``, ``v [B, h·w, H, Dv]`` (image tokens in raster order) → ``[B, h·w, H, Dv]``.
+    ``fn(q, k, v)`` takes ``(S, H, L, D)`` batches of ``S`` blocks of ``L`` tokens and returns
+    ``(S, H, L, Dv)``; it is called once per region (at most four times).
+    """
+    (h, w), (bh, bw) = hw, block
+    B, _, H, _ = q.shape
+    grid = [t.reshape(B, h, w, H, t.shape[-1]) for t in (q, k, v)]
+    out = v.new_empty(B, h, w, H, v.shape[-1])
+    for r0, r1, th in _spans(h, bh):
+        for c0, c1, tw in _spans(w, bw):
+            parts = [_to_blocks(t[:, r0:r1, c0:c1], th, tw) for t in grid]
+            out[:, r0:r1, c0:c1] = _from_blocks(fn(*parts), B, r1 - r0, c1 - c0, th, tw)
+    return out.reshape(B, h * w, H, v.shape[-1])
+
+
+__all__ = ["block_local"]
