@@ -4,6 +4,7 @@
 - :mod:`.nalaformer`: ``nalaformer_{xt,t,s,b,l}``, NaLaFormer's hierarchical backbone.
 - :mod:`.plstm_vis`: ``plstm_vis_{t,s,b}``, the pLSTM vision models (P/D blocks, corner pooling).
 - :mod:`.infvit`: ``infvit_4l_patch16_224``, ``infvit_pure_4l_patch16_224``, InfSA's 4-layer InfViT.
+- :mod:`.care`: ``care_s{0,1,2}``, CARE Transformer's mobile backbone (linear attention + convs).
 - :mod:`.layout`: per-layer mixer names and options (shared with :func:`linvision.timm.linearize`).
 """
 from .block import MixerBlock
@@ -12,5 +13,6 @@ from .vit import LinVisionTransformer
 from .nalaformer import NaLaFormer
 from .plstm_vis import PLSTMVisionModel
 from . import infvit  # noqa: F401  (registers the infvit_* models)
+from .care import CARETransformer
 
-__all__ = ["LinVisionTransformer", "MixerBlock", "NaLaFormer", "PLSTMVisionModel", "layer_options", "resolve_mixers"]
+__all__ = ["CARETransformer", "LinVisionTransformer", "MixerBlock", "NaLaFormer", "PLSTMVisionModel", "layer_options", "resolve_mixers"]
