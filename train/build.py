@@ -27,7 +27,7 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     name = cfg.model["name"]
     kwargs = cfg.model_kwargs()
     if not timm.is_model(name):
-        ours = timm.list_models(["linvit_*", "nalaformer_*", "plstm_vis_*", "infvit_*"])
+        ours = timm.list_models(["linvit_*", "nalaformer_*", "plstm_vis_*", "infvit_*", "care_*"])
         raise ConfigError(f"model.name: unknown model {name!r}; linvision models: "
                           f"{', '.join(ours)} (or any timm model name)")
     given = kwargs.get("num_classes")

@@ -51,8 +51,9 @@ class DiagAttention(TokenMixer):
 
     Grids not divisible by the block: the last tile row/column is smaller and holds only real tokens
     (the official code zero-pads the last chunk, and under softmax the padded zero keys take part in
-    the softmax; here nothing is padded). Prefix tokens form one block of their own (they attend to each
-    other only, and no image token attends to them); the official 1-D code has no prefix tokens. The
+    the softmax; here nothing is padded). Prefix tokens (the official 1-D code has none) attend to every
+    token, prefix and image (a class token can summarise the image even in a model of DiagAttention
+    layers only), while image tokens attend within their tile only, prefix keys excluded. The
     tiles are reshaped into a batch of ``L = bh·bw``-token sequences (:func:`linvision.mixers.grid_blocks.block_local`)
     and go through PyTorch SDPA (softmax) or two small matmuls in fp32 (ReLU): no ``N×N`` mask.
 
@@ -109,7 +110,7 @@ class DiagAttention(TokenMixer):
         attend = lambda a, b, c: _block_attention(a, b, c, self.use_softmax)  # noqa: E731
         o = block_local(q[:, T:], k[:, T:], v[:, T:], hw, self.block_size, attend)
         if T:
-            pre = attend(*(t[:, :T].transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+            pre = attend(q[:, :T].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
             o = torch.cat([pre, o], dim=1)
         o = o.flatten(2)
         if not self.use_softmax:

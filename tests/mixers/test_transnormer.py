@@ -48,12 +48,13 @@ def test_official_fixtures_tell_the_options_apart():
 
 
 def _dense_block_oracle(q, k, v, hw, block, prefix, use_softmax):
-    """Block-local attention through an explicit N×N mask: tile index per image token, prefix = one block."""
+    """Block-local attention through an explicit N×N mask: image tokens within their tile, prefix rows global."""
     (h, w), (bh, bw) = hw, block
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     tile = ((ys // bh) * (w + bw) + xs // bw).flatten() + 1  # distinct ids per tile
     ids = torch.cat([torch.zeros(prefix, dtype=torch.long), tile])
     allowed = ids[:, None] == ids[None, :]
+    allowed[:prefix] = True
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     if use_softmax:
