@@ -137,3 +137,19 @@ def test_norms_are_fp32_and_official_formulas():
 def test_bad_options(name, opts, match):
     with pytest.raises(ValueError, match=match):
         create_mixer(name, dim=16, num_heads=2, **opts)
+
+
+@pytest.mark.parametrize("act_fun", ["1+elu", "elu", "relu"])
+def test_triton_backend_matches_torch(act_fun):
+    """The kernel's Triton path (interpreted on CPU) under ``normalize="none"``, ``mean=True``: forward and dx."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1 + 5 * 7, 16, requires_grad=True)
+    results = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(1)
+        m = create_mixer("transnormer", dim=16, num_heads=2, act_fun=act_fun, backend=backend)
+        out = m(x, (5, 7), 1)
+        (dx,) = torch.autograd.grad(out.square().sum(), x)
+        results.append((out, dx))
+    (ref, dref), (out, dx) = results
+    assert rel_err(out, ref) < 1e-5 and rel_err(dx, dref) < 1e-5
