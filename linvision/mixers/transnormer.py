@@ -38,7 +38,7 @@ class NormAttention(TokenMixer):
 
     Options (official names):
 
-    - ``act_fun``: φ, ``"1+elu"`` (default; TransNormer T2, the paper's main model), ``"elu"`` (T1: plain
+    - ``act_fun``: φ, ``"1+elu"`` (default; TransNormer T2), ``"elu"`` (T1: plain
       ELU, which can be negative), ``"relu"``.
     - ``norm_type``: ``"simplermsnorm"`` (default, T1 and T2), ``"rmsnorm"``, ``"gatedrmsnorm"``,
       ``"layernorm"`` (the module's own default, overridden by every TransNormer config).
@@ -51,12 +51,13 @@ class NormAttention(TokenMixer):
 
     Parameters as the official module (``q_proj``, ``k_proj``, ``v_proj``, ``layer_norm``, ``out_proj``), so
     its state dict loads with ``strict=True``; init as its ``reset_parameters`` (Xavier-uniform, gain 2^-½ on
-    q/k/v; ``out_proj`` Xavier-uniform with zero bias).
+    q/k/v; ``out_proj`` Xavier-uniform with zero bias) in its creation order: under the same seed the
+    initial weights equal the official module's.
 
-    Deviations: the official module takes ``(L, B, C)`` sequences without a grid; here the grid ``hw`` is
-    accepted and unused (no position term: URPE, ``weight_type`` re-weightings and Toeplitz parts of the
-    official module are off in the configs this follows, except URPE in the paper's models, which is a 1-D
-    relative position encoding and not built here). Dropout (``use_dropout``) is not built (off by default).
+    Deviations: the official module takes ``(L, B, C)`` sequences and no grid; ``hw`` is accepted and unused.
+    Not built: URPE (a 1-D relative position encoding, on in the paper's T1/T2 models; the ViT here has
+    absolute positions instead), the ``weight_type`` re-weightings and the Toeplitz branch (off in T1/T2),
+    dropout (``use_dropout``, off by default), causal masking.
     """
 
     def __init__(
@@ -73,8 +74,8 @@ class NormAttention(TokenMixer):
         self.norm_type = check_choice("norm_type", norm_type, NORM_TYPES)
         self.backend = check_choice("backend", backend, BACKENDS)
         bias = check_bool("bias", bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)  # the official creation order
         self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
         self.v_proj = nn.Linear(dim, dim, bias=bias)
         self.layer_norm = build_norm(norm_type, dim)
         self.out_proj = nn.Linear(dim, dim, bias=bias)

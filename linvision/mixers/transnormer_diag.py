@@ -65,8 +65,9 @@ class DiagAttention(TokenMixer):
 
     Parameters as the official module (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``norm``), so its
     state dict loads with ``strict=True``; init as its ``reset_parameters`` (Xavier-uniform weights,
-    ``out_proj`` bias zero). Not built: URPE (a 1-D position encoding, on in the paper's language models),
-    ``weight_type`` re-weightings, dropout on the probabilities, causal masking.
+    ``out_proj`` bias zero; same creation order, so the same seed gives the official initial weights).
+    Not built: URPE (a 1-D position encoding, on in the paper's T1/T2 models), ``weight_type``
+    re-weightings, dropout on the probabilities, causal masking.
     """
 
     def __init__(
