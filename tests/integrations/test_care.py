@@ -85,6 +85,9 @@ def test_timm_interface():
     assert head.shape == dist.shape == (2, 5)
     with pytest.raises(ValueError, match="global_pool"):
         model.reset_classifier(5, "max")
+    with torch.no_grad():
+        half = model.eval().to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
 
 
 def test_features_only_and_grad_checkpointing():
