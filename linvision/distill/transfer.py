@@ -92,7 +92,7 @@ class AttentionTransfer:
 
     On each mixer call the hook computes the softmax teacher from the mixer's own ``qkv``/``proj``, stores
     the layer's losses (``weights``: :func:`attention_weight_ce`, ``outputs``: MSE) and, with
-    ``teacher_forcing``, returns the teacher's output in place of the mixer's. :meth:`loss` combines them;
+    ``teacher_forcing``, returns the teacher's output in place of the mixer's. ``enabled = False`` pauses it. :meth:`loss` combines them;
     :meth:`remove` detaches the hooks. ``ValueError`` when the model has no such mixer or both losses are off.
     """
 
@@ -109,10 +109,13 @@ class AttentionTransfer:
             raise ValueError("the model has no mixer with attention_rows() (hedgehog, lolcats, liger): "
                              "nothing to transfer")
         self.losses: Dict[str, Dict[str, Tensor]] = {}
+        self.enabled = True  # False: the mixers run as they are (e.g. to evaluate the student)
         self.handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.layers]
 
     def _hook(self, name: str):
-        def hook(mixer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        def hook(mixer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Optional[Tensor]:
+            if not self.enabled:
+                return None
             x, hw, prefix = _call_args(args, kwargs)
             with torch.no_grad():
                 teacher = teacher_attention(mixer, x)
