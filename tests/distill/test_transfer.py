@@ -112,3 +112,28 @@ def test_transfer_refuses_models_without_new_mixers():
         AttentionTransfer(tiny_vit("linear"))
     with pytest.raises(ValueError, match="nothing to train"):
         select_new_parameters(tiny_vit("liger"))
+
+
+def test_timm_vit_path_transfer_and_lora():
+    """A timm ViT (not linvit) through linvision.timm.linearize: hooks reach the wrapped mixers, LoRA the
+    fused projections inside them, and the merge gives back plain Linears with the adapted weights."""
+    from linvision.distill.lora import add_lora, merge_lora
+    from linvision.linearized import linearize_classifier
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                            num_classes=3).eval()
+    student = linearize_classifier(vit, "lolcats", {"lolcats": {"radius": 2}}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    transfer = AttentionTransfer(student)
+    torch.testing.assert_close(student(x), vit(x), rtol=1e-5, atol=1e-5)
+    transfer.remove()
+    lora = add_lora(student, rank=2)
+    assert lora and all(".attn.mixer." in n and "lora_" in n for n in lora)
+    for n, p in student.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    adapted = student(x)
+    merge_lora(student)
+    assert type(student.blocks[0].attn.mixer.qkv) is torch.nn.Linear
+    torch.testing.assert_close(student(x), adapted, rtol=1e-5, atol=1e-5)
