@@ -137,3 +137,18 @@ def test_timm_vit_path_transfer_and_lora():
     merge_lora(student)
     assert type(student.blocks[0].attn.mixer.qkv) is torch.nn.Linear
     torch.testing.assert_close(student(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_the_linear_mixer_is_seen_without_autograd():
+    """The plain linear mixer's no-grad streamed path reads qkv.weight; with LoRA it takes the projection call."""
+    from linvision.distill.lora import add_lora
+
+    model = tiny_vit("linear").eval()
+    add_lora(model, rank=2)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        streamed = model(x)
+    torch.testing.assert_close(streamed, model(x).detach(), rtol=1e-5, atol=1e-5)
