@@ -93,6 +93,7 @@ class HedgehogAttention(QKVMixer):
         self.eps = check_float("eps", eps, min=0.0)
         resolve_backend(backend)
         self.backend = backend
+        check_bool("feature_bias", feature_bias)
         self.feature_map_q = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
         self.feature_map_k = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
 

@@ -127,6 +127,7 @@ class LolcatsAttention(QKVMixer):
         self.affine_factors = check_bool("affine_factors", affine_factors)
         check_choice("form", form, FORMS)
         self.window_factors = nn.Parameter(torch.full((num_heads,), init))
+        check_bool("feature_bias", feature_bias)
         self.feature_map_q = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
         self.feature_map_k = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
 

@@ -134,6 +134,7 @@ def test_liger_gate_is_the_key():
 
 @pytest.mark.parametrize("name,bad", [
     ("hedgehog", {"form": "relu"}), ("hedgehog", {"feature_dim": 0}), ("hedgehog", {"eps": -1.0}),
+    ("hedgehog", {"feature_bias": "yes"}), ("lolcats", {"feature_dim": 2.5}),
     ("lolcats", {"window": "circle"}), ("lolcats", {"radius": 0}), ("lolcats", {"radius": 2.0}),
     ("lolcats", {"affine_factors": 1}), ("lolcats", {"init_window_factor": float("nan")}),
     ("liger", {"window_mix": 1.5}), ("liger", {"gate_normalizer": 0.0}), ("liger", {"radius": True}),
