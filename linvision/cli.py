@@ -11,6 +11,7 @@ JOBS = {
     "bench": ("linvision.benchmarks.run", "time and peak memory of every mixer against softmax at growing resolution"),
     "classify": ("linvision.train.classify", "train an image classifier (ImageFolder or the built-in digits) with accelerate"),
     "distill": ("linvision.train.distill", "distill a softmax diffusion denoiser into a linear-attention adapter with accelerate"),
+    "linearize": ("linvision.train.linearize", "turn a pretrained softmax classifier into a linear-attention one: attention transfer, then distillation"),
     "sample": ("linvision.sample.sample", "draw images with a diffusers pipeline and a linvision adapter, at any resolution"),
     "demo": ("linvision.demo", "the whole story on the built-in digits: classify, train a DiT, distill, sample, score, report"),
 }

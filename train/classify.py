@@ -28,13 +28,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import rng
@@ -190,8 +190,11 @@ def _say(accelerator: Accelerator, message: str) -> None:
 
 def _train_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, scheduler, ema, mixup,
                  criterion: nn.Module, dataset, sampler: EpochSampler, steps_per_epoch: int, progress: Progress,
-                 out: Path) -> bool:
-    """One epoch (or its rest, after a resume) of optimizer steps; True when ``train.max_steps`` stopped it."""
+                 out: Path, compute_loss: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None) -> bool:
+    """One epoch (or its rest, after a resume) of optimizer steps; True when ``train.max_steps`` stopped it.
+
+    ``compute_loss(model, x, target)`` replaces ``criterion(model(x), target)`` (``linvision linearize``'s stages).
+    """
     t = cfg.train
     sampler.set_epoch(progress.epoch, start_batch=progress.step_in_epoch * t.accum_steps)
     loader = build_loader(dataset, sampler, cfg.data.batch_size, cfg.data.num_workers, t.seed + progress.epoch,
@@ -209,7 +212,7 @@ def _train_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, optimi
             x, target = mixup(x, y)
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                loss = criterion(model(x), target)
+                loss = compute_loss(model, x, target) if compute_loss else criterion(model(x), target)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.optim.clip_grad is not None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from linvision.distill import DistillPair, LossWeights, Objective, conditioner_for
 from linvision.distill.conditioning import to as cond_to
+from linvision.distill.transfer import transfer_mixers
 
 from . import rng
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
@@ -53,7 +54,7 @@ from .metrics import MetricsLog, plot_series
 from .schedule import build_scheduler
 
 CHECKPOINT = "checkpoint.pt"
-TERMS = ("loss", "task", "output", "feature", "variance")
+TERMS = ("loss", "task", "output", "feature", "variance", "attention")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # keys that may differ between a run and its resumption without changing its results
 RESUME_FREE = frozenset({"train.resume", "train.max_steps", "train.checkpoint_every", "train.log_every",
@@ -187,10 +188,17 @@ def build(cfg: DistillConfig) -> Job:
     rng.seed_everything(t.seed)  # identical adapter initialisation on every process
     s = cfg.student
     try:
-        pair = DistillPair.build(pipe, s.mechanism, s.options, s.inherit, s.trainable, s.feature_layers)
-    except ValueError as err:
+        adapter = None
+        if s.adapter is not None:
+            from linvision.diffusers import DiffusersAdapter
+
+            adapter = DiffusersAdapter.from_pretrained(s.adapter)
+            if adapter.config.mechanism != s.mechanism:
+                raise ValueError(f"student.adapter is a {adapter.config.mechanism!r} adapter, not {s.mechanism!r}")
+        pair = DistillPair.build(pipe, s.mechanism, s.options, s.inherit, s.trainable, s.feature_layers, adapter=adapter)
+    except (OSError, ValueError) as err:
         raise ConfigError(f"student: {err}") from None
-    weights = LossWeights(cfg.loss.task, cfg.loss.output, cfg.loss.feature, cfg.loss.variance)
+    weights = LossWeights(cfg.loss.task, cfg.loss.output, cfg.loss.feature, cfg.loss.variance, cfg.loss.attention)
     _check_loss(weights, pair, pipe)
     if s.gradient_checkpointing:
         if not getattr(pair.student, "_supports_gradient_checkpointing", False):
@@ -231,6 +239,9 @@ def build(cfg: DistillConfig) -> Job:
 def _check_loss(weights: LossWeights, pair: DistillPair, pipe) -> None:
     if weights.feature and not pair.layers:
         raise ConfigError("loss.feature > 0 but student.feature_layers is empty")
+    if weights.attention and not transfer_mixers(pair.student):
+        raise ConfigError(f"loss.attention > 0 needs a mixer with attention weights (hedgehog, lolcats, liger), "
+                          f"not {pair.adapter.config.mechanism!r}")
     if weights.variance:
         config = pair.teacher.config
         out_channels = getattr(config, "out_channels", None) or config.in_channels

@@ -42,6 +42,8 @@ class StudentSection:
     feature_layers: List[str] = _doc(["all"], "attention outputs matched by the feature term: 'all', names or glob "
                                      "patterns of the replaced attentions (unknown names are an error)")
     gradient_checkpointing: bool = _doc(False, "recompute activations in the backward pass (diffusers' checkpointing)")
+    adapter: Optional[str] = _doc(None, "start from this saved adapter (a previous run's adapter/, e.g. the attention-"
+                                  "transfer stage of the hedgehog/lolcats recipes) instead of a new one")
 
 
 @dataclass
@@ -52,6 +54,8 @@ class LossSection:
     output: float = _doc(0.5, "MSE between student and teacher predictions")
     feature: float = _doc(0.5, "mean over feature_layers of the attention-output MSE")
     variance: float = _doc(0.0, "MSE between the learned-sigma channels (LiT's lambda_2 on DiT/PixArt)")
+    attention: float = _doc(0.0, "attention-weight cross-entropy to softmax (Hedgehog's transfer; hedgehog, lolcats, "
+                            "liger mixers), mean over their layers")
 
 
 @dataclass

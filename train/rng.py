@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -50,6 +50,18 @@ def seeded(seed: int) -> Iterator[None]:
         torch.set_rng_state(torch_state)
 
 
+@contextlib.contextmanager
+def cpu_threads(threads: Optional[int]) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block (``None``: unchanged); the old count restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def capture() -> Dict[str, Any]:
     """This process's generator states as tensors and plain values (loadable with ``weights_only=True``)."""
     version, internal, gauss = random.getstate()
@@ -79,4 +91,4 @@ def restore(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-__all__ = ["capture", "restore", "sample_seed", "seed_everything", "seeded"]
+__all__ = ["capture", "cpu_threads", "restore", "sample_seed", "seed_everything", "seeded"]

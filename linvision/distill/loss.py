@@ -2,6 +2,8 @@
 variance term), every term a mean squared error in fp32.
 
 ``L = w_task·MSE(ŷ_S, target) + w_output·MSE(ŷ_S, ŷ_T) + w_feature·mean_l MSE(A_S^l, A_T^l) + w_variance·MSE(Σ_S, Σ_T)``
+``+ w_attention·mean_l CE(softmax weights, mixer weights)`` (Hedgehog's attention-weight transfer,
+:mod:`linvision.distill.transfer`; a cross-entropy, the one term that is not an MSE).
 
 - LinFusion: ``(1, 0.5, 0.5, 0)`` over every ``attn1``; CLEAR: the same over its chosen layers (flow target).
 - LiT's hybrid KD: ``L_simple + 0.5‖ε_T − ε_S‖² + 0.05‖Σ_T − Σ_S‖²`` = ``(1, 0.5, 0, 0.05)``.
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TERMS = ("task", "output", "feature", "variance")
+TERMS = ("task", "output", "feature", "variance", "attention")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class LossWeights:
     output: float = 0.5
     feature: float = 0.5
     variance: float = 0.0
+    attention: float = 0.0
 
     def needs_teacher(self) -> bool:
         return any(getattr(self, k) != 0 for k in ("output", "feature", "variance"))
@@ -72,12 +75,14 @@ def distill_loss(
     teacher_out: Optional[Tensor] = None,
     student_features: Sequence = (),
     teacher_features: Sequence = (),
+    attention: Optional[Tensor] = None,
 ) -> Dict[str, Tensor]:
     """``{"loss", "task", "output", "feature", "variance"}`` (scalars, fp32).
 
     ``student_out``/``teacher_out``: denoiser outputs ``(B, C or 2C, H, W)``; ``target (B, C, H, W)``;
     features: the captured per-layer outputs (same order in both). Terms without a teacher (or without
-    learned sigma / layers) are absent; ``ValueError`` when a term with non-zero weight cannot be computed.
+    learned sigma / layers) are absent; ``attention``: the student's attention-weight cross-entropy, when
+    measured. ``ValueError`` when a term with non-zero weight cannot be computed.
     """
     channels = target.shape[1]
     pred_s, var_s = split_prediction(student_out, channels)
@@ -91,6 +96,8 @@ def distill_loss(
             raise ValueError(f"{len(student_features)} student features but {len(teacher_features)} teacher features")
         if student_features:
             terms["feature"] = torch.stack([feature_mse(s, t) for s, t in zip(student_features, teacher_features)]).mean()
+    if attention is not None:
+        terms["attention"] = attention.float()
     total = torch.zeros((), device=target.device, dtype=torch.float32)
     for name in TERMS:
         weight = getattr(weights, name)
@@ -98,7 +105,8 @@ def distill_loss(
             continue
         if name not in terms:
             why = {"output": "no teacher output", "feature": "no feature layers",
-                   "variance": "the denoiser has no learned-sigma channels"}.get(name, "")
+                   "variance": "the denoiser has no learned-sigma channels",
+                   "attention": "no mixer with attention_rows: hedgehog, lolcats, liger"}.get(name, "")
             raise ValueError(f"loss weight {name}={weight} but the term cannot be computed ({why})")
         total = total + weight * terms[name]
     terms["loss"] = total

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..diffusers import DiffusersAdapter, denoiser_of
 from .hooks import FeatureHooks, resolve_layers
 from .loss import LossWeights, distill_loss
+from .transfer import AttentionTransfer
 
 ADAPTER = "adapter"
 
@@ -67,6 +68,7 @@ class DistillPair:
         self.trainable = list(trainable)
         self.teacher_hooks = FeatureHooks(teacher, self.layers)
         self.student_hooks = FeatureHooks(student, self.layers)
+        self.transfer: Optional[AttentionTransfer] = None  # hooks for the attention term, made when first needed
 
     @classmethod
     def build(
@@ -127,7 +129,9 @@ class DistillPair:
     def losses(self, x0: Tensor, noise: Tensor, index: Tensor, cond: Dict[str, Tensor], objective, conditioner,
                weights: LossWeights, student: Optional[nn.Module] = None, dtype: Optional[torch.dtype] = None
                ) -> Dict[str, Tensor]:
-        """One distillation forward: ``{"loss", "task", "output", "feature", "variance"}`` (see :mod:`.loss`).
+        """One distillation forward: ``{"loss", "task", "output", "feature", "variance"}`` (see :mod:`.loss`), and
+        ``"attention"`` when ``weights.attention`` is set (the mixers' attention-weight cross-entropy against the
+        softmax weights of their own, inherited q/k: no teacher forcing here, each layer sees the student's input).
 
         ``x0``, ``noise``: latents ``(B, C, H, W)``; ``index (B,)``: schedule indices; ``cond``: the batch's
         condition. The teacher runs first, without gradients (when a term needs it). ``student`` is the
@@ -144,11 +148,23 @@ class DistillPair:
         if weights.needs_teacher():
             with torch.no_grad():
                 teacher_out = conditioner.call(self.teacher, x_t, t, cond)
-        student_out = conditioner.call(student, x_t, t, cond)
+        attention = None
+        if weights.attention:
+            if self.transfer is None:
+                self.transfer = AttentionTransfer(self.student, weights=True, outputs=False, teacher_forcing=False)
+            self.transfer.enabled = True
+        try:
+            student_out = conditioner.call(student, x_t, t, cond)
+        finally:
+            if self.transfer is not None:
+                self.transfer.enabled = False  # sampling and evaluation calls skip the term
+        if weights.attention:
+            attention = self.transfer.loss(weights=1.0, outputs=0.0)["weights"]
+            self.transfer.clear()
         features = ([], [])
         if teacher_out is not None and self.layers:
             features = (self.student_hooks.features(), self.teacher_hooks.features())
-        return distill_loss(student_out, target, weights, teacher_out, *features)
+        return distill_loss(student_out, target, weights, teacher_out, *features, attention=attention)
 
 
 __all__ = ["ADAPTER", "DistillPair", "select_trainable"]

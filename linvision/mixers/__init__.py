@@ -8,12 +8,15 @@ from typing import List, Type
 from .base import TokenMixer, check_tokens
 from .clear import ClearAttention
 from .dydila import DyDiLA
+from .hedgehog import HedgehogAttention
 from .infsa import InfSAAttention
 from .lightnet import LightNetAttention
+from .liger import LigerAttention
 from .lina import LinaAttention
 from .linear import LinearAttention
 from .linfusion import LinFusionAttention
 from .lit import LiTAttention
+from .lolcats import LolcatsAttention
 from .nala import NormAwareLinearAttn, VanillaSelfAttention
 from .plstm import PLSTMMixer
 from .softmax import SoftmaxAttention
@@ -24,12 +27,15 @@ MIXERS = MappingProxyType(
     {
         "clear": ClearAttention,
         "dydila": DyDiLA,
+        "hedgehog": HedgehogAttention,
         "infsa": InfSAAttention,
         "lightnet": LightNetAttention,
+        "liger": LigerAttention,
         "lina": LinaAttention,
         "linear": LinearAttention,
         "linfusion": LinFusionAttention,
         "lit": LiTAttention,
+        "lolcats": LolcatsAttention,
         "nala": NormAwareLinearAttn,
         "nala_softmax": VanillaSelfAttention,
         "plstm": PLSTMMixer,

@@ -5,7 +5,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..kernels.backend import resolve_backend
 from ..kernels.linear_attn import apply_state, chunk_tokens, linear_attention, state_of
@@ -47,7 +47,8 @@ class LinearAttention(QKVMixer):
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         phi = FEATURE_MAPS[self.feature_map]
-        if not torch.is_grad_enabled() and resolve_backend(self.backend, x) == "torch":
+        # the streamed path reads qkv.weight directly: only for a plain Linear (not a LoRA-wrapped one)
+        if not torch.is_grad_enabled() and resolve_backend(self.backend, x) == "torch" and type(self.qkv) is nn.Linear:
             return self._mix_streamed(x, phi)
         q, k, v = self.project_qkv(x)
         o = linear_attention(q, k, v, feature_map=phi, eps=self.eps, backend=self.backend)

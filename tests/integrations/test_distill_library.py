@@ -215,3 +215,29 @@ def test_linfusion_xl_mid_dim_scale_sets_each_layers_mlp_width():
     assert all(layer.to_q_[0].out_features == 4 for layer in adapter.layers())
     with pytest.raises(ValueError, match="not both"):
         DiffusersAdapter.construct_for(tiny.build_sd(), "linfusion", projection_mid_dim=4, projection_mid_dim_scale=2)
+
+
+@pytest.mark.parametrize("mechanism", ["hedgehog", "lolcats"])
+def test_attention_transfer_term_trains_only_the_feature_maps(mechanism):
+    """Stage 1 of the Hedgehog/LoLCATs recipes on a tiny DiT: the attention-weight cross-entropy alone, only the
+    feature maps (and window factors) trainable; the term falls and nothing else moves."""
+    pipe = tiny.build_dit()
+    patterns = ["*feature_map_*"] + (["*window_factors"] if mechanism == "lolcats" else [])
+    pair = DistillPair.build(pipe, mechanism, trainable=patterns, feature_layers=[])
+    assert pair.trainable and all("feature_map" in n or "window_factors" in n for n in pair.trainable)
+    objective, conditioner = Objective(pipe.scheduler), conditioner_for(pipe)
+    x0, noise, index = fixed_batch("dit", objective, batch=2)
+    cond = condition("dit", 2, conditioner)
+    weights = LossWeights(task=0.0, output=0.0, feature=0.0, variance=0.0, attention=1.0)
+    before = {k: v.clone() for k, v in pair.student.state_dict().items()}
+    optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=3e-2)
+    history = []
+    for _ in range(15):
+        terms = pair.losses(x0, noise, index, cond, objective, conditioner, weights)
+        terms["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(float(terms["attention"].detach()))
+    assert history[-1] < history[0]
+    changed = {k for k, v in pair.student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= set(pair.trainable)

@@ -277,3 +277,23 @@ def test_shipped_configs_load_and_fit_their_family(path):
     assert pair.trainable
     if family == "flux" and s.feature_layers:  # CLEAR: single blocks 1, 5, ..., 37 of FLUX's 38
         assert [int(n.split(".")[1]) for n in s.feature_layers] == list(range(1, 38, 4))
+
+
+def test_two_stage_attention_transfer_then_finetune_from_the_adapter(dit, tmp_path):
+    """The hedgehog/lolcats recipes' two runs on the tiny DiT: attention transfer (attention-weight term, feature
+    maps only), then the whole adapter from stage 1's adapter/ (student.adapter; at lr 0 it stays stage 1's)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    first = distill.run(build_distill_config(tiny(
+        one, dit, student={"mechanism": "hedgehog", "trainable": ["*.feature_map_q.*", "*.feature_map_k.*"]},
+        loss={"task": 0.0, "output": 0.0, "feature": 0.0, "variance": 0.0, "attention": 1.0},
+        train={"steps": 2, "checkpoint_every": 2, "log_every": 1}, eval={"seeds": [0], "steps": 2})))
+    assert first["first"]["attention"] > 0
+    weights = "diffusion_pytorch_model.safetensors"
+    distill.run(build_distill_config(tiny(
+        two, dit, student={"mechanism": "hedgehog", "adapter": str(one / "adapter")}, optim={"lr": 0.0},
+        train={"steps": 1, "checkpoint_every": 1, "log_every": 1}, eval={"seeds": [0], "steps": 2})))
+    a, b = load_file(str(one / "adapter" / weights)), load_file(str(two / "adapter" / weights))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="student.adapter"):
+        distill.run(build_distill_config(tiny(tmp_path / "x", dit, student={"mechanism": "lolcats",
+                                                                             "adapter": str(one / "adapter")})))

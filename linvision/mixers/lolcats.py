@@ -1,0 +1,161 @@
+"""LoLCATs: softmax attention inside a 2-D window plus Hedgehog linear attention outside it, one normaliser.
+
+Paper: "LoLCATs: On Low-Rank Linearizing of Large Language Models" (Zhang et al., ICLR 2025, arXiv 2410.10254).
+Official code: HazyResearch/lolcats ``src/model/linear_attention/linear_window_attention_tk.py``
+(``hybrid_attention_quadratic``, ``LolcatsTKWindowAttention``), feature map ``src/model/feature_map.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from .base import QKVMixer
+from .hedgehog import FORMS, HedgehogFeatureMap
+from .window2d import SHAPES, shifted, window_offsets, window_rows
+
+# σ(−2.1972…) = 0.1: the ``init_window_factor`` of every ``*_w01`` LoLCATs config.
+INIT_WINDOW_FACTOR = -2.1972245773362196
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def hybrid_rows(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, hw: Tuple[int, int], num_prefix_tokens: int,
+                window_factor: Tensor, linear_factor, shape: str, radius: int, start: int, stop: int) -> Tensor:
+    """The hybrid attention weights of query rows ``start:stop`` against all keys, ``[B, H, n, N]`` (dense rows).
+
+    ``a_ij = (w·exp(s_ij − m_i)·[j ∈ W_i] + l·φ(q_i)·φ(k_j)·[j ∉ W_i]) / Σ_j (same)``, ``s = q·k/√D``,
+    ``m_i = max_{j ∈ W_i} s_ij``, ``w = window_factor [H]``, ``l = linear_factor`` (a number or ``[H]``): the official
+    ``hybrid_attention_quadratic`` with the causal terraced mask replaced by the 2-D window ``W_i``
+    (:func:`linvision.mixers.window2d.window_rows`). The oracle of :func:`hybrid_attention`.
+    """
+    acc = _acc(q)
+    mask = window_rows(hw, num_prefix_tokens, shape, radius, start, stop, q.device)
+    s = torch.einsum("bnhd,bmhd->bhnm", q[:, start:stop].to(acc), k.to(acc)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~mask, float("-inf"))
+    wf = window_factor.to(acc).reshape(1, -1, 1, 1)
+    a_sm = wf * torch.exp(s - s.amax(-1, keepdim=True))
+    a_ln = torch.einsum("bnhf,bmhf->bhnm", fq[:, start:stop].to(acc), fk.to(acc)).masked_fill(mask, 0.0)
+    lf = linear_factor.to(acc).reshape(1, -1, 1, 1) if isinstance(linear_factor, Tensor) else linear_factor
+    a = a_sm + lf * a_ln
+    return a / a.sum(-1, keepdim=True)
+
+
+def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw: Tuple[int, int],
+                     num_prefix_tokens: int, window_factor: Tensor, linear_factor, shape: str, radius: int) -> Tensor:
+    """``o [B, N, H, Dv]`` of the weights of :func:`hybrid_rows`, in ``O(N·(|W| + T)·D + N·F·Dv)``.
+
+    Shapes: ``q, k [B, N, H, D]``, ``v [B, N, H, Dv]``, ``fq, fk [B, N, H, F]`` with ``N = T + h·w``.
+    Image queries: softmax terms over the window's image keys (shifted views) and all prefix keys; the
+    linear part outside the window is the global state ``Σ_j φ(k_j) v_jᵀ`` minus the window's own terms.
+    Prefix queries: their window is every key, so they get exact softmax attention. fp32 (fp64 for fp64).
+    """
+    acc = _acc(q)
+    B, N, H, D = q.shape
+    h, w = hw
+    T = num_prefix_tokens
+    q, k, v, fq, fk = (t.to(acc) for t in (q, k, v, fq, fk))
+    scale = 1.0 / math.sqrt(D)
+    offsets = window_offsets(shape, radius)
+    wf = window_factor.to(acc)  # [H]
+    lf = linear_factor.to(acc) if isinstance(linear_factor, Tensor) else linear_factor  # [H] or a number
+    lf_v = lf[:, None] if isinstance(lf, Tensor) else lf  # against [..., H, K] and [..., H, Dv]
+    qg = q[:, T:].reshape(B, h, w, H, D)
+    fqg = fq[:, T:].reshape(B, h, w, H, -1)
+    scores, lin = [], []
+    for (k_o, valid), (fk_o, _) in zip(shifted(k[:, T:], hw, offsets), shifted(fk[:, T:], hw, offsets)):
+        inside = valid[None, :, :, None]
+        scores.append(((qg * k_o).sum(-1) * scale).masked_fill(~inside, float("-inf")))
+        lin.append((fqg * fk_o).sum(-1).masked_fill(~inside, 0.0))
+    scores, lin = torch.stack(scores, -1), torch.stack(lin, -1)  # [B, h, w, H, K]
+    m = scores.amax(-1)
+    if T:
+        s_pre = torch.einsum("byxhd,bthd->byxht", qg, k[:, :T]) * scale
+        m = torch.maximum(m, s_pre.amax(-1))
+        e_pre = wf[:, None] * torch.exp(s_pre - m[..., None])
+    e_win = wf[:, None] * torch.exp(scores - m[..., None])
+    fk_img, v_img = fk[:, T:], v[:, T:]
+    state = torch.einsum("bnhf,bnhv->bhfv", fk_img, v_img)
+    z = fk_img.sum(1)  # [B, H, F]
+    coef = e_win - lf_v * lin
+    num = lf_v * torch.einsum("byxhf,bhfv->byxhv", fqg, state)
+    den = e_win.sum(-1) + lf * (torch.einsum("byxhf,bhf->byxh", fqg, z) - lin.sum(-1))
+    for i, (v_o, _) in enumerate(shifted(v_img, hw, offsets)):
+        num = num + coef[..., i, None] * v_o
+    if T:
+        num = num + torch.einsum("byxht,bthv->byxhv", e_pre, v[:, :T])
+        den = den + e_pre.sum(-1)
+    out_img = (num / den[..., None]).reshape(B, h * w, H, -1)
+    if not T:
+        return out_img
+    s = torch.einsum("bthd,bnhd->bhtn", q[:, :T], k) * scale
+    out_pre = torch.einsum("bhtn,bnhv->bthv", s.softmax(-1), v)
+    return torch.cat([out_pre, out_img], 1)
+
+
+class LolcatsAttention(QKVMixer):
+    """Bidirectional 2-D LoLCATs attention: softmax in a window ``W_i`` around each image token, Hedgehog
+    linear attention over every other token, combined with one shared normaliser (see :func:`hybrid_rows`).
+
+    Options: ``window`` ``"disc"`` (CLEAR's open disc ``dy² + dx² < r²``) or ``"square"`` (``|dy|, |dx| < r``),
+    ``radius`` ``r``; the window factor ``σ(window_factors[h])`` per head, initialised at
+    ``init_window_factor`` (``−2.1972``: σ = 0.1, the ``w01`` configs); ``affine_factors``: the linear
+    part is scaled by ``1 − σ`` instead of 1 (official ``affine_attention_factors``, false in the configs);
+    ``feature_dim``, ``form``: the Hedgehog maps on q and k (``softmax``, ``feature_dim = head_dim`` as
+    ``lk_smd_fd64``). Prefix tokens are in every image token's window; prefix queries attend to every
+    token with plain softmax.
+
+    Deviations from the official module: bidirectional, and the causal 1-D "terraced" window of 64 tokens
+    becomes a 2-D window on the image grid; no RoPE (ViTs have absolute positions); feature maps start at
+    the identity (the configs' ``zero_init: false`` draws Kaiming-uniform ``W`` without bias). The whole
+    thing runs in PyTorch (fp32) with shifted views, ``O(N·(|W| + T))`` memory, no ``N × N`` matrix.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
+                 window: str = "disc", radius: int = 5, init_window_factor: float = INIT_WINDOW_FACTOR,
+                 affine_factors: bool = False, feature_dim: Optional[int] = None, form: str = "softmax",
+                 feature_bias: bool = True):
+        super().__init__(dim, num_heads, check_bool("qkv_bias", qkv_bias), check_bool("proj_bias", proj_bias))
+        self.window = check_choice("window", window, SHAPES)
+        self.radius = check_int("radius", radius, min=1)
+        init = check_float("init_window_factor", init_window_factor)
+        self.affine_factors = check_bool("affine_factors", affine_factors)
+        check_choice("form", form, FORMS)
+        self.window_factors = nn.Parameter(torch.full((num_heads,), init))
+        check_bool("feature_bias", feature_bias)
+        self.feature_map_q = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
+        self.feature_map_k = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
+
+    def factors(self) -> Tuple[Tensor, object]:
+        """``(σ(window_factors) [H], linear factor)``: the linear factor is 1, or ``1 − σ`` when affine."""
+        wf = torch.sigmoid(self.window_factors.float())
+        return wf, (1 - wf if self.affine_factors else 1.0)
+
+    def _features(self, x: Tensor):
+        q, k, v = self.project_qkv(x)
+        return q, k, v, self.feature_map_q(q), self.feature_map_k(k)
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        q, k, v, fq, fk = self._features(x)
+        wf, lf = self.factors()
+        o = hybrid_attention(q, k, v, fq, fk, hw, num_prefix_tokens, wf, lf, self.window, self.radius)
+        return self.proj(o.to(x.dtype).flatten(2))
+
+    def attention_rows(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int
+                       ) -> Tuple[Tensor, Tensor, Callable[[int, int], Tensor]]:
+        """``(q, k, rows)`` for attention transfer: ``rows(a, b)`` = :func:`hybrid_rows` of rows ``a:b``."""
+        q, k, _, fq, fk = self._features(x)
+        wf, lf = self.factors()
+        return q, k, lambda a, b: hybrid_rows(q, k, fq, fk, hw, num_prefix_tokens, wf, lf, self.window,
+                                              self.radius, a, b)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window={self.window!r}, radius={self.radius}, affine={self.affine_factors}"
+
+
+__all__ = ["INIT_WINDOW_FACTOR", "LolcatsAttention", "hybrid_attention", "hybrid_rows"]
