@@ -16,6 +16,7 @@ from .linfusion import LinFusionAttention
 from .lit import LiTAttention
 from .nala import NormAwareLinearAttn, VanillaSelfAttention
 from .plstm import PLSTMMixer
+from .sana import SanaAttention
 from .softmax import SoftmaxAttention
 
 MIXERS = MappingProxyType(
@@ -31,6 +32,7 @@ MIXERS = MappingProxyType(
         "nala": NormAwareLinearAttn,
         "nala_softmax": VanillaSelfAttention,
         "plstm": PLSTMMixer,
+        "sana": SanaAttention,
         "softmax": SoftmaxAttention,
     }
 )
