@@ -197,6 +197,25 @@ BUILDERS = {"unet": build_sd, "dit": build_dit, "pixart": build_pixart, "sd3": b
             "sana": build_sana}
 
 
+def captioned_images(folder, sizes, seed: int = 0) -> str:
+    """Random RGB images ``(h, w)`` named a.png, b.png, … in ``folder`` and ``captions.jsonl`` beside it; returns
+    the captions path."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, (h, w) in enumerate(sizes):
+        name = f"{chr(ord('a') + i)}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, name))
+        lines.append(json.dumps({"file": name, "text": f"a photo number {chr(ord('a') + i)}"}))
+    path = os.path.join(os.path.dirname(os.path.abspath(folder)), "captions.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
 def save(pipe, folder: str) -> DiffusionPipeline:
     """Save ``pipe`` to ``folder`` and load it back offline (eval mode, fp32)."""
     pipe.save_pretrained(folder)

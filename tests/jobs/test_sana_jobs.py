@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,6 +18,7 @@ from linvision.train import distill
 from linvision.train.distill_config import build_distill_config
 from linvision.train.metrics import MetricsLog
 from tests import tiny_diffusers as tiny
+from tests.helpers import one_thread  # noqa: F401 - autouse
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +29,8 @@ def root(tmp_path_factory):
     pipe.save_pretrained(root / "pipe")
     adapter = DiffusersAdapter.construct_for(pipe, "lit")
     adapter.save_pretrained(root / "lit")
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    lines = []
-    for i, name in enumerate(["a.png", "b.png", "c.png", "d.png"]):
-        Image.fromarray(rng.integers(0, 255, (70 + i, 64, 3), dtype=np.uint8)).save(images / name)
-        lines.append(json.dumps({"file": name, "text": f"a photo number {'abcd'[i]}"}))
-    (root / "captions.jsonl").write_text("\n".join(lines))
+    tiny.captioned_images(root / "images", [(70 + i, 64) for i in range(4)])
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_sample_at_two_resolutions_with_an_adapter(root, tmp_path):

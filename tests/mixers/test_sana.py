@@ -5,6 +5,7 @@ import torch
 
 import linvision
 from linvision.mixers.sana import GUARD_EXPONENT, power_of_two_guard
+from tests.helpers import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock  # noqa: E402
@@ -32,10 +33,6 @@ def mixer_for(attn, **options):
     return m
 
 
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("hw,prefix", [((7, 9), 0), ((5, 4), 3)])
 def test_matches_diffusers_processor_in_fp32(qk_norm, hw, prefix):
@@ -44,7 +41,7 @@ def test_matches_diffusers_processor_in_fp32(qk_norm, hw, prefix):
     x = torch.randn(2, prefix + hw[0] * hw[1], DIM)
     with torch.no_grad():
         ref, out = attn(x), m(x, hw, prefix)
-    assert rel(out, ref) < 1e-6
+    assert rel_err(out, ref) < 1e-6
 
 
 def test_state_dict_keys_are_diffusers_attention_keys():
@@ -71,7 +68,7 @@ def test_scaled_input_is_scale_equivariant(qk_norm):
     m = m.double()
     with torch.no_grad():
         small, big = m(x, (7, 9)), m(x * 2.0 ** 40, (7, 9))
-    assert rel(big, small * 2.0 ** 40) < 1e-9  # o is 0-homogeneous in q and k, linear in v
+    assert rel_err(big, small * 2.0 ** 40) < 1e-9  # o is 0-homogeneous in q and k, linear in v
 
 
 def test_bf16_at_64k_tokens_diffusers_overflows_linvision_stays_finite():
@@ -87,7 +84,7 @@ def test_bf16_at_64k_tokens_diffusers_overflows_linvision_stays_finite():
         out, small = m(x, (256, 256)), m(x * 2.0 ** -60, (256, 256))
     assert not torch.isfinite(ref).all()
     assert torch.isfinite(out).all()
-    assert rel(out.float() * 2.0 ** -60, small.float()) < 1e-2
+    assert rel_err(out.float() * 2.0 ** -60, small.float()) < 1e-2
 
 
 def test_half_precision_clips_like_diffusers():
