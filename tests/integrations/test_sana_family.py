@@ -98,3 +98,12 @@ def test_another_qk_norm_is_refused():
                                    cross_attention_dim=16, caption_channels=8, sample_size=2, qk_norm="rms_norm")
     with pytest.raises(ValueError, match="unsupported QK norm"):
         DiffusersAdapter.construct_for(model, "sana")
+
+
+def test_denoiser_step_benchmark_compares_sanas_own_attention_clear_and_the_sana_mixer():
+    from linvision.benchmarks.denoiser_memory import denoiser_step_memory
+
+    rows = denoiser_step_memory("sana", sizes=(4, 8), width=32, depth=1, heads=2)
+    assert [r["variant"] for r in rows] == ["sana-own", "clear", "sana"] * 2
+    assert [r["tokens"] for r in rows] == [16] * 3 + [64] * 3
+    assert all(r["peak_mib"] > 0 and r["ms"] > 0 for r in rows)
