@@ -104,6 +104,7 @@ class SanaAttention(TokenMixer):
         check_bool("qkv_bias", qkv_bias)
         check_bool("out_bias", out_bias)
         self.qk_norm = check_bool("qk_norm", qk_norm)
+        norm_eps = check_float("norm_eps", norm_eps, min=0, min_open=True)
         self.eps = check_float("eps", eps, min=0)
         dropout = check_float("dropout", dropout, min=0, max=1, max_open=True)
         self.backend = check_choice("backend", backend, BACKENDS)
