@@ -85,7 +85,9 @@ class SanaAttention(TokenMixer):
 
     Deviations: the kernel's sum order differs from the padded-V matmul (same values up to fp32 rounding);
     no ``encoder_hidden_states``, attention mask or RoPE (``LiteLA``'s optional ``image_rotary_emb``,
-    unused by the text-to-image models); the overflow guard above.
+    unused by the text-to-image models); the overflow guard above (three max-reductions and one scaled copy
+    of ``q`` per call); the QK RMSNorms compute in fp32 and return the input dtype (diffusers' ``RMSNorm``
+    returns its weight's dtype).
     """
 
     def __init__(
