@@ -1,4 +1,4 @@
-"""Peak memory (and time) of one denoiser step against resolution: softmax teacher vs linear adapters.
+"""Peak memory (and time) of one denoiser step against resolution: the teacher's attention vs linear adapters.
 
 Builds a random-weight diffusers denoiser of a named size (no download), then for each latent size runs
 one CFG-batched forward (batch 2, no autograd: the sampling case) with the teacher's own attention and
@@ -6,7 +6,8 @@ with each adapter installed, and reports the extra peak memory the step needs be
 (``linvision.benchmarks.memory.peak_bytes``: CUDA allocator statistics, or tensor tracking on CPU) and
 its growth from one size to the next (4x pixels per doubling of the side).
 
-The teacher runs diffusers' SDPA. ``--sdpa math`` forces PyTorch's math backend, which materialises the
+The teacher runs diffusers' SDPA (``--family sana``: SANA's own ReLU linear attention,
+``SanaLinearAttnProcessor2_0``, against CLEAR and linvision's ``sana`` mixer by default). ``--sdpa math`` forces PyTorch's math backend, which materialises the
 N×N attention matrix as a plain implementation does; the default backends (flash / memory-efficient, on
 CPU and CUDA) keep softmax attention's memory linear in N and only its time quadratic, so the memory gap
 shows against the math backend and the time gap against both.
@@ -15,6 +16,7 @@ Examples:
   python -m linvision.benchmarks.denoiser_memory                       # DiT-S/2-like, latents 16..64
   python -m linvision.benchmarks.denoiser_memory --family unet --sizes 32 64 96 --sdpa math
   python -m linvision.benchmarks.denoiser_memory --adapters linfusion lit clear --json denoiser.json
+  python -m linvision.benchmarks.denoiser_memory --family sana --sizes 32 64 128 --heads 8   # 1x/2x/4x of 1024 px
 """
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ from .timing import median_seconds
 
 SELF_ADAPTERS = ["linfusion", "lit", "clear"]
 JOINT_ADAPTERS = ["clear", "lit", "linfusion"]
+FAMILY_ADAPTERS = {"sana": ["clear", "sana"]}  # families whose default comparison differs
+FAMILIES = ["dit", "pixart", "unet", "sd3", "flux", "sana"]
+PATCH_2 = ("dit", "pixart", "sd3", "flux")  # the benchmark models' 2x2 patches (FLUX: 2x2 packing); others patch 1
 
 
 def build_denoiser(family: str, width: int, depth: int, heads: int) -> torch.nn.Module:
     """A random-weight denoiser: ``width`` channels (attention width), ``depth`` blocks, ``heads`` heads."""
     from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                           SD3Transformer2DModel, UNet2DConditionModel)
+                           SanaTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel)
 
     head_dim = width // heads
     torch.manual_seed(0)
@@ -62,8 +67,13 @@ def build_denoiser(family: str, width: int, depth: int, heads: int) -> torch.nn.
                                        num_single_layers=max(depth // 2, 1), attention_head_dim=head_dim,
                                        num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=64,
                                        axes_dims_rope=[head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8])
+    elif family == "sana":  # 32 latent channels (DC-AE f32c32), patch 1, GLUMBConv, SDPA cross-attention
+        model = SanaTransformer2DModel(in_channels=32, out_channels=32, num_attention_heads=heads,
+                                       attention_head_dim=head_dim, num_layers=depth, num_cross_attention_heads=heads,
+                                       cross_attention_head_dim=head_dim, cross_attention_dim=width, caption_channels=64,
+                                       sample_size=32, patch_size=1)
     else:
-        raise ValueError(f"unknown family {family!r}; expected dit, pixart, unet, sd3 or flux")
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     return model.eval()
 
 
@@ -84,6 +94,9 @@ def step_inputs(family: str, model: torch.nn.Module, size: int, batch: int = 2, 
                 "timestep": t.to(p.device), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     if family == "unet":
         return {"sample": rand(batch, 4, size, size), "timestep": t.to(p.device), "encoder_hidden_states": rand(batch, text, 64)}
+    if family == "sana":
+        return {"hidden_states": rand(batch, 32, size, size), "encoder_hidden_states": rand(batch, text, 64),
+                "timestep": t.to(p.device)}
     if family == "sd3":
         return {"hidden_states": rand(batch, 4, size, size), "encoder_hidden_states": rand(batch, text, 64),
                 "pooled_projections": rand(batch, 64), "timestep": t.to(p.device)}
@@ -120,20 +133,22 @@ def measure(model, kwargs, device, repeat: int) -> Dict[str, float]:
 def denoiser_step_memory(family: str = "dit", sizes=(16, 32, 64), adapters=None, width: int = 256, depth: int = 4,
                          heads: int = 4, device: str = "cpu", dtype: torch.dtype = torch.float32, sdpa: str = "default",
                          repeat: int = 1, options: Dict = None) -> List[Dict]:
-    """Rows ``{variant, size, tokens, peak_mib, ms}``: ``"softmax"`` (the teacher) and one per adapter."""
+    """Rows ``{variant, size, tokens, peak_mib, ms}``: the teacher (``"softmax"``; ``"sana-own"`` for SANA's
+    own linear attention) first at each size, then one per adapter."""
     from linvision.diffusers import DiffusersAdapter, family_of
 
     dev = torch.device(device)
     model = torch.nn.Module.to(build_denoiser(family, width, depth, heads), device=dev, dtype=dtype)
     joint = family_of(model).kind == "joint"
-    adapters = list(adapters or (JOINT_ADAPTERS if joint else SELF_ADAPTERS))
+    adapters = list(adapters or FAMILY_ADAPTERS.get(family) or (JOINT_ADAPTERS if joint else SELF_ADAPTERS))
+    teacher = "sana-own" if family == "sana" else "softmax"
     options = options or {}
     rows = []
     for size in sizes:
         kwargs = step_inputs(family, model, size)
-        tokens = (size // 2) ** 2 if family in ("dit", "pixart", "sd3", "flux") else size * size
+        tokens = (size // 2) ** 2 if family in PATCH_2 else size * size
         with sdpa_context(sdpa):
-            rows.append({"variant": "softmax", "size": size, "tokens": tokens, **measure(model, kwargs, dev, repeat)})
+            rows.append({"variant": teacher, "size": size, "tokens": tokens, **measure(model, kwargs, dev, repeat)})
         for name in adapters:
             adapter = DiffusersAdapter.construct_for(model, name, **options.get(name, {}))
             try:
@@ -145,10 +160,12 @@ def denoiser_step_memory(family: str = "dit", sizes=(16, 32, 64), adapters=None,
 
 def print_table(rows: List[Dict]) -> None:
     previous: Dict[str, Dict] = {}
-    header = f"{'latent':>7} {'tokens':>7} {'variant':>10} {'peak MiB':>10} {'growth':>7} {'ms':>9} {'vs softmax':>11}"
+    header = f"{'latent':>7} {'tokens':>7} {'variant':>10} {'peak MiB':>10} {'growth':>7} {'ms':>9} {'vs teacher':>11}"
     print(header)
     print("-" * len(header))
-    teacher = {r["size"]: r for r in rows if r["variant"] == "softmax"}
+    teacher = {}
+    for r in rows:  # the first row of each size is the teacher's
+        teacher.setdefault(r["size"], r)
     for r in rows:
         prev = previous.get(r["variant"])
         growth = f"{r['peak_mib'] / prev['peak_mib']:.2f}x" if prev and prev["peak_mib"] else "-"
@@ -162,9 +179,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", default="dit", choices=["dit", "pixart", "unet", "sd3", "flux"])
+    parser.add_argument("--family", default="dit", choices=FAMILIES)
     parser.add_argument("--sizes", nargs="+", type=int, default=[16, 32, 64], help="latent side (default: 16 32 64)")
-    parser.add_argument("--adapters", nargs="+", default=None, help="mechanisms (default: linfusion lit clear)")
+    parser.add_argument("--adapters", nargs="+", default=None,
+                        help="mechanisms (default: linfusion lit clear; sana family: clear sana)")
     parser.add_argument("--width", type=int, default=256, help="attention channels (default: 256)")
     parser.add_argument("--depth", type=int, default=4, help="transformer blocks (default: 4)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")

@@ -11,8 +11,10 @@ import os
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     DiffusionPipeline,
     DiTPipeline,
     DiTTransformer2DModel,
@@ -21,16 +23,18 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 
-FAMILIES = ("unet", "dit", "pixart", "sd3", "flux")
+FAMILIES = ("unet", "dit", "pixart", "sd3", "flux", "sana")
 # Latent stride (pixels per image token at the top level) and a "training" resolution per family.
-STRIDE = {"unet": 2, "dit": 8, "pixart": 4, "sd3": 2, "flux": 4}
-TRAIN_SIZE = {"unet": 32, "dit": 32, "pixart": 32, "sd3": 32, "flux": 32}
+STRIDE = {"unet": 2, "dit": 8, "pixart": 4, "sd3": 2, "flux": 4, "sana": 32}
+TRAIN_SIZE = {"unet": 32, "dit": 32, "pixart": 32, "sd3": 32, "flux": 32, "sana": 64}
 
 
 def tiny_vae(latent_channels: int = 4, blocks: int = 2) -> AutoencoderKL:
@@ -145,7 +149,71 @@ def build_flux(tokenizer_folder=None) -> FluxPipeline:
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer, **encoders)
 
 
-BUILDERS = {"unet": build_sd, "dit": build_dit, "pixart": build_pixart, "sd3": build_sd3, "flux": build_flux}
+def tiny_gemma_tokenizer():
+    """A Gemma tokenizer over single printable characters (no merges, no files): any prompt tokenises offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GemmaTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab.setdefault(c, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return GemmaTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                              unk_token="<unk>")
+
+
+def build_sana(text_encoder: bool = False) -> SanaPipeline:
+    """Tiny SANA: 2 blocks of 16 channels (ReLU linear self-attention, GLUMBConv), a 6-level DC-AE (stride 32,
+    as the published ``dc-ae-f32c32``), the published flow-prediction DPM-Solver; with ``text_encoder``, a tiny
+    random Gemma-2 and a character tokenizer."""
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=8,
+        sample_size=2, patch_size=1,
+    )
+    blocks = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=blocks, decoder_block_types=blocks,
+        encoder_block_out_channels=(4,) * 6, decoder_block_out_channels=(4,) * 6,
+        encoder_qkv_multiscales=((),) * 3 + ((5,),) * 3, decoder_qkv_multiscales=((),) * 3 + ((5,),) * 3,
+        encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6, downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )
+    encoder = tokenizer = None
+    if text_encoder:
+        from transformers import Gemma2Config, Gemma2Model
+
+        encoder = Gemma2Model(Gemma2Config(vocab_size=128, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                           max_position_embeddings=4096))
+        tokenizer = tiny_gemma_tokenizer()
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+
+
+BUILDERS = {"unet": build_sd, "dit": build_dit, "pixart": build_pixart, "sd3": build_sd3, "flux": build_flux,
+            "sana": build_sana}
+
+
+def captioned_images(folder, sizes, seed: int = 0) -> str:
+    """Random RGB images ``(h, w)`` named a.png, b.png, … in ``folder`` and ``captions.jsonl`` beside it; returns
+    the captions path."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, (h, w) in enumerate(sizes):
+        name = f"{chr(ord('a') + i)}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, name))
+        lines.append(json.dumps({"file": name, "text": f"a photo number {chr(ord('a') + i)}"}))
+    path = os.path.join(os.path.dirname(os.path.abspath(folder)), "captions.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
 
 
 def save(pipe, folder: str) -> DiffusionPipeline:
@@ -170,6 +238,10 @@ def embeds(family: str, batch: int = 1):
         return {"prompt_embeds": torch.randn(batch, 5, 32, generator=g), "prompt_attention_mask": torch.ones(batch, 5),
                 "negative_prompt_embeds": torch.randn(batch, 5, 32, generator=g),
                 "negative_prompt_attention_mask": torch.ones(batch, 5), "negative_prompt": None}
+    if family == "sana":
+        return {"prompt_embeds": torch.randn(batch, 5, 8, generator=g), "prompt_attention_mask": torch.ones(batch, 5),
+                "negative_prompt_embeds": torch.randn(batch, 5, 8, generator=g),
+                "negative_prompt_attention_mask": torch.ones(batch, 5), "negative_prompt": None}
     if family == "sd3":
         return {"prompt_embeds": torch.randn(batch, 6, 32, generator=g),
                 "pooled_prompt_embeds": torch.randn(batch, 16, generator=g),
@@ -190,7 +262,7 @@ def run(pipe, family: str, height: int, width: int, steps: int = 2, seed: int = 
         return sample_dit(pipe, class_labels=[1], height=height, width=width, steps=steps, guidance_scale=1.5,
                           generator=generator, output_type="pt")
     kwargs = dict(height=height, width=width, num_inference_steps=steps, generator=generator, output_type="pt")
-    if family == "pixart":
+    if family in ("pixart", "sana"):
         kwargs["use_resolution_binning"] = False
     if family == "flux":
         kwargs["max_sequence_length"] = 6

@@ -146,11 +146,17 @@ def load_pixels(record: Record, resolution: int, center_crop: bool = True, flip:
 
 @torch.no_grad()
 def encode_pixels(vae, pixels: Tensor):
-    """``(mean, std)`` of the scaled latent posterior for images ``(B, 3, R, R)`` in [-1, 1]; fp32."""
+    """``(mean, std)`` of the scaled latent posterior for images ``(B, 3, R, R)`` in [-1, 1]; fp32.
+
+    A deterministic VAE (SANA's ``AutoencoderDC``: ``encode(...).latent``) gives a zero ``std``."""
     param = next(vae.parameters())
-    dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
+    encoded = vae.encode(pixels.to(device=param.device, dtype=param.dtype))
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     scale = vae.config.scaling_factor
+    dist = getattr(encoded, "latent_dist", None)
+    if dist is None:
+        mean = (encoded.latent.float() - shift) * scale
+        return mean, torch.zeros_like(mean)
     return ((dist.mean.float() - shift) * scale), dist.std.float() * scale
 
 

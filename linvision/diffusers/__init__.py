@@ -1,4 +1,4 @@
-"""diffusers integration: adapters that put linvision attention into UNet, DiT, PixArt, SD3 and FLUX.
+"""diffusers integration: adapters that put linvision attention into UNet, DiT, PixArt, SANA, SD3 and FLUX.
 
 See :mod:`linvision.diffusers.adapter` for the object and its file layout, and
 :mod:`linvision.diffusers.convert` for the published LinFusion and CLEAR checkpoints.

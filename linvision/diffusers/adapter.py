@@ -9,7 +9,7 @@
 
 Layout (a diffusers ``ModelMixin`` + ``ConfigMixin``):
 
-- ``config.json``: ``mechanism``, ``family`` (``unet``/``dit``/``pixart``/``sd3``/``flux``), ``kind``
+- ``config.json``: ``mechanism``, ``family`` (``unet``/``dit``/``pixart``/``sana``/``sd3``/``flux``), ``kind``
   (``self``/``joint``), ``mixer_options`` (shared by all layers) and ``modules_list``: one entry
   ``{module_name, dim, heads, options}`` per replaced attention, in the denoiser's module order
   (``options``: the per-layer layout, e.g. bias flags, LinFusion's ``projection_mid_dim``).

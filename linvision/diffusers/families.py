@@ -5,6 +5,7 @@
 | ``unet`` | ``UNet2DConditionModel``     | every ``…attn1`` (self-attention; ``attn2`` kept) | self   | halving   |
 | ``dit``  | ``DiTTransformer2DModel``    | every ``…attn1``                                  | self   | patch     |
 | ``pixart``| ``PixArtTransformer2DModel``| every ``…attn1`` (cross-attention ``attn2`` kept) | self   | patch     |
+| ``sana`` | ``SanaTransformer2DModel``   | every ``…attn1`` (ReLU linear; ``attn2`` kept)    | self   | patch     |
 | ``sd3``  | ``SD3Transformer2DModel``    | every joint ``…attn`` and SD3.5's ``…attn2``      | joint  | patch     |
 | ``flux`` | ``FluxTransformer2DModel``   | every ``FluxAttention`` (dual and single blocks)  | joint  | ids       |
 
@@ -33,6 +34,7 @@ FAMILIES = (
     Family("unet", "UNet2DConditionModel", "self", "halving"),
     Family("dit", "DiTTransformer2DModel", "self", "patch"),
     Family("pixart", "PixArtTransformer2DModel", "self", "patch"),
+    Family("sana", "SanaTransformer2DModel", "self", "patch"),
     Family("sd3", "SD3Transformer2DModel", "joint", "patch"),
     Family("flux", "FluxTransformer2DModel", "joint", "ids"),
 )
@@ -43,6 +45,7 @@ def _classes():
         DiTTransformer2DModel,
         FluxTransformer2DModel,
         PixArtTransformer2DModel,
+        SanaTransformer2DModel,
         SD3Transformer2DModel,
         UNet2DConditionModel,
     )
@@ -51,6 +54,7 @@ def _classes():
         "UNet2DConditionModel": UNet2DConditionModel,
         "DiTTransformer2DModel": DiTTransformer2DModel,
         "PixArtTransformer2DModel": PixArtTransformer2DModel,
+        "SanaTransformer2DModel": SanaTransformer2DModel,
         "SD3Transformer2DModel": SD3Transformer2DModel,
         "FluxTransformer2DModel": FluxTransformer2DModel,
     }

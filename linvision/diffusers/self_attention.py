@@ -1,4 +1,4 @@
-"""Self-attention families (UNet, DiT, PixArt): a linvision mixer in place of a diffusers ``Attention``.
+"""Self-attention families (UNet, DiT, PixArt, SANA): a linvision mixer in place of a diffusers ``Attention``.
 
 The adapter holds one mixer per replaced ``attn1``; :class:`SelfAttentionShell` puts it where the
 ``Attention`` was, with diffusers' call signature, and gives it the level's ``(h, w)`` from the adapter's
@@ -20,7 +20,7 @@ from .geometry import LatentGeometry
 INHERIT_MODES = ("qkv+proj", "proj", "none")
 # The papers' initialisation: LinFusion trains from PyTorch's default init (official code); LiT, CLEAR,
 # LINA and DyDiLA (a refined LiT) start from the teacher's projections.
-DEFAULT_INHERIT = {"linfusion": "none"}
+DEFAULT_INHERIT = {"linfusion": "none", "sana": "qkv+proj"}  # SANA: its own attention's weights
 
 
 def default_inherit(mechanism: str) -> str:
@@ -37,13 +37,30 @@ def layout_options(mechanism: str, attn: nn.Module) -> Dict[str, Any]:
     """Constructor options that make mixer ``mechanism`` match ``attn``'s bias layout.
 
     ``qkv_bias`` is True when any of ``to_q/to_k/to_v`` has a bias; the output-bias option is ``out_bias``
-    (LinFusion) or ``proj_bias`` (the rest). Options the mixer does not take are left out.
+    (LinFusion, SANA) or ``proj_bias`` (the rest); ``qk_norm`` (SANA) is True when ``attn`` has SANA-1.5's
+    RMSNorm over all heads' channels. Options the mixer does not take are left out.
     """
-    src = softmax_attention_weights(attn)
     accepted = mixer_options(mechanism)
+    src = softmax_attention_weights(attn, allow_qk_norm="qk_norm" in accepted)
     wanted = {"qkv_bias": src.qkv_bias is not None, "proj_bias": src.proj_bias is not None,
               "out_bias": src.proj_bias is not None}
+    if "qk_norm" in accepted:
+        wanted["qk_norm"] = _has_channel_qk_norm(attn)
     return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def _has_channel_qk_norm(attn: nn.Module) -> bool:
+    """True for ``Attention(qk_norm="rms_norm_across_heads")`` (SANA-1.5/Sprint), False without QK norm;
+    ``ValueError`` for another QK norm (per-head or LayerNorm), which a channel RMSNorm would not reproduce."""
+    norms = [getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)]
+    if all(n is None for n in norms):
+        return False
+    dim = attn.to_q.out_features
+    if all(type(n).__name__ == "RMSNorm" and getattr(n, "weight", None) is not None and n.weight.numel() == dim
+           for n in norms):
+        return True
+    raise ValueError(f"unsupported QK norm {type(norms[0]).__name__} on this attention: the sana mixer takes "
+                     "an RMSNorm with weight over all heads' channels (qk_norm='rms_norm_across_heads')")
 
 
 def inherit_weights(mixer: TokenMixer, attn: nn.Module, mode: str) -> None:
@@ -57,7 +74,7 @@ def inherit_weights(mixer: TokenMixer, attn: nn.Module, mode: str) -> None:
         raise ValueError(f"unknown inherit={mode!r}; expected one of {INHERIT_MODES}")
     if mode == "none":
         return
-    src = softmax_attention_weights(attn)
+    src = softmax_attention_weights(attn, allow_qk_norm=getattr(mixer, "norm_q", None) is not None)
     if isinstance(mixer, QKVMixer):
         copy_qkv_proj(mixer, src, mode)
         return
@@ -67,6 +84,11 @@ def inherit_weights(mixer: TokenMixer, attn: nn.Module, mode: str) -> None:
         theirs = [attn.to_q, attn.to_k, attn.to_v] if mode == "qkv+proj" else []
         for dst, s in zip(own + [mixer.to_out[0]], theirs + [attn.to_out[0]]):
             dst.load_state_dict(s.state_dict())
+        if mode == "qkv+proj":  # QK norms (SANA-1.5) belong with the q/k projections
+            for name in ("norm_q", "norm_k"):
+                dst, s = getattr(mixer, name, None), getattr(attn, name, None)
+                if dst is not None and s is not None:
+                    dst.load_state_dict(s.state_dict())
         return
     raise ValueError(
         f"{type(mixer).__name__} has neither qkv/proj nor to_q/to_k/to_v/to_out projections, so it cannot "

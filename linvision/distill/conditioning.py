@@ -8,6 +8,7 @@ student (so they always see identical inputs):
 | dit    | ``class_labels (B,)`` int64 (the null class, for CFG, is ``num_embeds_ada_norm``) | labels           |
 | unet   | ``prompt_embeds (B, L, C)`` [+ ``pooled_prompt_embeds (B, P)`` for SDXL] | ``pipe.encode_prompt``     |
 | pixart | ``prompt_embeds (B, L, C)``, ``prompt_attention_mask (B, L)``          | ``pipe.encode_prompt``        |
+| sana   | ``prompt_embeds (B, L, C)``, ``prompt_attention_mask (B, L)``          | ``pipe.encode_prompt`` (Gemma, with the pipeline's complex human instruction) |
 | sd3    | ``prompt_embeds (B, L, C)``, ``pooled_prompt_embeds (B, P)``           | ``pipe.encode_prompt``        |
 | flux   | ``prompt_embeds (B, L, C)``, ``pooled_prompt_embeds (B, P)``           | ``pipe.encode_prompt``        |
 
@@ -191,6 +192,37 @@ class PixArtConditioner(Conditioner):
         return kwargs
 
 
+class SanaConditioner(PixArtConditioner):
+    """SANA (``SanaPipeline``): Gemma-2 embeddings and mask like PixArt's T5 ones; ``timestep`` scaled by the
+    model's ``timestep_scale`` as the pipeline does; no resolution conditions. Prompts are encoded with the
+    pipeline's default ``complex_human_instruction`` (what ``SanaPipeline.__call__`` prepends), so the student
+    trains on the conditions the pipeline samples with. SANA-Sprint (``guidance_embeds``, SCM timesteps) is
+    refused: its few-step sampler is not the flow-matching pipeline this conditioner calls."""
+
+    family = "sana"
+
+    def __init__(self, pipe, max_sequence_length: Optional[int] = None):
+        super().__init__(pipe, max_sequence_length)
+        if getattr(pipe.transformer.config, "guidance_embeds", False):
+            raise ValueError("SANA-Sprint (guidance_embeds=True) is not supported: distill a SanaPipeline model")
+
+    def _encode(self, prompts, device):
+        import inspect
+
+        instruction = inspect.signature(self.pipe.__call__).parameters.get("complex_human_instruction")
+        kwargs = {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
+        if instruction is not None:
+            kwargs["complex_human_instruction"] = instruction.default
+        embeds, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                                     **kwargs)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    def call(self, denoiser, x, t, cond):
+        scale = float(getattr(unwrap(denoiser).config, "timestep_scale", 1.0))
+        return denoiser(x, encoder_hidden_states=cond["prompt_embeds"],
+                        encoder_attention_mask=cond["prompt_attention_mask"], timestep=t * scale).sample
+
+
 class SD3Conditioner(Conditioner):
     family = "sd3"
 
@@ -233,7 +265,7 @@ class FluxConditioner(Conditioner):
 
 
 CONDITIONERS = {"dit": DiTConditioner, "unet": UNetConditioner, "pixart": PixArtConditioner, "sd3": SD3Conditioner,
-                "flux": FluxConditioner}
+                "flux": FluxConditioner, "sana": SanaConditioner}
 
 
 def conditioner_for(pipe, max_sequence_length: Optional[int] = None) -> Conditioner:

@@ -6,10 +6,11 @@
 | DDPM family, ``v_prediction`` (SD 2.1)   | ``v_prediction``| same                               | ``√ᾱ_t ε − √(1−ᾱ_t) x₀``      |
 | DDPM family, ``sample``                  | ``sample``      | same                               | ``x₀``                       |
 | ``FlowMatchEulerDiscreteScheduler``      | ``flow``        | ``(1−σ) x₀ + σ ε``                  | ``ε − x₀`` (SD3/FLUX/CLEAR)  |
+| ``prediction_type=flow_prediction`` (SANA's DPM-Solver) | ``flow`` | same                         | ``ε − x₀`` (SANA)            |
 
 Timesteps are uniform over the ``num_train_timesteps`` training steps (LinFusion: DDPM's 1000; CLEAR:
 ``compute_density_for_timestep_sampling('none')``, a uniform index into the flow scheduler's training
-sigmas). ``ᾱ`` comes from ``DDPMScheduler.from_config(config)`` (what LinFusion trains with), the flow
+sigmas; SANA's flow DPM-Solver: the same table with ``shift = flow_shift``). ``ᾱ`` comes from ``DDPMScheduler.from_config(config)`` (what LinFusion trains with), the flow
 sigmas from a fresh scheduler built from the config, so sampling with the pipeline's own scheduler
 (which ``set_timesteps`` changes) never moves them. Everything is computed in fp32.
 """
@@ -40,9 +41,12 @@ class Objective:
 
         config = scheduler.config
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
-        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or "FlowMatch" in type(scheduler).__name__:
+        flow_match = isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or "FlowMatch" in type(scheduler).__name__
+        if flow_match or config.get("prediction_type") == "flow_prediction":
             self.kind = "flow"
-            fresh = FlowMatchEulerDiscreteScheduler.from_config(config)
+            fresh = (FlowMatchEulerDiscreteScheduler.from_config(config) if flow_match else
+                     FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps,
+                                                     shift=float(config.get("flow_shift") or 1.0)))
             self.sigmas = fresh.sigmas[: self.num_train_timesteps].to(torch.float32).clone()  # (T,), descending
             self.timesteps = fresh.timesteps[: self.num_train_timesteps].to(torch.float32).clone()  # σ·T
             self.alphas_cumprod = None

@@ -19,6 +19,7 @@ from .lit import LiTAttention
 from .lolcats import LolcatsAttention
 from .nala import NormAwareLinearAttn, VanillaSelfAttention
 from .plstm import PLSTMMixer
+from .sana import SanaAttention
 from .softmax import SoftmaxAttention
 from .transnormer import NormAttention
 from .transnormer_diag import DiagAttention
@@ -39,6 +40,7 @@ MIXERS = MappingProxyType(
         "nala": NormAwareLinearAttn,
         "nala_softmax": VanillaSelfAttention,
         "plstm": PLSTMMixer,
+        "sana": SanaAttention,
         "softmax": SoftmaxAttention,
         "transnormer": NormAttention,
         "transnormer_diag": DiagAttention,

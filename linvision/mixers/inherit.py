@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .base import QKVMixer
 
 
-def softmax_attention_weights(attn: nn.Module) -> SimpleNamespace:
+def softmax_attention_weights(attn: nn.Module, allow_qk_norm: bool = False) -> SimpleNamespace:
     """The projections of a softmax self-attention in the fused layout.
 
     Returns ``SimpleNamespace(dim, num_heads, qkv_weight (3C, C), qkv_bias (3C,) | None,
@@ -23,6 +23,7 @@ def softmax_attention_weights(attn: nn.Module) -> SimpleNamespace:
     ``Attention`` (``to_q``, ``to_k``, ``to_v``, ``to_out[0]``; a missing bias among q/k/v is read as zeros).
     Raises ``ValueError`` for anything a plain multi-head softmax self-attention would not have: cross or
     joint attention, q/k norms, group or spatial norms, residual/rescaled outputs, ``inner_dim != dim``.
+    ``allow_qk_norm=True`` accepts a diffusers ``norm_q``/``norm_k`` (for a mixer that has them: SANA-1.5's).
     """
     if isinstance(getattr(attn, "qkv", None), nn.Linear) and isinstance(getattr(attn, "proj", None), nn.Linear):
         for name in ("q_norm", "k_norm", "norm"):
@@ -48,7 +49,7 @@ def softmax_attention_weights(attn: nn.Module) -> SimpleNamespace:
         if getattr(attn, "is_cross_attention", False) or getattr(attn, "only_cross_attention", False):
             raise ValueError("cross-attention cannot become a self-attention mixer")
         extras = ("norm_q", "norm_k", "group_norm", "spatial_norm", "norm_cross", "add_q_proj", "add_k_proj", "add_v_proj")
-        for name in extras:
+        for name in extras[2 * allow_qk_norm:]:
             if getattr(attn, name, None) is not None:
                 raise ValueError(f"the diffusers Attention has {name!r}, which a linear mixer lacks")
         if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:

@@ -6,7 +6,11 @@ from typing import Any, Mapping, Optional, Tuple, Type
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
 from torch import Tensor, nn
 
+from ..kernels.validation import check_choice
 from ..mixers import create_mixer
+from .glumbconv import GLUMBConv
+
+MLP_LAYERS = ("mlp", "glumbconv")
 
 
 class MixerBlock(nn.Module):
@@ -18,6 +22,10 @@ class MixerBlock(nn.Module):
     ``attn`` is ``create_mixer(mixer, dim, num_heads, **mixer_kwargs)``. Submodule names are those of timm's
     ``vision_transformer.Block`` (``norm1``, ``attn``, ``ls1``, ``norm2``, ``mlp``, ``ls2``), so with a
     ``qkv``/``proj`` mixer a timm ViT block's weights load as they are.
+
+    ``mlp_layer``: ``"mlp"`` (timm's two-layer MLP) or ``"glumbconv"`` (SANA's Mix-FFN,
+    :class:`~linvision.models.glumbconv.GLUMBConv` with ``hidden = int(dim·mlp_ratio)``; SANA uses 2.5), which
+    also gets ``hw`` and ``num_prefix_tokens``.
     """
 
     def __init__(
@@ -31,20 +39,27 @@ class MixerBlock(nn.Module):
         drop_path: float = 0.0,
         norm_layer: Type[nn.Module] = LayerNorm,
         act_layer: Type[nn.Module] = nn.GELU,
+        mlp_layer: str = "mlp",
     ):
         super().__init__()
+        self.mlp_layer = check_choice("mlp_layer", mlp_layer, MLP_LAYERS)
         self.norm1 = norm_layer(dim)
         self.attn = create_mixer(mixer, dim, num_heads, **dict(mixer_kwargs or {}))
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        if mlp_layer == "glumbconv":
+            self.mlp = GLUMBConv(dim, int(dim * mlp_ratio))
+        else:
+            self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), hw, num_prefix_tokens)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        y = self.norm2(x)
+        y = self.mlp(y, hw, num_prefix_tokens) if self.mlp_layer == "glumbconv" else self.mlp(y)
+        return x + self.drop_path2(self.ls2(y))
 
 
-__all__ = ["MixerBlock"]
+__all__ = ["MLP_LAYERS", "MixerBlock"]

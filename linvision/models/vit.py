@@ -56,6 +56,8 @@ class LinVisionTransformer(nn.Module):
             (:func:`linvision.models.layout.layer_options`). ``qkv_bias`` is passed to mixers that accept it.
         dynamic_img_size: accept any input resolution: the absolute position embedding is resampled to
             the input's grid, which the mixers also receive. Otherwise the input must be ``img_size``.
+        mlp_layer: ``"mlp"`` (timm's) or ``"glumbconv"`` (SANA's Mix-FFN on the patch grid; see
+            :class:`~linvision.models.block.MixerBlock`).
 
     Init: timm's ViT init (``trunc_normal(0.02)`` for every ``nn.Linear``, mixers' projections included,
     zero biases; position embedding ``trunc_normal(0.02)``; class/register tokens ``normal(1e-6)``). A mixer
@@ -89,6 +91,7 @@ class LinVisionTransformer(nn.Module):
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        mlp_layer: str = "mlp",
     ):
         super().__init__()
         if global_pool not in POOL_TYPES:
@@ -135,6 +138,7 @@ class LinVisionTransformer(nn.Module):
                     mlp_ratio=mlp_ratio,
                     init_values=init_values,
                     drop_path=drop_path[i],
+                    mlp_layer=mlp_layer,
                 )
                 for i, name in enumerate(self.mixers)
             ]

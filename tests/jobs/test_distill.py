@@ -259,7 +259,8 @@ def test_distill_help(capsys):
     assert "usage: linvision distill" in out and "student.feature_layers" in out and "loss.variance" in out
 
 
-FAMILY_OF_MODEL = {"FLUX": "flux", "DiT-": "dit", "PixArt": "pixart", "stable-diffusion": "unet", "digits-dit": "dit"}
+FAMILY_OF_MODEL = {"FLUX": "flux", "DiT-": "dit", "PixArt": "pixart", "stable-diffusion": "unet", "digits-dit": "dit",
+                   "Sana_": "sana"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
