@@ -1,7 +1,10 @@
 """gated_scan: step-by-step oracle == chunked reference (values and gradients), the bidirectional sum, the
 plain-linear-attention special case, gradcheck, input validation."""
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from linvision.kernels import gated_scan, linear_attention
 from tests.helpers import rel_err
@@ -133,3 +136,15 @@ def test_bad_inputs_raise_value_errors():
         gated_scan(q, k, v, g, backend="triton")
     with pytest.raises(ValueError, match="scale"):
         gated_scan(q, k, v, g, scale=-1.0)
+
+
+FLA = Path(__file__).resolve().parents[1] / "fixtures" / "fla_naive"
+
+
+@pytest.mark.parametrize("case,delta", [("gla", False), ("delta_rule", True), ("gated_delta_rule", True), ("kda", True)])
+@pytest.mark.parametrize("method", ["naive", "chunked"])
+def test_matches_fla_naive_reference(case, delta, method):
+    """The forward scan is fla's recurrence (GLA, DeltaNet, Gated DeltaNet, KDA) to 1e-5."""
+    t = load_file(str(FLA / f"{case}.safetensors"))
+    out = gated_scan(t["q"], t["k"], t["v"], t.get("g"), t.get("beta"), delta=delta, method=method)
+    assert rel_err(out, t["o"]) < 1e-5
