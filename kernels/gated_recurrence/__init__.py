@@ -25,7 +25,7 @@ from .naive import gated_scan_naive
 
 DIRECTIONS = ("forward", "backward", "bidirectional")
 METHODS = ("chunked", "naive")
-DEFAULT_CHUNK = {"scalar": 32, "channel": 16}  # per-channel decays hold a [C, C, Dk] pairwise tensor per chunk
+DEFAULT_CHUNK = {"scalar": 32, "channel": 16}  # per-channel decays build a [C, C, Dk] pairwise tensor
 
 
 def gated_scan(
@@ -96,8 +96,8 @@ def gated_scan(
             raise ValueError("beta is the delta-rule write strength: pass delta=True to use it")
         if allow_neg_eigval:
             raise ValueError("allow_neg_eigval applies to the delta rule only (delta=True)")
-    per_channel = any(t is not None and t.shape[-1] != 1 for t in (g, g_backward))
     if chunk_size is None:
+        per_channel = any(t is not None and t.shape[-1] != 1 for t in (g, g_backward))
         chunk_size = DEFAULT_CHUNK["channel" if per_channel else "scalar"]
     chunk_size = check_int("chunk_size", chunk_size, min=1)
     if resolve_backend(backend, q, k, v) == "triton":

@@ -8,11 +8,13 @@ from typing import List, Type
 from .base import TokenMixer, check_tokens
 from .clear import ClearAttention
 from .dydila import DyDiLA
+from .gla import ViGGatedLinearAttention
 from .infsa import InfSAAttention
 from .lightnet import LightNetAttention
 from .lina import LinaAttention
 from .linear import LinearAttention
 from .linfusion import LinFusionAttention
+from .lion import LionAttention
 from .lit import LiTAttention
 from .nala import NormAwareLinearAttn, VanillaSelfAttention
 from .plstm import PLSTMMixer
@@ -22,11 +24,13 @@ MIXERS = MappingProxyType(
     {
         "clear": ClearAttention,
         "dydila": DyDiLA,
+        "gla": ViGGatedLinearAttention,
         "infsa": InfSAAttention,
         "lightnet": LightNetAttention,
         "lina": LinaAttention,
         "linear": LinearAttention,
         "linfusion": LinFusionAttention,
+        "lion": LionAttention,
         "lit": LiTAttention,
         "nala": NormAwareLinearAttn,
         "nala_softmax": VanillaSelfAttention,
