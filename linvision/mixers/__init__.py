@@ -8,6 +8,7 @@ from typing import List, Type
 from .base import TokenMixer, check_tokens
 from .clear import ClearAttention
 from .dydila import DyDiLA
+from .gated_delta import BidirectionalGDN
 from .gla import ViGGatedLinearAttention
 from .infsa import InfSAAttention
 from .lightnet import LightNetAttention
@@ -24,6 +25,7 @@ MIXERS = MappingProxyType(
     {
         "clear": ClearAttention,
         "dydila": DyDiLA,
+        "gated_delta": BidirectionalGDN,
         "gla": ViGGatedLinearAttention,
         "infsa": InfSAAttention,
         "lightnet": LightNetAttention,

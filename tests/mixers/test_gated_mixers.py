@@ -66,7 +66,7 @@ def test_cross_scan_is_the_mean_of_raster_and_column():
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("name", ["gla", "lion"])
+@pytest.mark.parametrize("name", ["gla", "lion", "gated_delta"])
 def test_bad_options_raise(name):
     with pytest.raises(ValueError, match="order"):
         create_mixer(name, 32, 2, order="zigzag")
@@ -81,3 +81,21 @@ def test_lion_and_gla_option_checks():
         create_mixer("gla", 32, 2, expand_v=2.0)
     with pytest.raises(ValueError, match="key dim"):
         create_mixer("gla", 36, 4, expand_k=0.5)
+
+
+@pytest.mark.parametrize("case", ["init", "perturbed", "perturbed_no_prefix"])
+def test_gated_delta_matches_official_sana(case):
+    assert official("gated_delta", case, num_heads=2, key_norm="official") < TOL
+
+
+def test_gated_delta_unit_keys_stay_bounded_where_the_official_scaling_diverges():
+    """SANA's un-normalised keys give |1 − β‖k‖²| > 1 on large inputs and the state grows along the scan;
+    the default L2-normalised keys keep every step contractive."""
+    x = torch.randn(1, 2048, 32, generator=torch.Generator().manual_seed(0)) * 4
+    out = {}
+    for key_norm in ("official", "l2"):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out[key_norm] = create_mixer("gated_delta", 32, 2, key_norm=key_norm, conv_kernel_size=0)(x, (32, 64))
+    assert torch.isfinite(out["l2"]).all() and out["l2"].abs().max() < 100
+    assert not torch.isfinite(out["official"]).all() or out["official"].abs().max() > 1e6
