@@ -11,6 +11,7 @@ from .dydila import DyDiLA
 from .gated_delta import BidirectionalGDN
 from .gla import ViGGatedLinearAttention
 from .infsa import InfSAAttention
+from .kda import KimiDeltaAttention
 from .lightnet import LightNetAttention
 from .lina import LinaAttention
 from .linear import LinearAttention
@@ -28,6 +29,7 @@ MIXERS = MappingProxyType(
         "gated_delta": BidirectionalGDN,
         "gla": ViGGatedLinearAttention,
         "infsa": InfSAAttention,
+        "kda": KimiDeltaAttention,
         "lightnet": LightNetAttention,
         "lina": LinaAttention,
         "linear": LinearAttention,

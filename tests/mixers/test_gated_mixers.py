@@ -66,7 +66,7 @@ def test_cross_scan_is_the_mean_of_raster_and_column():
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("name", ["gla", "lion", "gated_delta"])
+@pytest.mark.parametrize("name", ["gla", "lion", "gated_delta", "kda"])
 def test_bad_options_raise(name):
     with pytest.raises(ValueError, match="order"):
         create_mixer(name, 32, 2, order="zigzag")
@@ -99,3 +99,25 @@ def test_gated_delta_unit_keys_stay_bounded_where_the_official_scaling_diverges(
             out[key_norm] = create_mixer("gated_delta", 32, 2, key_norm=key_norm, conv_kernel_size=0)(x, (32, 64))
     assert torch.isfinite(out["l2"]).all() and out["l2"].abs().max() < 100
     assert not torch.isfinite(out["official"]).all() or out["official"].abs().max() > 1e6
+
+
+@pytest.mark.parametrize("case,options", [("causal", dict()), ("causal_neg_eigval", dict(allow_neg_eigval=True))])
+def test_kda_causal_matches_official_layer(case, options):
+    assert official("kda", case, num_heads=2, causal=True, **options) < TOL
+
+
+def test_kda_bidirectional_differs_from_causal_and_sees_the_future():
+    torch.manual_seed(0)
+    m = create_mixer("kda", 32, 2).eval()
+    x = torch.randn(1, 30, 32)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    with torch.no_grad():
+        first = m(x, (5, 6))[:, 0]
+        changed = m(x2, (5, 6))[:, 0]
+        m.causal = True
+        causal_first = m(x2, (5, 6))[:, 0]
+        m.causal = False
+    assert (first - changed).abs().max() > 1e-4  # token 0 reads token 29 through the backward scan
+    torch.testing.assert_close(m.eval()(x, (5, 6))[:, 0], first)
+    assert (causal_first - changed).abs().max() > 1e-6
