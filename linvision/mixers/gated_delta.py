@@ -124,6 +124,10 @@ class BidirectionalGDN(QKVMixer):
                 self.conv_k.weight.zero_()
                 self.conv_k.weight[:, 0, -1] = 1.0
 
+    def init_weights(self) -> None:
+        """Called by linvision's models after their own init, so the block keeps the official one."""
+        self.reset_parameters()
+
     def gates(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """``β [B, N, H]`` (sigmoid) and the log decay ``−exp(A_log)·softplus(gate_proj(x) + dt_bias)``, fp32."""
         beta = torch.sigmoid(self.beta_proj(x).float())

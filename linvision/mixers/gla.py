@@ -110,6 +110,10 @@ class ViGGatedLinearAttention(TokenMixer):
         nn.init.ones_(self.g_norm.weight)
         nn.init.ones_(self.l_norm.weight)
 
+    def init_weights(self) -> None:
+        """Called by linvision's models after their own init, so the block keeps the official one."""
+        self.reset_parameters()
+
     def local_branch(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         """``in_proj`` on the image grid; prefix tokens pass through unchanged. ``(B, N, C)``."""
         B, _, C = x.shape

@@ -4,6 +4,7 @@
 - :mod:`.nalaformer`: ``nalaformer_{xt,t,s,b,l}``, NaLaFormer's hierarchical backbone.
 - :mod:`.plstm_vis`: ``plstm_vis_{t,s,b}``, the pLSTM vision models (P/D blocks, corner pooling).
 - :mod:`.infvit`: ``infvit_4l_patch16_224``, ``infvit_pure_4l_patch16_224``, InfSA's 4-layer InfViT.
+- :mod:`.lion_vit`: ``lion_vit_{tiny,small,base}_patch16_224``, LION's ViTs (``mask_type``).
 - :mod:`.layout`: per-layer mixer names and options (shared with :func:`linvision.timm.linearize`).
 """
 from .block import MixerBlock
@@ -12,5 +13,6 @@ from .vit import LinVisionTransformer
 from .nalaformer import NaLaFormer
 from .plstm_vis import PLSTMVisionModel
 from . import infvit  # noqa: F401  (registers the infvit_* models)
+from . import lion_vit  # noqa: F401  (registers the lion_vit_* models)
 
 __all__ = ["LinVisionTransformer", "MixerBlock", "NaLaFormer", "PLSTMVisionModel", "layer_options", "resolve_mixers"]
