@@ -26,3 +26,23 @@ def test_lion_vit_classifies_at_a_small_size():
     assert model.blocks[0].attn.mask_type == "Decay"
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+# sum(p.numel()) of hustvl/ViG@dfb9d32 classification/models/vig.py::ViG with configs/vig/vig-{t,s,b}.yaml's options,
+# computed once from the official constructor (paper: 6M / 23M / 89M); the state dict names and shapes are the same.
+VIG_PARAMS = {"tiny": 5846056, "small": 22638184, "base": 89068264}
+
+
+@pytest.mark.parametrize("size", sorted(VIG_PARAMS))
+def test_vig_parameter_counts_match_the_official_models(size):
+    with torch.device("meta"):
+        model = timm.create_model(f"vig_{size}_patch16_224")
+    assert sum(p.numel() for p in model.parameters()) == VIG_PARAMS[size]
+
+
+def test_vig_runs_at_other_resolutions():
+    model = timm.create_model("vig_tiny_patch16_224", img_size=64, num_classes=10, depth=2).eval()
+    assert model.blocks[0].attn.use_out_act
+    for size in ((64, 64), (80, 48)):
+        out = model(torch.randn(1, 3, *size))
+        assert out.shape == (1, 10) and torch.isfinite(out).all()
