@@ -18,13 +18,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import resolve_backend
 from ..validation import check_bool, check_choice, check_float, check_int, check_qkv
 from .chunked import gated_scan_chunked
 from .naive import gated_scan_naive
 
 DIRECTIONS = ("forward", "backward", "bidirectional")
 METHODS = ("chunked", "naive")
+BACKENDS = ("auto", "torch")  # no Triton kernel yet: "auto" runs the chunked PyTorch path on every device
 DEFAULT_CHUNK = {"scalar": 32, "channel": 16}  # per-channel decays build a [C, C, Dk] pairwise tensor
 
 
@@ -100,8 +100,7 @@ def gated_scan(
         per_channel = any(t is not None and t.shape[-1] != 1 for t in (g, g_backward))
         chunk_size = DEFAULT_CHUNK["channel" if per_channel else "scalar"]
     chunk_size = check_int("chunk_size", chunk_size, min=1)
-    if resolve_backend(backend, q, k, v) == "triton":
-        raise ValueError("gated_scan has no Triton kernel yet; use backend='auto' or 'torch'")
+    check_backend(backend)
     out_dtype = q.dtype
     if qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
@@ -125,6 +124,13 @@ def gated_scan(
     return out.to(out_dtype)
 
 
+def check_backend(backend: str) -> str:
+    """``backend`` is ``"auto"`` or ``"torch"``; ``"triton"`` is refused (no Triton kernel for this op yet)."""
+    if backend == "triton":
+        raise ValueError("gated_scan has no Triton kernel yet; use backend='auto' or 'torch'")
+    return check_choice("backend", backend, BACKENDS)
+
+
 def _check_gate(name: str, g: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
     """``None``, or ``g`` as ``[B, N, H, 1]`` (per head) or ``[B, N, H, Dk]`` (per channel)."""
     if g is None:
@@ -146,4 +152,4 @@ def _l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
-__all__ = ["DIRECTIONS", "METHODS", "gated_scan"]
+__all__ = ["BACKENDS", "DIRECTIONS", "METHODS", "check_backend", "gated_scan"]

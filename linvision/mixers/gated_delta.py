@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import resolve_backend
-from ..kernels.gated_recurrence import gated_scan
+from ..kernels.gated_recurrence import check_backend, gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .base import QKVMixer
 from .orders import ORDERS, scan_in_orders
@@ -96,8 +95,7 @@ class BidirectionalGDN(QKVMixer):
         self.key_norm = check_choice("key_norm", key_norm, KEY_NORMS)
         self.order = check_choice("order", order, ORDERS)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
-        resolve_backend(backend)
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.beta_proj = nn.Linear(dim, num_heads, bias=True)
         self.gate_proj = nn.Linear(dim, num_heads, bias=True)
         self.A_log = nn.Parameter(torch.zeros(num_heads))

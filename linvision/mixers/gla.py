@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import resolve_backend
-from ..kernels.gated_recurrence import gated_scan
+from ..kernels.gated_recurrence import check_backend, gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .base import TokenMixer
 from .orders import ORDERS, scan_in_orders
@@ -81,8 +80,7 @@ class ViGGatedLinearAttention(TokenMixer):
         self.use_out_act = check_bool("use_out_act", use_out_act)
         self.order = check_choice("order", order, ORDERS)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
-        resolve_backend(backend)
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.head_qk_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
         self.in_proj = nn.Sequential(
             nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=use_bias_in_dwconv),

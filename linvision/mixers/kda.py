@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import resolve_backend
-from ..kernels.gated_recurrence import gated_scan
+from ..kernels.gated_recurrence import check_backend, gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .base import TokenMixer
 from .gla import rms_norm_fp32
@@ -75,8 +74,7 @@ class KimiDeltaAttention(TokenMixer):
         self.causal = check_bool("causal", causal)
         self.order = check_choice("order", order, ORDERS)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
-        resolve_backend(backend)
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
         self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
         self.v_proj = nn.Linear(dim, self.value_dim, bias=False)

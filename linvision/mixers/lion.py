@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import resolve_backend
-from ..kernels.gated_recurrence import gated_scan
+from ..kernels.gated_recurrence import check_backend, gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .base import QKVMixer
 from .orders import ORDERS, scan_in_orders
@@ -75,8 +74,7 @@ class LionAttention(QKVMixer):
         self.eps = check_float("eps", eps, min=0)
         self.order = check_choice("order", order, ORDERS)
         self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
-        resolve_backend(backend)
-        self.backend = backend
+        self.backend = check_backend(backend)
         if mask_type == "Decay":
             self.a_i = nn.Parameter(torch.randn(num_heads))
         elif mask_type == "Selective":

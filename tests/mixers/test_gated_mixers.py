@@ -72,6 +72,8 @@ def test_bad_options_raise(name):
         create_mixer(name, 32, 2, order="zigzag")
     with pytest.raises(ValueError, match="chunk_size"):
         create_mixer(name, 32, 2, chunk_size=0)
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        create_mixer(name, 32, 2, backend="triton")
 
 
 def test_lion_and_gla_option_checks():
