@@ -35,7 +35,7 @@ def test_chunked_equals_oracle_fp64(hw, per_channel, delta, direction):
     q, k, v, g, beta = problem(hw[0] * hw[1], per_channel, delta)
     ref = run("naive", q, k, v, g, beta, direction)
     assert ref.dtype == torch.float64 and ref.shape == v.shape
-    for chunk in (1, 8, 16):
+    for chunk in (5, 16):
         assert rel_err(run("chunked", q, k, v, g, beta, direction, chunk_size=chunk), ref) < 1e-10
 
 

@@ -93,12 +93,12 @@ def test_gated_delta_matches_official_sana(case):
 def test_gated_delta_unit_keys_stay_bounded_where_the_official_scaling_diverges():
     """SANA's un-normalised keys give |1 − β‖k‖²| > 1 on large inputs and the state grows along the scan;
     the default L2-normalised keys keep every step contractive."""
-    x = torch.randn(1, 2048, 32, generator=torch.Generator().manual_seed(0)) * 4
+    x = torch.randn(1, 1024, 32, generator=torch.Generator().manual_seed(0)) * 4
     out = {}
     for key_norm in ("official", "l2"):
         torch.manual_seed(0)
         with torch.no_grad():
-            out[key_norm] = create_mixer("gated_delta", 32, 2, key_norm=key_norm, conv_kernel_size=0)(x, (32, 64))
+            out[key_norm] = create_mixer("gated_delta", 32, 2, key_norm=key_norm, conv_kernel_size=0)(x, (32, 32))
     assert torch.isfinite(out["l2"]).all() and out["l2"].abs().max() < 100
     assert not torch.isfinite(out["official"]).all() or out["official"].abs().max() > 1e6
 
