@@ -21,7 +21,8 @@ gates and no decay at ``t`` (SANA's ``flip_and_shift``): a backward scan of the 
 Initialisation ``_init_gdn_gates_for_linear_equiv`` (the block starts as plain ReLU linear attention): beta_proj
 weight 0 / bias 5 (β ≈ 0.993), gate_proj weight 0 / bias 0, ``dt_bias = −5``, ``A_log = 0`` (α ≈ 0.993),
 output_gate weight 0 / bias 1.278464542761074 (SiLU = 1), ``conv_k`` the identity (last tap 1); qkv and proj keep
-nn.Linear's default init as the official timm ``Attention``. The ``recall_gate`` buffer (unused) is kept so that
+nn.Linear's default init as the official timm ``Attention``. ``qkv_bias`` is SANA's ``use_bias`` (default False; the
+project's option name, so softmax weights with biases load through the adapters). The ``recall_gate`` buffer (unused) is kept so that
 official state dicts load strictly.
 
 Deviations: ``key_norm="l2"`` by default. SANA's keys are ``ReLU(k)·(D·S)^-1/2`` without normalisation, so
@@ -78,7 +79,8 @@ class BidirectionalGDN(QKVMixer):
         self,
         dim: int,
         num_heads: int = 8,
-        use_bias: bool = False,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
         use_output_gate: bool = True,
         conv_kernel_size: int = 4,
         eps: float = 1e-15,
@@ -87,7 +89,7 @@ class BidirectionalGDN(QKVMixer):
         chunk_size: Optional[int] = None,
         backend: str = "auto",
     ):
-        super().__init__(dim, num_heads, qkv_bias=check_bool("use_bias", use_bias), proj_bias=True)
+        super().__init__(dim, num_heads, check_bool("qkv_bias", qkv_bias), check_bool("proj_bias", proj_bias))
         self.heads = num_heads
         self.use_output_gate = check_bool("use_output_gate", use_output_gate)
         conv_kernel_size = check_int("conv_kernel_size", conv_kernel_size, min=0)
