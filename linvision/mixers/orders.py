@@ -4,8 +4,9 @@ A recurrence reads tokens one after another; on an ``h × w`` grid the order is 
 
 - ``"raster"``: row after row (the layout of ``x``), as ViG, LION ("Normal") and SANA scan;
 - ``"column"``: column after column;
-- ``"cross"``: the four-direction cross-scan of vision Mamba (VMamba's ``CrossScan``, as ViG-H and LocalMamba
-  use it): raster and column orders, each scanned in both directions, the two bidirectional results averaged.
+- ``"cross"``: the four-direction cross-scan of vision Mamba (VMamba's ``CrossScan``): raster and column orders,
+  each scanned in both directions; the two bidirectional results are averaged (VMamba's ``CrossMerge`` sums its
+  four directions; the mean keeps the output scale of a single order).
 
 Prefix tokens (class, registers, text) lead the sequence in every order, before the first image token, as
 LION's class token at position 0: the forward half carries them to every image token and the backward half

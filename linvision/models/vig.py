@@ -16,7 +16,7 @@ Paper: Liao et al., "ViG: Linear-complexity Visual Sequence Learning with Gated 
 - init: every Linear ``normal(0, 0.02)`` with zero bias, then the GLA blocks' own Xavier init; position
   embedding ``trunc_normal(0.02)``.
 
-Parameter names are the official ones (``patch_embed.proj.{0,1,3,4}``, ``blocks.i.{attn_norm,attn,mlp_norm,mlp}``,
+The hierarchical ViG-H (``vig_h.py``) is not built here. Parameter names are the official ones (``patch_embed.proj.{0,1,3,4}``, ``blocks.i.{attn_norm,attn,mlp_norm,mlp}``,
 ``norm``, ``head``). Deviations: the official MLP's act is ``ACT2FN["swish"]`` (SiLU), same here; no class-token,
 ``use_msg``, RoPE or SwiGLU options (off in every config); stochastic depth as in timm.
 """
