@@ -9,12 +9,16 @@ from .base import TokenMixer, check_tokens
 from .clear import ClearAttention
 from .dydila import DyDiLA
 from .hedgehog import HedgehogAttention
+from .gated_delta import BidirectionalGDN
+from .gla import ViGGatedLinearAttention
 from .infsa import InfSAAttention
+from .kda import KimiDeltaAttention
 from .lightnet import LightNetAttention
 from .liger import LigerAttention
 from .lina import LinaAttention
 from .linear import LinearAttention
 from .linfusion import LinFusionAttention
+from .lion import LionAttention
 from .lit import LiTAttention
 from .lolcats import LolcatsAttention
 from .nala import NormAwareLinearAttn, VanillaSelfAttention
@@ -29,12 +33,16 @@ MIXERS = MappingProxyType(
         "clear": ClearAttention,
         "dydila": DyDiLA,
         "hedgehog": HedgehogAttention,
+        "gated_delta": BidirectionalGDN,
+        "gla": ViGGatedLinearAttention,
         "infsa": InfSAAttention,
+        "kda": KimiDeltaAttention,
         "lightnet": LightNetAttention,
         "liger": LigerAttention,
         "lina": LinaAttention,
         "linear": LinearAttention,
         "linfusion": LinFusionAttention,
+        "lion": LionAttention,
         "lit": LiTAttention,
         "lolcats": LolcatsAttention,
         "nala": NormAwareLinearAttn,

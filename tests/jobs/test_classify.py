@@ -82,6 +82,8 @@ def test_yaml_file_and_overrides(tmp_path):
 SHRINK = {
     "linvit_": ["model.depth=1", "model.embed_dim=24", "model.num_heads=2"],
     "infvit_": ["model.depth=1", "model.embed_dim=24", "model.num_heads=2"],
+    "lion_vit_": ["model.depth=1", "model.embed_dim=24", "model.num_heads=2"],
+    "vig_": ["model.depth=1", "model.embed_dim=24", "model.num_heads=2"],
     "plstm_vis_": ["model.num_blocks=1", "model.embed_dim=24", "model.num_heads=2"],
     "nalaformer_": ["model.depths=[1, 1, 1, 1]", "model.embed_dims=[16, 32, 64, 64]", "model.num_heads=[1, 2, 2, 2]"],
     "care_": ["model.depths=[1, 1, 1, 1]"],

@@ -1,0 +1,155 @@
+"""Gated and delta-rule linear recurrences along a token order, one or both directions: ``gated_scan``.
+
+Covers GLA / Mamba-2-like decays (scalar per head or per key channel, in log space), the delta rule
+(DeltaNet), the gated delta rule (Gated DeltaNet, KDA's per-channel form) and their bidirectional sums (ViG,
+LION, SANA's BidirectionalGDN). Conventions follow fla (``fla-org/flash-linear-attention``,
+``fla/ops/{gla,delta_rule,gated_delta_rule,kda}/naive.py``): the gate of token ``t`` decays the state before
+``t`` writes, and outputs read the state after (see :mod:`.naive` for the step).
+
+Implementations: ``method="naive"`` (:mod:`.naive`, token by token: the oracle) and ``method="chunked"``
+(:mod:`.chunked`, the default: intra-chunk quadratic, inter-chunk fp32 state, WY/UT form for the delta rule).
+Gradients of both come from autograd. There is no Triton kernel for this op yet: ``backend="auto"`` runs the
+chunked PyTorch path on every device and ``backend="triton"`` is a ``ValueError``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..validation import check_bool, check_choice, check_float, check_int, check_qkv
+from .chunked import gated_scan_chunked
+from .naive import gated_scan_naive
+
+DIRECTIONS = ("forward", "backward", "bidirectional")
+METHODS = ("chunked", "naive")
+BACKENDS = ("auto", "torch")  # no Triton kernel yet: "auto" runs the chunked PyTorch path on every device
+DEFAULT_CHUNK = {"scalar": 32, "channel": 16}  # per-channel decays build a [C, C, Dk] pairwise tensor
+
+
+def gated_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Optional[Tensor] = None,
+    beta: Optional[Tensor] = None,
+    *,
+    direction: str = "forward",
+    delta: bool = False,
+    allow_neg_eigval: bool = False,
+    qk_l2norm: bool = False,
+    g_backward: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    method: str = "chunked",
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Decayed / delta-rule state passing over ``N`` tokens; ``[B, N, H, Dv]`` in the dtype of ``q``.
+
+    Shapes: ``q, k [B, N, H, Dk]``, ``v [B, N, H, Dv]``; ``g`` log decay ``[B, N, H]`` (one scalar per head and
+    token) or ``[B, N, H, Dk]`` (per key channel), ``None`` for no decay; ``beta [B, N, H]``, the delta-rule
+    write strength, required with ``delta=True`` and refused without it.
+
+    Forward step (``α = exp g``): ``S ← diag(α_t) S``, ``u_t = β_t (v_t − Sᵀk_t)`` (delta) or ``v_t``,
+    ``S ← S + k_t u_tᵀ``, ``o_t = scale·Sᵀq_t``. So with ``delta=True``: ``S ← (I − β k kᵀ) diag(α) S + β k vᵀ``
+    (the rule ``S ← S(I − β k kᵀ) + β v kᵀ`` of the Dv × Dk layout). ``allow_neg_eigval`` doubles β, so a β in
+    (0, 1) becomes (0, 2) and ``I − β k kᵀ`` may have a negative eigenvalue (Grazzi et al., 2025).
+    ``qk_l2norm`` L2-normalises q and k over Dk first (eps 1e-6 inside the root, as fla's ``l2norm``); the delta
+    rule is contractive only for unit keys, so DeltaNet-style callers set it.
+
+    ``direction``: ``"forward"``; ``"backward"`` (the same scan on the reversed order: the gate of token t
+    decays the state coming from t + 1); ``"bidirectional"``: forward (inclusive) plus backward read *before*
+    token t writes, ``o_t = o^f_t + scale·(diag(α^b_t) S^b_{t+1})ᵀ q_t``. Without the delta rule that is the
+    sum of the two causal scans minus the diagonal ``scale (q_t·k_t) v_t``, counted once as in LION's
+    ``M = L_f + L_b − I``. The backward half uses ``g_backward`` when given (ViG's and LION's separate
+    gates), else ``g``.
+
+    ``scale`` defaults to ``Dk^-1/2``. States are fp32 (fp64 for fp64 inputs). ``chunk_size`` (chunked
+    method): default 32 for scalar decay, 16 per channel.
+    """
+    check_qkv(q, k, v)
+    direction = check_choice("direction", direction, DIRECTIONS)
+    delta = check_bool("delta", delta)
+    allow_neg_eigval = check_bool("allow_neg_eigval", allow_neg_eigval)
+    qk_l2norm = check_bool("qk_l2norm", qk_l2norm)
+    method = check_choice("method", method, METHODS)
+    B, N, H, K = q.shape
+    if N == 0 or K == 0 or v.shape[-1] == 0:
+        raise ValueError("empty token or head dimension")
+    scale = K ** -0.5 if scale is None else check_float("scale", scale, min=0, min_open=True)
+    g = _check_gate("g", g, q)
+    if g_backward is not None and direction != "bidirectional":
+        raise ValueError("g_backward is used only with direction='bidirectional'")
+    g_backward = _check_gate("g_backward", g_backward, q)
+    if g is not None and g_backward is not None and g.shape[-1] != g_backward.shape[-1]:
+        raise ValueError("g and g_backward must both be per-head or both per-channel")
+    if delta:
+        if beta is None:
+            raise ValueError("delta=True needs beta [B, N, H]")
+        if not isinstance(beta, Tensor) or not beta.is_floating_point() or tuple(beta.shape) != (B, N, H):
+            raise ValueError(f"beta must be a floating tensor [B, N, H] = {[B, N, H]}, got {tuple(getattr(beta, 'shape', ()))}")
+        if allow_neg_eigval:
+            beta = 2.0 * beta
+    else:
+        if beta is not None:
+            raise ValueError("beta is the delta-rule write strength: pass delta=True to use it")
+        if allow_neg_eigval:
+            raise ValueError("allow_neg_eigval applies to the delta rule only (delta=True)")
+    if chunk_size is None:
+        per_channel = any(t is not None and t.shape[-1] != 1 for t in (g, g_backward))
+        chunk_size = DEFAULT_CHUNK["channel" if per_channel else "scalar"]
+    chunk_size = check_int("chunk_size", chunk_size, min=1)
+    check_backend(backend)
+    out_dtype = q.dtype
+    if qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+
+    def scan(qq, kk, vv, gg, bb, exclusive=False):
+        if method == "naive":
+            gg = None if gg is None else gg.expand(*qq.shape)
+            return gated_scan_naive(qq, kk, vv, gg, bb, scale, exclusive)
+        return gated_scan_chunked(qq, kk, vv, gg, bb, scale, exclusive, chunk_size)
+
+    def flip(t):
+        return None if t is None else t.flip(1)
+
+    if direction == "forward":
+        out = scan(q, k, v, g, beta)
+    elif direction == "backward":
+        out = scan(*map(flip, (q, k, v, g, beta))).flip(1)
+    else:
+        gb = g if g_backward is None else g_backward
+        out = scan(q, k, v, g, beta) + scan(*map(flip, (q, k, v, gb, beta)), exclusive=True).flip(1)
+    return out.to(out_dtype)
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` is ``"auto"`` or ``"torch"``; ``"triton"`` is refused (no Triton kernel for this op yet)."""
+    if backend == "triton":
+        raise ValueError("gated_scan has no Triton kernel yet; use backend='auto' or 'torch'")
+    return check_choice("backend", backend, BACKENDS)
+
+
+def _check_gate(name: str, g: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
+    """``None``, or ``g`` as ``[B, N, H, 1]`` (per head) or ``[B, N, H, Dk]`` (per channel)."""
+    if g is None:
+        return None
+    B, N, H, K = q.shape
+    if not isinstance(g, Tensor) or not g.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor [B, N, H] or [B, N, H, Dk]")
+    if tuple(g.shape) == (B, N, H):
+        return g[..., None]
+    if tuple(g.shape) == (B, N, H, K):
+        return g
+    raise ValueError(f"{name} must be [B, N, H] = {[B, N, H]} or [B, N, H, Dk] = {[B, N, H, K]}, got {tuple(g.shape)}")
+
+
+def _l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(Σ x² + eps)`` over the last dim, in fp32 (fp64 for fp64 inputs); fla's ``l2norm``."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dt)
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+
+
+__all__ = ["BACKENDS", "DIRECTIONS", "METHODS", "check_backend", "gated_scan"]

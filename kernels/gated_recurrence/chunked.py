@@ -1,0 +1,98 @@
+"""Chunked form of the gated / delta-rule scan: the PyTorch reference and CPU path of ``gated_scan``.
+
+Tokens are cut into chunks of ``C``; inside a chunk everything is a ``C × C`` product, across chunks an fp32
+state ``S [B, H, Dk, Dv]`` is passed (the Lightning-Attention-2 / fla chunk scheme). With ``b_t`` the
+cumulative log decay inside the chunk (per key channel) and ``Γ_t = diag(exp b_t)``:
+
+- non-delta: ``u_t = v_t``;
+- delta rule, WY / UT representation (as fla's chunk kernels): the new values solve the unit lower-triangular
+  system ``(I + A) U = diag(β) V − diag(β) (K ⊙ e^b) S_0`` with ``A_ts = β_t Σ_c k_tc k_sc e^{b_tc − b_sc}``
+  (``s < t``), so ``U = U₀ − W S_0`` with ``U₀ = T β V``, ``W = T β (K ⊙ e^b)``, ``T = (I + A)^{-1}``;
+- outputs ``o_t = scale·[(q_t ⊙ e^{b_t})ᵀ S_0 + Σ_{s ≤ t} (Σ_c q_tc k_sc e^{b_tc − b_sc}) u_s]`` (``s < t`` when
+  exclusive), next state ``S_C = Γ_C S_0 + ΔS − M S_0`` with ``ΔS = Σ_s (k_s ⊙ e^{b_C − b_s}) u₀_sᵀ`` and
+  ``M = Σ_s (k_s ⊙ e^{b_C − b_s}) w_sᵀ``.
+
+Everything but the state recursion is computed for many chunks at once, in groups whose pairwise-decay tensor
+stays under ``PAIRWISE_ELEMENTS``; the recursion itself is two or three small ops per chunk. Pairwise decays
+are masked before ``exp`` (no overflow for ``g ≤ 0``). Gradients come from autograd through these tensors.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PAIRWISE_ELEMENTS = 1 << 23  # cap on the [B, H, chunks, C, C, Dk] per-channel decay tensor of one group
+
+
+def _chunks(t: Tensor, C: int) -> Tensor:
+    """``[B, N, H, *]`` (N a multiple of C) → ``[B, H, N/C, C, *]``."""
+    B, N, H = t.shape[:3]
+    return t.reshape(B, N // C, C, H, *t.shape[3:]).permute(0, 3, 1, 2, *range(4, t.dim() + 1))
+
+
+def _pairwise(x: Tensor, y: Tensor, b: Tensor, lower: Tensor) -> Tensor:
+    """``P_ts = Σ_c x_tc y_sc e^{b_tc − b_sc}`` for ``s ≤ t`` (0 above), ``[B, H, n, C, C]``; ``b [.., C, 1 or Dk]``."""
+    diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~lower[..., None], float("-inf"))
+    if b.shape[-1] == 1:
+        return (x @ y.transpose(-1, -2)) * diff[..., 0].exp()
+    return (x[..., :, None, :] * y[..., None, :, :] * diff.exp()).sum(-1)
+
+
+def gated_scan_chunked(
+    q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], scale: float,
+    exclusive: bool = False, chunk_size: int = 64,
+) -> Tensor:
+    """Forward-direction scan, same contract as :func:`.naive.gated_scan_naive`; ``g [B, N, H, 1 or Dk]``."""
+    B, N, H, K = q.shape
+    V = v.shape[-1]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    C = chunk_size
+    pad = (-N) % C
+    q, k, v = (F.pad(t.to(dt), (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+    g = q.new_zeros(B, N + pad, H, 1) if g is None else F.pad(g.to(dt), (0, 0, 0, 0, 0, pad))
+    qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)  # [B, H, n, C, D]
+    b = _chunks(g, C).cumsum(3)  # [B, H, n, C, 1 or K]
+    bc = None if beta is None else _chunks(F.pad(beta.to(dt), (0, 0, 0, pad))[..., None], C)  # [B, H, n, C, 1]
+    n = qc.shape[2]
+    lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    strict = lower.tril(-1)
+    eye = torch.eye(C, dtype=dt, device=q.device)
+    group = max(1, PAIRWISE_ELEMENTS // (B * H * C * C * b.shape[-1]))
+    qk_parts: List[Tensor] = []
+    u0_parts: List[Tensor] = []
+    w_parts: List[Tensor] = []
+    for a in range(0, n, group):
+        sl = slice(a, a + group)
+        qg, kg, bg = qc[:, :, sl], kc[:, :, sl], b[:, :, sl]
+        qk = _pairwise(qg, kg, bg, lower)
+        qk_parts.append(qk.masked_fill(~strict, 0.0) if exclusive else qk)
+        if bc is not None:
+            betag = bc[:, :, sl]
+            A = (betag * _pairwise(kg, kg, bg, lower)).masked_fill(~strict, 0.0) + eye
+            rhs = torch.cat([betag * vc[:, :, sl], betag * kg * bg.exp()], -1)
+            sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+            u0_parts.append(sol[..., :V])
+            w_parts.append(sol[..., V:])
+    qk = torch.cat(qk_parts, 2)
+    u0 = vc if bc is None else torch.cat(u0_parts, 2)
+    w = None if bc is None else torch.cat(w_parts, 2)
+    eb = b.exp()
+    k_tail = (kc * (b[..., -1:, :] - b).exp()).transpose(-1, -2)  # [B, H, n, K, C]: (k_s ⊙ e^{b_C − b_s})ᵀ
+    dS = k_tail @ u0  # [B, H, n, K, V]
+    M = None if w is None else k_tail @ w  # [B, H, n, K, K]
+    last = eb[:, :, :, -1][..., None]  # [B, H, n, 1 or K, 1]
+    S = q.new_zeros(B, H, K, V)
+    starts = []
+    for i in range(n):
+        starts.append(S)
+        S = last[:, :, i] * S + dS[:, :, i] if M is None else last[:, :, i] * S + dS[:, :, i] - M[:, :, i] @ S
+    S0 = torch.stack(starts, 2)  # [B, H, n, K, V]
+    u = u0 if w is None else u0 - w @ S0
+    o = scale * ((qc * eb) @ S0 + qk @ u)  # [B, H, n, C, V]
+    return o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :N]
+
+
+__all__ = ["PAIRWISE_ELEMENTS", "gated_scan_chunked"]

@@ -1,0 +1,158 @@
+"""SANA's bidirectional gated delta net (BidirectionalGDN) as a token mixer over a 2-D token order.
+
+Paper: SANA-Video (Junsong Chen et al., NVIDIA, arXiv 2509.24695) and the SANA-WM release; the gated delta rule
+is Gated DeltaNet (Songlin Yang et al., ICLR 2025, arXiv 2412.06464). Official code: ``NVlabs/Sana`` at
+``694f58c``, ``diffusion/model/nets/sana_gdn_blocks.py::BidirectionalGDN`` (forward/backward fusion of
+``GDN``, recurrence ``torch_recurrent_sana_gdn``).
+
+Per head (``D = head_dim``), every token one step of the scan::
+
+    q, k, v  = qkv(x);  k ← k + conv_k(k) along the order (bidirectional: forward + backward − centre tap)
+    q, k     = ReLU(q), L2norm(ReLU(k))               key_norm="l2" (default); "official": ReLU(k)·D^-1/2
+    β        = sigmoid(beta_proj(x)),   α = exp(−exp(A_log)·softplus(gate_proj(x) + dt_bias))
+    S        ← α S (I − β k kᵀ) + β v kᵀ          numerator state over v
+    z        ← α z (I − β k kᵀ) + β kᵀ            denominator state, the delta rule towards the target 1
+    o        = (S^f q + S^b q) / (z^f q + z^b q + eps)     forward inclusive, backward exclusive
+    y        = proj(o · SiLU(output_gate(x)))
+
+Both states are one :func:`linvision.kernels.gated_scan` over ``[v, 1]`` with ``delta=True`` and scale 1. The backward half reads the state of tokens ``t+1 …`` built with their own
+gates and no decay at ``t`` (SANA's ``flip_and_shift``): a backward scan of the inputs shifted by one.
+
+Initialisation ``_init_gdn_gates_for_linear_equiv`` (the block starts as plain ReLU linear attention): beta_proj
+weight 0 / bias 5 (β ≈ 0.993), gate_proj weight 0 / bias 0, ``dt_bias = −5``, ``A_log = 0`` (α ≈ 0.993),
+output_gate weight 0 / bias 1.278464542761074 (SiLU = 1), ``conv_k`` the identity (last tap 1); qkv and proj keep
+nn.Linear's default init as the official timm ``Attention``. ``qkv_bias`` is SANA's ``use_bias`` (default False; the
+project's option name, so softmax weights with biases load through the adapters). The ``recall_gate`` buffer (unused) is kept so that
+official state dicts load strictly.
+
+Deviations: ``key_norm="l2"`` by default. SANA's keys are ``ReLU(k)·(D·S)^-1/2`` without normalisation, so
+``I − β k kᵀ`` has the eigenvalue ``1 − β‖k‖²``, below −1 as soon as ``‖k‖² > 2/β``; the state then grows
+geometrically along the scan (at 64K tokens of unit-variance inputs ×4 the official form overflows even in fp32).
+Unit keys keep every step contractive (Gated DeltaNet's rule); ``key_norm="official"`` reproduces SANA exactly
+(the parity fixtures use it). SANA steps over video frames (all ``H·W`` tokens of a frame write at once, gates pooled per frame);
+on an image every token is a step along ``order`` (raster, column or cross-scan), i.e. the official block on a
+"video" of ``N`` frames of ``1×1``, which is how the parity fixture is made; the key scale
+``D^-1/2·S^-1/2`` is then ``D^-1/2``. No RoPE, frame masks, q/k RMSNorm or ``k_conv_only=False`` options.
+Prefix tokens lead the order (:mod:`.orders`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels.gated_recurrence import check_backend, gated_scan
+from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from .base import QKVMixer
+from .orders import ORDERS, scan_in_orders
+from .short_conv import bidirectional_conv, short_conv
+
+OUTPUT_GATE_INIT_BIAS = 1.278464542761074  # SiLU(b) = 1
+KEY_NORMS = ("l2", "official")
+
+
+def l2_normalize(k: Tensor, eps: float = 1e-6) -> Tensor:
+    """``k / sqrt(Σ k² + eps)`` over the head dim (fla's ``l2norm``, also SANA's ``l2norm`` helper)."""
+    return k * torch.rsqrt(k.square().sum(-1, keepdim=True) + eps)
+
+
+def shift_next(t: Tensor) -> Tensor:
+    """``t'_i = t_{i+1}`` along dim 1, zero at the end (SANA's ``flip_and_shift`` seen from the original order)."""
+    return torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], 1)
+
+
+def delta_bidirectional(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, **scan) -> Tensor:
+    """SANA's fusion: forward gated-delta scan (inclusive) plus the backward scan of the next tokens."""
+    fwd = gated_scan(q, k, v, g, beta, delta=True, direction="forward", **scan)
+    bwd = gated_scan(q, shift_next(k), shift_next(v), shift_next(g), shift_next(beta), delta=True,
+                     direction="backward", **scan)
+    return fwd.float() + bwd.float()
+
+
+class BidirectionalGDN(QKVMixer):
+    """SANA's BidirectionalGDN on a token order (see the module docstring)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        use_output_gate: bool = True,
+        conv_kernel_size: int = 4,
+        eps: float = 1e-15,
+        key_norm: str = "l2",
+        order: str = "raster",
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, num_heads, check_bool("qkv_bias", qkv_bias), check_bool("proj_bias", proj_bias))
+        self.heads = num_heads
+        self.use_output_gate = check_bool("use_output_gate", use_output_gate)
+        conv_kernel_size = check_int("conv_kernel_size", conv_kernel_size, min=0)
+        self.eps = check_float("eps", eps, min=0)
+        self.key_norm = check_choice("key_norm", key_norm, KEY_NORMS)
+        self.order = check_choice("order", order, ORDERS)
+        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
+        self.backend = check_backend(backend)
+        self.beta_proj = nn.Linear(dim, num_heads, bias=True)
+        self.gate_proj = nn.Linear(dim, num_heads, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(num_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(num_heads))
+        self.register_buffer("recall_gate", torch.zeros(1))
+        self.output_gate = nn.Linear(dim, dim, bias=True) if use_output_gate else None
+        self.conv_k = short_conv(conv_kernel_size, dim) if conv_kernel_size > 0 else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """SANA's ``_init_gdn_gates_for_linear_equiv`` (see the module docstring)."""
+        with torch.no_grad():
+            nn.init.zeros_(self.beta_proj.weight)
+            nn.init.constant_(self.beta_proj.bias, 5.0)
+            nn.init.zeros_(self.gate_proj.weight)
+            nn.init.zeros_(self.gate_proj.bias)
+            self.dt_bias.fill_(-5.0)
+            self.A_log.fill_(math.log(1.0))
+            self.recall_gate.zero_()
+            if self.output_gate is not None:
+                nn.init.zeros_(self.output_gate.weight)
+                nn.init.constant_(self.output_gate.bias, OUTPUT_GATE_INIT_BIAS)
+            if self.conv_k is not None:
+                self.conv_k.weight.zero_()
+                self.conv_k.weight[:, 0, -1] = 1.0
+
+    def init_weights(self) -> None:
+        """Called by linvision's models after their own init, so the block keeps the official one."""
+        self.reset_parameters()
+
+    def gates(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """``β [B, N, H]`` (sigmoid) and the log decay ``−exp(A_log)·softplus(gate_proj(x) + dt_bias)``, fp32."""
+        beta = torch.sigmoid(self.beta_proj(x).float())
+        log_decay = -self.A_log.float().exp() * F.softplus(self.gate_proj(x).float() + self.dt_bias.float())
+        return beta, log_decay
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = self.project_qkv(x)
+        beta, log_decay = self.gates(x)
+
+        def scan(q, k, v, log_decay, beta):
+            if self.conv_k is not None:
+                k = bidirectional_conv(k.flatten(2), self.conv_k).unflatten(-1, (self.num_heads, -1))
+            q, k = F.relu(q).float(), F.relu(k).float()
+            k = l2_normalize(k) if self.key_norm == "l2" else k * self.head_dim ** -0.5
+            v1 = torch.cat([v.float(), v.new_ones(B, N, self.num_heads, 1, dtype=torch.float32)], -1)
+            out = delta_bidirectional(q, k, v1, log_decay, beta, scale=1.0, chunk_size=self.chunk_size,
+                                      backend=self.backend)
+            return out[..., :-1] / (out[..., -1:] + self.eps)
+
+        o = scan_in_orders(scan, (q, k, v, log_decay, beta), hw, num_prefix_tokens, self.order).flatten(2)
+        if self.output_gate is not None:
+            o = o * F.silu(self.output_gate(x).float())
+        return self.proj(o.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, order={self.order!r}, conv_kernel_size={0 if self.conv_k is None else self.conv_k.kernel_size[0]}"
