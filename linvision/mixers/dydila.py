@@ -60,8 +60,8 @@ Implementation choices (the spec's open points, in its terms; none is confirmed 
   values are unknown). A count of 1 means a static (learned, unrouted) projector, exponent or λ.
 - **Prefix tokens**: ordinary tokens for routing and attention (they are queries and keys and count in
   the ``1/N`` mean); the DWC sees only the ``h×w`` image tokens and is zero for prefix tokens (LiT's rule).
-- **Precision**: the kernel features, the routed scalars and the core are fp32; the output is cast to
-  the input dtype before ``proj``. The core always goes through
+- **Precision**: the kernel features, the routed scalars and the core are fp32 (fp64 for fp64 inputs); the
+  output is cast to the input dtype before ``proj``. The core always goes through
   :func:`linvision.kernels.linear_attn.linear_attention`.
 """
 from __future__ import annotations
@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.backend import accumulation_dtype
 from ..kernels.linear_attn import linear_attention
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .lit import FEATURE_OFFSET, LiTAttention
@@ -187,13 +188,13 @@ class DyDiLA(LiTAttention):
 
     # -- routing ---------------------------------------------------------------------------------
     def route(self, router: Optional[nn.Linear], x: Tensor) -> Optional[Tensor]:
-        """Routing weights ``(B, N, n)`` fp32: one-hot of the argmax forward; STE gradient if enabled.
+        """Routing weights ``(B, N, n)`` fp32 (fp64 for fp64 x): one-hot of the argmax forward; STE gradient if enabled.
 
         None for a single expert (no routing: the caller uses expert 0).
         """
         if router is None:
             return None
-        logits = router(x).float()
+        logits = router(x).to(accumulation_dtype(x.dtype))
         hard = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
         if self.router_grad == "ste":
             p = logits.softmax(-1)
@@ -201,17 +202,17 @@ class DyDiLA(LiTAttention):
         return hard
 
     def routed_scalar(self, router: Optional[nn.Linear], table: Tensor, x: Tensor) -> Tensor:
-        """One routed value of ``table`` per token: ``(B, N, 1, 1)`` fp32, to broadcast over ``[B, N, H, d]``."""
+        """One routed value of ``table`` per token: ``(B, N, 1, 1)`` fp32 (fp64), to broadcast over ``[B, N, H, d]``."""
         weights = self.route(router, x)
         if weights is None:
-            value = table.float()[0].expand(x.shape[:2])
+            value = table.to(accumulation_dtype(x.dtype))[0].expand(x.shape[:2])
         else:
-            value = (weights * table.float()).sum(-1)
+            value = (weights * table.to(weights.dtype)).sum(-1)
         return value[..., None, None]
 
     def redundancy(self, experts: nn.Linear, router: Optional[nn.Linear], x: Tensor) -> Tensor:
-        """Q' (or K'): the routed expert's projection of each token, fp32 ``[B, N, H, d]``."""
-        y = experts(x).float()
+        """Q' (or K'): the routed expert's projection of each token, fp32 (fp64) ``[B, N, H, d]``."""
+        y = experts(x).to(accumulation_dtype(x.dtype))
         if self.num_projectors > 1:
             weights = self.route(router, x)  # (B, N, n_P)
             y = torch.einsum("bnp,bnpc->bnc", weights, y.unflatten(-1, (self.num_projectors, self.dim)))
@@ -231,9 +232,10 @@ class DyDiLA(LiTAttention):
         if self.dynamic_kernel:
             gq = self.routed_scalar(self.kernel_router_q, self.gamma_q, x)
             gk = self.routed_scalar(self.kernel_router_k, self.gamma_k, x)
-        q_feat = power_kernel(q.float(), gq, offset)
-        k_feat = power_kernel(k.float(), gk, offset)
-        v = v.float()
+        acc = accumulation_dtype(x.dtype)
+        q_feat = power_kernel(q.to(acc), gq, offset)
+        k_feat = power_kernel(k.to(acc), gk, offset)
+        v = v.to(acc)
         if not self.differential:
             return linear_attention(q_feat, k_feat, v, normalize=plain, mean=True, eps=self.eps, backend=self.backend)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import BACKENDS, accumulation_dtype
 from ..kernels.infsa import linear_infsa, linear_infsa_pooled, linear_infsa_scores, pure_infsa, pure_infsa_scores
 from ..kernels.validation import check_bool, check_choice, check_float
 from .base import QKVMixer
@@ -102,8 +102,7 @@ class InfSAAttention(QKVMixer):
     def rho(self) -> Tensor:
         """ρ = sigmoid(rho_logit) as a 0-dim tensor, fp32 (fp64 in an fp64 module); detached unless
         ``rho_learnable``."""
-        logit = self.rho_logit
-        rho = torch.sigmoid(logit if logit.dtype == torch.float64 else logit.float())
+        rho = torch.sigmoid(self.rho_logit.to(accumulation_dtype(self.rho_logit.dtype)))
         return rho if self.rho_learnable else rho.detach()
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
