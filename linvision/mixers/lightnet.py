@@ -71,7 +71,7 @@ def md_lrpe_theta(
 
 def grid_positions(shape: Sequence[int], device=None) -> Tensor:
     """Integer coordinates ``[prod(shape), len(shape)]`` of a grid in raster order (last axis fastest)."""
-    axes = [torch.arange(int(n), device=device) for n in shape]
+    axes = [torch.arange(check_int("shape", n, min=0), device=device) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
 
 

@@ -244,6 +244,7 @@ class LinaAttention(QKVMixer):
         a fused ``qkv`` weight does not depend on the head split); ``copy_weights=False`` keeps PyTorch's
         default init. DWC, gates and norm are always new. Other ``options`` go to the constructor.
         """
+        check_bool("copy_weights", copy_weights)
         src = softmax_attention_weights(attn)
         for key in ("dim", "qkv_bias", "proj_bias"):
             if key in options:

@@ -117,6 +117,7 @@ class LinFusionAttention(TokenMixer):
         Other ``options`` (``projection_mid_dim``, ``eps``, ``dropout``, ``backend``) go to the constructor.
         The result is on ``attn``'s device and dtype.
         """
+        check_bool("copy_weights", copy_weights)
         src = softmax_attention_weights(attn)
         for key in ("dim", "num_heads", "qkv_bias", "out_bias"):
             if key in options:

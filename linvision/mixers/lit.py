@@ -128,8 +128,7 @@ class LiTAttention(QKVMixer):
 
         The DWC is always new (PyTorch default init). The result is on ``attn``'s device and dtype.
         """
-        if inherit not in INHERIT_MODES:
-            raise ValueError(f"unknown inherit={inherit!r}; expected one of {INHERIT_MODES}")
+        check_choice("inherit", inherit, INHERIT_MODES)
         src = softmax_attention_weights(attn)
         for key in ("dim", "qkv_bias", "proj_bias"):
             if key in options:

@@ -187,3 +187,15 @@ def test_defaults_and_none_options_are_accepted():
     linvision.create_mixer("lina", DIM, HEADS, eps=1e-5, kv_gate=True, gate_tokens=80, gate_prefix_tokens=16, gate_grid=(8, 8))
     linvision.create_mixer("plstm", DIM, HEADS, chunk_size=4, transition_scale=-1.0)
     linvision.create_mixer("clear", DIM, HEADS, pool_factor=1, train_seq_len=4608)
+
+
+def test_from_softmax_switches_are_checked():
+    teacher = linvision.create_mixer("softmax", DIM, HEADS)
+    for cls, option, bad in (
+        (linvision.mixer_class("lit"), "inherit", ["qkv", None, 1]),
+        (linvision.mixer_class("lina"), "copy_weights", bools()),
+        (linvision.mixer_class("linfusion"), "copy_weights", bools()),
+    ):
+        for value in bad:
+            with pytest.raises(ValueError, match=option):
+                cls.from_softmax(teacher, **{option: value})
