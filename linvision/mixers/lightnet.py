@@ -76,7 +76,8 @@ def grid_positions(shape: Sequence[int], device=None) -> Tensor:
 
 
 def md_lrpe_angles(theta: Tensor, shape: Sequence[int], num_prefix_tokens: int, head_dim: int) -> Tensor:
-    """Angles ``Θ [P + prod(shape), H, head_dim]`` (θ's dtype): ``Θ_s = concat_j(s_j θ)[:head_dim]``, prefix tokens at 0.
+    """Angles ``Θ [P + prod(shape), H, head_dim]`` in θ's dtype: ``Θ_s = concat_j(s_j θ)[:head_dim]``, prefix
+    tokens at 0.
 
     Channel chunk ``j`` (of ``e = θ.shape[1]`` channels) carries axis ``j`` (rows, then columns, ...), as in
     xopes' ``lrpe_cosine_md_torch``. Built per call from ``shape``; nothing is cached.

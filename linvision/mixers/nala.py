@@ -77,7 +77,8 @@ NALA_EPS = 1e-6  # official: z = 1 / (q · mean(k) + 1e-6)
 
 
 def rope_angles(head_dim: int, base: float = 10000.0, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Angles of one spatial axis in ``dtype``, length ``2·(head_dim // 4)``: ``1/base^linspace(0, 1, d/4)``, each twice."""
+    """Angles of one spatial axis in ``dtype``, length ``2·(head_dim // 4)``: ``1/base^linspace(0, 1, d/4)``,
+    each twice."""
     n = head_dim // 4
     inv = 1.0 / (base ** torch.linspace(0, 1, n, dtype=dtype, device=device))
     return inv.repeat_interleave(2)

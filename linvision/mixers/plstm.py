@@ -110,10 +110,8 @@ class PLSTMMixer(QKVMixer):
         self.transition_scale = check_float("transition_scale", transition_scale)
         self.orientation_scale = check_float("orientation_scale", orientation_scale)
         self.norm_eps = check_float("norm_eps", norm_eps, min=0.0)
-        self._inits = {
-            kind: check_float(f"{kind}_bias_init", value)
-            for kind, value in (("source", source_bias_init), ("mark", mark_bias_init), ("transition", transition_bias_init))
-        }
+        inits = (("source", source_bias_init), ("mark", mark_bias_init), ("transition", transition_bias_init))
+        self._inits = {kind: check_float(f"{kind}_bias_init", value) for kind, value in inits}
         self.direct_bias_init = check_float("direct_bias_init", direct_bias_init)
         if self.dim % (4 * self.num_heads):
             raise ValueError(
