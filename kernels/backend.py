@@ -10,6 +10,11 @@ BACKENDS = ("auto", "torch", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of states, normalisers and sums for inputs of ``dtype``: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def triton_importable() -> bool:
     """True when the ``triton`` package can be imported."""
     return importlib.util.find_spec("triton") is not None

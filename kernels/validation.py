@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -88,6 +88,14 @@ def check_int(name: str, value, *, min: Optional[int] = None, max: Optional[int]
     return value
 
 
+def check_odd_int(name: str, value) -> int:
+    """A positive odd int (a convolution kernel size whose ``padding = k // 2`` keeps the grid)."""
+    value = check_int(name, value, min=1)
+    if value % 2 == 0:
+        raise ValueError(f"{name} must be a positive odd int, got {value}")
+    return value
+
+
 def check_float(
     name: str,
     value,
@@ -96,15 +104,19 @@ def check_float(
     max: Optional[float] = None,
     min_open: bool = False,
     max_open: bool = False,
+    allow_neg_inf: bool = False,
 ) -> float:
     """``value`` is a finite real number (int or float, not a bool or a string) within the given bounds.
 
     ``min_open`` / ``max_open`` exclude the bound itself (e.g. ``min=0, min_open=True`` for an eps > 0).
+    ``allow_neg_inf``: ``-inf`` is accepted too (e.g. an initial log-sum-exp; NaN and ``+inf`` never are).
     Returned as a Python float.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     value = float(value)
+    if allow_neg_inf and value == -math.inf:
+        return value
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     below = min is not None and (value <= min if min_open else value < min)
@@ -125,23 +137,35 @@ def check_choice(name: str, value, choices: Sequence) -> object:
     raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
 
 
-def check_hw(hw) -> Tuple[int, int]:
+def check_floating_dtype(name: str, value) -> torch.dtype:
+    """``value`` is a floating ``torch.dtype`` (fp16, bf16, fp32 or fp64); returned as is."""
+    if not isinstance(value, torch.dtype) or value not in INPUT_DTYPES:
+        raise ValueError(f"{name} must be torch.float16, bfloat16, float32 or float64, got {value!r}")
+    return value
+
+
+def check_optional(check: Callable, name: str, value, *args, **kwargs):
+    """``None``, or ``check(name, value, *args, **kwargs)``: an option whose ``None`` means "off" or "default"."""
+    return None if value is None else check(name, value, *args, **kwargs)
+
+
+def check_hw(hw, name: str = "hw") -> Tuple[int, int]:
     """``hw`` is a pair ``(h, w)`` of positive ints (Python ints or one-element integer tensors).
 
     Floats (even ``8.0``), bools, strings and other shapes are refused: coercing them would run a silently
-    different grid.
+    different grid. ``name`` names the argument in the message (e.g. ``"gate_grid"``).
     """
     if isinstance(hw, (str, bytes)):
-        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}")
+        raise ValueError(f"{name} must be a pair (h, w) of ints, got {hw!r}")
     try:
         h, w = hw
     except (TypeError, ValueError):
-        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}") from None
+        raise ValueError(f"{name} must be a pair (h, w) of ints, got {hw!r}") from None
     if not (_is_int(h) and _is_int(w)):
-        raise ValueError(f"hw must be a pair (h, w) of ints, got {hw!r}")
+        raise ValueError(f"{name} must be a pair (h, w) of ints, got {hw!r}")
     h, w = int(h), int(w)
     if h <= 0 or w <= 0:
-        raise ValueError(f"hw must be positive, got {(h, w)}")
+        raise ValueError(f"{name} must be positive, got {(h, w)}")
     return h, w
 
 
@@ -162,8 +186,11 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_float",
+    "check_floating_dtype",
     "check_hw",
     "check_int",
+    "check_odd_int",
+    "check_optional",
     "check_qkv",
     "check_triton_dtype",
     "expand_floating",

@@ -23,6 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from timm.layers import Attention
 from torch import Tensor, nn
 
+from .kernels.validation import check_hw, check_int
 from .mixers import TokenMixer, create_mixer, mixer_class, mixer_options
 from .models.layout import MixerSpec, layer_options, resolve_mixers
 
@@ -47,8 +48,8 @@ class TimmAttention(nn.Module):
         super().__init__()
         self.mixer = mixer
         self.proj_drop = nn.Identity() if proj_drop is None else proj_drop
-        self.hw = (int(hw[0]), int(hw[1]))
-        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.hw = check_hw(hw)
+        self.num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens, min=0)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:

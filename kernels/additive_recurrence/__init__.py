@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..validation import check_bool, check_qkv, check_triton_dtype, expand_floating
+from ..validation import check_bool, check_float, check_floating_dtype, check_qkv, check_triton_dtype, expand_floating
 from .naive import additive_scan_naive, additive_scan_recurrent, causal_lse, noncausal_state
 
 
@@ -23,6 +24,7 @@ def additive_scan(
     k_mod: Optional[Tensor] = None,
     causal: bool = False,
     lse_init: float = -math.inf,
+    out_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
 ) -> Tensor:
     """LightNet's additive recurrence: a per-channel softmax of the keys over the tokens weights the values.
@@ -45,17 +47,19 @@ def additive_scan(
     The log-sum-exp is computed in fp32 with a running maximum, so keys of any finite magnitude give
     finite outputs; a channel whose keys are all −inf (with ``lse_init = −inf``) has no softmax and is
     undefined. States, normalisers and accumulators are fp32 (fp64 for fp64 inputs on the torch
-    backend); the output has the input dtype. ``backend``: ``"auto"`` (Triton on CUDA, else PyTorch),
+    backend); the output has ``out_dtype``, default the input dtype (``torch.float32`` keeps an fp16
+    result that a norm follows from overflowing). ``backend``: ``"auto"`` (Triton on CUDA, else PyTorch),
     ``"torch"``, ``"triton"``. The Triton backend is differentiable in ``q``, ``k``, ``v`` and ``k_mod``.
     """
     k_mod, lse_init = _validated(q, k, v, k_mod, causal, lse_init)
+    out_dtype = q.dtype if out_dtype is None else check_floating_dtype("out_dtype", out_dtype)
     chosen = resolve_backend(backend, q, k, v)
     if chosen == "triton":
         check_triton_dtype(q)
         from .triton import additive_scan_triton
 
-        return additive_scan_triton(q, k, v, k_mod, causal=bool(causal), lse_init=lse_init)
-    return additive_scan_naive(q, k, v, k_mod, bool(causal), lse_init)
+        return additive_scan_triton(q, k, v, k_mod, causal=causal, lse_init=lse_init, out_dtype=out_dtype)
+    return additive_scan_naive(q, k, v, k_mod, causal, lse_init, out_dtype)
 
 
 def _validated(q, k, v, k_mod, causal, lse_init):
@@ -69,13 +73,7 @@ def _validated(q, k, v, k_mod, causal, lse_init):
     if k_mod is not None:
         k_mod = expand_floating("k_mod", k_mod, k.shape, str(tuple(k.shape)))
     check_bool("causal", causal)
-    try:
-        lse_init = float(lse_init)
-    except (TypeError, ValueError):
-        raise ValueError(f"lse_init must be a float (or -inf), got {lse_init!r}") from None
-    if math.isnan(lse_init) or lse_init == math.inf:
-        raise ValueError(f"lse_init must be finite or -inf, got {lse_init}")
-    return k_mod, lse_init
+    return k_mod, check_float("lse_init", lse_init, allow_neg_inf=True)
 
 
 __all__ = ["additive_scan", "additive_scan_naive", "additive_scan_recurrent", "causal_lse", "noncausal_state"]

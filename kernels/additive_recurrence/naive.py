@@ -19,13 +19,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..backend import accumulation_dtype
+
 CHUNK_ELEMENTS = 1 << 18  # elements of one [B, chunk, H, D] temporary (non-causal streaming)
 PAIR_ELEMENTS = 1 << 21  # elements of one [B, T, T, H, D] pair tensor (causal intra-chunk term)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 for fp64 inputs, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _safe(x: Tensor) -> Tensor:
@@ -84,18 +81,20 @@ def additive_scan_naive(
     k_mod: Optional[Tensor] = None,
     causal: bool = False,
     lse_init: float = -math.inf,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Reference forward; arguments already validated (``k_mod`` broadcast to ``k``'s shape or None).
 
-    q, k: [B, N, H, Dk], v: [B, N, H, Dv] → o: [B, N, H, Dv] in q's dtype.
+    q, k: [B, N, H, Dk], v: [B, N, H, Dv] → o: [B, N, H, Dv] in ``out_dtype`` (default q's dtype).
     """
+    out_dtype = q.dtype if out_dtype is None else out_dtype
     if causal:
-        return _causal(q, k, v, k_mod, lse_init)
+        return _causal(q, k, v, k_mod, lse_init, out_dtype)
     acc = accumulation_dtype(q.dtype)
     state, _ = noncausal_state(k, v, k_mod, lse_init)
     N = q.shape[1]
     step = chunk_tokens(v)
-    parts = [torch.einsum("bnhk,bhkv->bnhv", q[:, a : a + step].to(acc), state).to(q.dtype) for a in range(0, N, step)]
+    parts = [torch.einsum("bnhk,bhkv->bnhv", q[:, a : a + step].to(acc), state).to(out_dtype) for a in range(0, N, step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
@@ -108,8 +107,10 @@ def causal_lse(k: Tensor, lse_init: float = -math.inf) -> Tensor:
     return z
 
 
-def _causal(q: Tensor, k: Tensor, v: Tensor, k_mod: Optional[Tensor], lse_init: float) -> Tensor:
-    """``o_t = q_tᵀ Σ_{s≤t} exp(f_s − z_t) ⊙ κ_s v_sᵀ``, chunked; every exponent is ≤ 0."""
+def _causal(
+    q: Tensor, k: Tensor, v: Tensor, k_mod: Optional[Tensor], lse_init: float, out_dtype: torch.dtype
+) -> Tensor:
+    """``o_t = q_tᵀ Σ_{s≤t} exp(f_s − z_t) ⊙ κ_s v_sᵀ``, chunked; every exponent is ≤ 0. Returns ``out_dtype``."""
     acc = accumulation_dtype(q.dtype)
     B, N, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -137,7 +138,7 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, k_mod: Optional[Tensor], lse_init: 
             w = w * mod.unsqueeze(1)
         scores = torch.einsum("bthk,btshk->bhts", qc, w)
         o = o + torch.einsum("bhts,bshv->bthv", scores, vc)
-        outs.append(o.to(q.dtype))
+        outs.append(o.to(out_dtype))
         # state update to the chunk end
         z_last = z[:, b_ - 1]  # [B, H, Dk]
         zl = _safe(z_last)

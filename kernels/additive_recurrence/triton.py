@@ -163,7 +163,7 @@ def _combine(s_part: Tensor, m_part: Tensor, l_part: Tensor, lse_init: float) ->
 
 class _AdditiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, k_mod, causal, lse_init):
+    def forward(ctx, q, k, v, k_mod, causal, lse_init, out_dtype):
         B, N, H, Dk = q.shape
         Dv = v.shape[3]
         cfg = tile_config(Dk, Dv)
@@ -172,7 +172,7 @@ class _AdditiveScan(torch.autograd.Function):
         dev = q.device
         has_mod = k_mod is not None
         mod = k_mod if has_mod else k
-        out = torch.empty((B, N, H, Dv), dtype=q.dtype, device=dev)
+        out = torch.empty((B, N, H, Dv), dtype=out_dtype, device=dev)
         if causal:
             n_chunks = triton.cdiv(N, CAUSAL_CHUNK)
             zb = torch.empty((BH, n_chunks + 1, Dk), dtype=torch.float32, device=dev)
@@ -220,7 +220,7 @@ class _AdditiveScan(torch.autograd.Function):
             q, k, v, k_mod, state, z = ctx.saved_tensors
         need_dq, need_dk, need_dv, need_dmod = ctx.needs_input_grad[:4]
         need_dmod = bool(need_dmod) and k_mod is not None
-        grads = [None] * 6
+        grads = [None] * 7
         if not (need_dq or need_dk or need_dv or need_dmod):
             return tuple(grads)
         B, N, H, Dk = q.shape
@@ -290,14 +290,23 @@ class _AdditiveScan(torch.autograd.Function):
 
 
 def additive_scan_triton(
-    q: Tensor, k: Tensor, v: Tensor, k_mod: Optional[Tensor], *, causal: bool, lse_init: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_mod: Optional[Tensor],
+    *,
+    causal: bool,
+    lse_init: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Triton additive scan; arguments already validated (``k_mod`` expanded to ``k``'s shape or None).
 
+    The output has ``out_dtype`` (default q's; the kernels accumulate in fp32 and cast on the store).
     Differentiable in q, k, v and k_mod. Raises ``ValueError`` for Dk or Dv > 256.
     """
     tile_config(q.shape[3], v.shape[3])  # raises on unsupported head dims
-    return _AdditiveScan.apply(q, k, v, k_mod, bool(causal), float(lse_init))
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    return _AdditiveScan.apply(q, k, v, k_mod, bool(causal), float(lse_init), out_dtype)
 
 
 __all__ = [

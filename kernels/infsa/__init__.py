@@ -43,7 +43,7 @@ from typing import Callable, Tuple, Union
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..validation import check_bool, check_qkv, check_triton_dtype
+from ..validation import check_bool, check_float, check_qkv, check_triton_dtype
 from .naive import (
     linear_infsa_pooled_naive,
     linear_infsa_scores_naive,
@@ -132,15 +132,12 @@ def _validated(q, k, v, rho, eps) -> Rho:
     M = k.shape[1]
     if N == 0 or M == 0 or D == 0:
         raise ValueError(f"InfSA needs at least one query, one key and one channel, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_float("eps", eps, min=0.0)
     if isinstance(rho, Tensor):
         if rho.numel() != 1 or not rho.is_floating_point():
             raise ValueError(f"rho must be a float or a one-element floating tensor, got shape {tuple(rho.shape)}, {rho.dtype}")
         return rho.reshape(())
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho != rho or abs(rho) == float("inf"):
-        raise ValueError(f"rho must be a finite float or a one-element tensor, got {rho!r}")
-    return float(rho)
+    return check_float("rho", rho)
 
 
 __all__ = [

@@ -6,7 +6,15 @@ from typing import Optional
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..validation import check_qkv, check_triton_dtype, expand_floating
+from ..validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_optional,
+    check_qkv,
+    check_triton_dtype,
+    expand_floating,
+)
 from .feature_maps import FEATURE_MAPS
 from .naive import chunk_tokens, linear_attention_naive
 from .state import LinearAttentionState, apply_state, state_of
@@ -53,9 +61,11 @@ def linear_attention(
     States, normalisers and accumulators are fp32 (fp64 for fp64 inputs on the torch backend); the
     output has the input dtype. ``backend``: ``"auto"`` (Triton on CUDA, else PyTorch), ``"torch"``, ``"triton"``.
     """
-    args = _validated(q, k, v, q_den, k_den, k_weight, v_weight, normalize, eps, scale)
-    if feature_map is not None and feature_map not in FEATURE_MAPS:
-        raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAPS} or None")
+    args = _validated(q, k, v, q_den, k_den, k_weight, v_weight, normalize, scale)
+    check_bool("mean", mean)
+    eps = check_float("eps", eps, min=0.0)
+    feature_map = check_optional(check_choice, "feature_map", feature_map, tuple(FEATURE_MAPS))
+    feature_offset = check_float("feature_offset", feature_offset, min=0.0)
     chosen = resolve_backend(backend, q, k, v)
     if chosen == "triton":
         check_triton_dtype(q)
@@ -63,21 +73,18 @@ def linear_attention(
 
         # φ is applied inside the kernels as q, k (and q_den, k_den) are loaded: no mapped copy is stored.
         return linear_attention_triton(
-            *args[:-1], normalize=normalize, mean=mean, eps=float(eps), scale=args[-1],
-            feature_map=feature_map, feature_offset=float(feature_offset),
+            *args[:-1], normalize=normalize, mean=mean, eps=eps, scale=args[-1],
+            feature_map=feature_map, feature_offset=feature_offset,
         )
-    return linear_attention_naive(*args[:-1], normalize, mean, float(eps), args[-1], feature_map, float(feature_offset))
+    return linear_attention_naive(*args[:-1], normalize, mean, eps, args[-1], feature_map, feature_offset)
 
 
-def _validated(q, k, v, q_den, k_den, k_weight, v_weight, normalize, eps, scale):
+def _validated(q, k, v, q_den, k_den, k_weight, v_weight, normalize, scale):
     """Check shapes, dtypes and options; return (q, k, v, q_den, k_den, k_weight, v_weight, scale)."""
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalize={normalize!r}; expected one of {NORMALIZATIONS}")
+    check_choice("normalize", normalize, NORMALIZATIONS)
     if normalize == "div" and scale is not None:
         raise ValueError("scale cancels in normalize='div'; it applies to 'sub' and 'none' only")
-    scale = 1.0 if scale is None else float(scale)
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    scale = 1.0 if scale is None else check_float("scale", scale)
     check_qkv(q, k, v, cross=True)
     B, N, H = q.shape[:3]
     M = k.shape[1]

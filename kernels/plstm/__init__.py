@@ -21,10 +21,20 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..validation import check_hw, check_qkv, check_triton_dtype
+from ..validation import (
+    check_choice,
+    check_float,
+    check_floating_dtype,
+    check_hw,
+    check_int,
+    check_optional,
+    check_qkv,
+    check_triton_dtype,
+)
 from .chunked import gating_matrix_2d as _gating_matrix_2d
 from .chunked import plstm2d_chunked, plstm2d_full_g
 from .naive import (
@@ -61,6 +71,7 @@ def plstm2d(
     scale: Optional[float] = None,
     method: str = "chunked",
     chunk_size: Optional[int] = None,
+    out_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
 ) -> Tensor:
     """2-D pLSTM over an ``X × Y`` grid, one or four orientations summed, plus the direct term.
@@ -78,20 +89,20 @@ def plstm2d(
 
     Any grid works: the doubling pads internally with zero gates (which never changes a real output).
     ``chunk_size`` (a power of two; ``method="chunked"``): default 8 on the PyTorch path, 16 on Triton.
-    States and sums are fp32 (fp64 for fp64 inputs); the output has the dtype of q.
+    States and sums are fp32 (fp64 for fp64 inputs); the output has ``out_dtype``, default the dtype of q
+    (``torch.float32`` keeps an fp16 result that a norm follows from overflowing).
     ``backend``: ``"auto"`` (Triton for CUDA tensors with ``method="chunked"``), ``"torch"``, ``"triton"``.
     """
     gates, d, hw, scale = _validated_2d(q, k, v, (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u), d, hw, scale)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    check_choice("method", method, METHODS)
+    chunk_size = check_optional(check_chunk_size, "chunk_size", chunk_size)
+    out_dtype = q.dtype if out_dtype is None else check_floating_dtype("out_dtype", out_dtype)
     if backend == "auto" and method != "chunked":
         chosen = "torch"
     else:
         chosen = resolve_backend(backend, q, k, v)
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK[chosen]
-    if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 1, got {chunk_size!r}")
     if chosen == "triton":
         if method != "chunked":
             raise ValueError(f"backend='triton' implements method='chunked' only, got method={method!r}")
@@ -105,7 +116,7 @@ def plstm2d(
         out = plstm2d_full_g(q, k, v, *gates, d, hw, scale)
     else:
         out = plstm2d_chunked(q, k, v, *gates, d, hw, scale, chunk_size)
-    return out.to(q.dtype)
+    return out.to(out_dtype)
 
 
 def gating_matrix_2d(
@@ -181,13 +192,18 @@ def plstm_dag(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def check_chunk_size(name: str, value) -> int:
+    """A chunk side: a power of two >= 1."""
+    value = check_int(name, value, min=1)
+    if value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 1, got {value}")
+    return value
+
+
 def _scale(scale, q):
     if scale is None:
         return q.shape[-1] ** -0.5
-    scale = float(scale)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    return scale
+    return check_float("scale", scale, min=0.0, min_open=True)
 
 
 def _check_qkv(q, k, v):
@@ -235,6 +251,7 @@ def _validated_2d(q, k, v, gates, d, hw, scale):
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "check_chunk_size",
     "METHODS",
     "ORIENTATION_FLIPS",
     "gating_matrix_2d",

@@ -6,14 +6,13 @@ The operator of CLEAR (arXiv 2412.16112; ``Huage001/CLEAR: attention_processor.p
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..validation import check_4d, check_hw, check_qkv, check_triton_dtype
+from ..validation import check_4d, check_float, check_hw, check_int, check_qkv, check_triton_dtype
 from .naive import window_attention_blocked, window_attention_dense, window_mask
 
 
@@ -80,13 +79,11 @@ def pool_tokens(
     Differentiable in ``x`` and ``weight``.
     """
     h, w = check_hw(hw)
-    if not isinstance(factor, numbers.Integral) or isinstance(factor, bool) or factor < 1:
-        raise ValueError(f"pooling factor must be a positive int, got {factor!r}")
-    factor = int(factor)
+    factor = check_int("factor", factor, min=1)
     if h % factor or w % factor:
         raise ValueError(f"the pooling factor {factor} must divide the grid hw={h}x{w}")
     check_4d(x=x)
-    T = _check_prefix(num_prefix_tokens)
+    T = check_int("num_prefix_tokens", num_prefix_tokens, min=0)
     B, N, H, D = x.shape
     if N != T + h * w:
         raise ValueError(f"token count {N} does not match hw={h}x{w} plus {T} prefix tokens (= {T + h * w})")
@@ -116,9 +113,9 @@ def key_tiles_per_query_tile(
     from .tiles import default_tiles, visited_key_tiles
 
     h, w = check_hw(hw)
-    _check_radius(radius)
+    radius = check_int("radius", radius, min=1)
     qt, kt = default_tiles(interpreting=False)
-    return torch.tensor(visited_key_tiles((h, w), int(radius), query_tile or qt, key_tile or kt), dtype=torch.long)
+    return torch.tensor(visited_key_tiles((h, w), radius, query_tile or qt, key_tile or kt), dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,24 +123,10 @@ def key_tiles_per_query_tile(
 # ----------------------------------------------------------------------------------------------------------
 
 
-
-
-def _check_radius(radius) -> int:
-    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 1:
-        raise ValueError(f"radius must be an int >= 1, got {radius!r}")
-    return int(radius)
-
-
-def _check_prefix(num_prefix_tokens) -> int:
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral) or num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
-    return int(num_prefix_tokens)
-
-
 def _validated(q, k, v, hw, radius, num_prefix_tokens, pooled_k, pooled_v, scale):
     h, w = check_hw(hw)
-    radius = _check_radius(radius)
-    T = _check_prefix(num_prefix_tokens)
+    radius = check_int("radius", radius, min=1)
+    T = check_int("num_prefix_tokens", num_prefix_tokens, min=0)
     check_qkv(q, k, v)
     B, N, H, Dk = q.shape
     if N != T + h * w:
@@ -162,12 +145,7 @@ def _validated(q, k, v, hw, radius, num_prefix_tokens, pooled_k, pooled_v, scale
                 f"pooled_k {tuple(pooled_k.shape)} / pooled_v {tuple(pooled_v.shape)} must be "
                 f"[B, P, H, Dk] = [{B}, P, {H}, {Dk}] / [B, P, H, Dv] = [{B}, P, {H}, {v.shape[3]}]"
             )
-    if scale is None:
-        scale = 1.0 / math.sqrt(Dk)
-    else:
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    scale = 1.0 / math.sqrt(Dk) if scale is None else check_float("scale", scale)
     return (h, w), radius, T, scale
 
 

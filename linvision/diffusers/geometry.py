@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..kernels.validation import check_hw, check_int
+
 RULES = ("halving", "patch", "ids")
 MAX_LEVELS = 16
 
@@ -33,14 +35,13 @@ class LatentGeometry:
     def __init__(self, rule: str, patch_size: int = 1):
         if rule not in RULES:
             raise ValueError(f"unknown geometry rule {rule!r}; expected one of {RULES}")
-        if int(patch_size) != patch_size or patch_size < 1:
-            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         self.rule = rule
-        self.patch_size = int(patch_size)
+        self.patch_size = check_int("patch_size", patch_size, min=1)
         self.latent_hw: Optional[Tuple[int, int]] = None
 
     def record(self, hw: Tuple[int, int]) -> None:
-        self.latent_hw = (int(hw[0]), int(hw[1]))
+        """Store the grid of this call: a pair of positive ints (floats are refused, never rounded)."""
+        self.latent_hw = check_hw(hw)
 
     def _latent(self) -> Tuple[int, int]:
         if self.latent_hw is None:

@@ -5,7 +5,7 @@ from typing import Tuple
 
 from torch import Tensor, nn
 
-from ..kernels.validation import check_hw, check_int
+from ..kernels.validation import check_bool, check_hw, check_int
 
 
 def check_tokens(x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, dim: int) -> Tuple[int, int]:
@@ -68,8 +68,8 @@ class QKVMixer(TokenMixer):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
         super().__init__(dim, num_heads)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=check_bool("qkv_bias", qkv_bias))
+        self.proj = nn.Linear(dim, dim, bias=check_bool("proj_bias", proj_bias))
 
     def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(B, N, C) → three (B, N, H, D) views of one packed projection (no copies)."""

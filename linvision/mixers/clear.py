@@ -58,13 +58,13 @@ Deviations from the official code:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from ..kernels.window_attn import pool_tokens, window_attention
 from .base import QKVMixer
 
@@ -128,8 +128,9 @@ def rope_tables(
     theta: float = ROPE_THETA,
     ntk_factor: float = 1.0,
     device=None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tuple[Tensor, Tensor]:
-    """FLUX-style axial RoPE ``(cos, sin)``, each ``(T + h·w, 4·(d // 4))`` fp32.
+    """FLUX-style axial RoPE ``(cos, sin)``, each ``(T + h·w, 4·(d // 4))`` in ``dtype``.
 
     Per axis (row, then column) of ``a = 2·(d // 4)`` dims: ``freq_i = 1 / (θ·ntk)^(2i/a)``, angle
     ``pos·freq_i`` repeated for the pair ``(2i, 2i+1)`` (diffusers ``get_1d_rotary_pos_embed`` with
@@ -146,18 +147,20 @@ def rope_tables(
     ).reshape(h * w, 2 * a)
     if num_prefix_tokens:
         ang = torch.cat((ang.new_zeros(num_prefix_tokens, 2 * a), ang), 0)
-    return ang.cos().float(), ang.sin().float()
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """diffusers ``apply_rotary_emb(use_real=True, use_real_unbind_dim=-1)`` on the first ``cos.shape[-1]`` dims.
 
-    ``x [B, N, H, d]``; ``cos, sin (N, r)``; pairs ``(x₀, x₁) → (x₀cos − x₁sin, x₁cos + x₀sin)``, in fp32.
+    ``x [B, N, H, d]``; ``cos, sin (N, r)``; pairs ``(x₀, x₁) → (x₀cos − x₁sin, x₁cos + x₀sin)``, in fp32
+    (fp64 for fp64 ``x``).
     """
     r = cos.shape[-1]
     if r == 0:
         return x
-    head = x[..., :r].float()
+    head = x[..., :r].to(accumulation_dtype(x.dtype))
+    cos, sin = cos.to(head.dtype), sin.to(head.dtype)
     re, im = head.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack((-im, re), -1).flatten(-2)
     out = (head * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
@@ -198,32 +201,15 @@ class ClearAttention(QKVMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
-        if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 1:
-            raise ValueError(f"radius must be an int >= 1, got {radius!r}")
-        if pool_factor is not None and (
-            isinstance(pool_factor, bool) or not isinstance(pool_factor, numbers.Integral) or pool_factor < 1
-        ):
-            raise ValueError(f"pool_factor must be None or a positive int, got {pool_factor!r}")
-        if not isinstance(rope, bool):
-            raise ValueError(f"rope must be a bool, got {rope!r}")
-        if not rope_theta > 1.0 or not rope_ntk_factor > 0:
-            raise ValueError(f"rope_theta must be > 1 and rope_ntk_factor > 0, got {rope_theta!r}, {rope_ntk_factor!r}")
-        if train_seq_len is not None and (
-            isinstance(train_seq_len, bool) or not isinstance(train_seq_len, numbers.Integral) or train_seq_len < 2
-        ):
-            raise ValueError(f"train_seq_len must be None or an int >= 2, got {train_seq_len!r}")
-        if not pooled_log_factor > 0:
-            raise ValueError(f"pooled_log_factor must be > 0, got {pooled_log_factor!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        self.radius = int(radius)
-        self.pool_factor = None if pool_factor in (None, 1) else int(pool_factor)
-        self.rope = rope
-        self.rope_theta = float(rope_theta)
-        self.rope_ntk_factor = float(rope_ntk_factor)
-        self.train_seq_len = None if train_seq_len is None else int(train_seq_len)
-        self.pooled_log_factor = float(pooled_log_factor)
-        self.backend = backend
+        self.radius = check_int("radius", radius, min=1)
+        pool_factor = check_optional(check_int, "pool_factor", pool_factor, min=1)
+        self.pool_factor = None if pool_factor == 1 else pool_factor
+        self.rope = check_bool("rope", rope)
+        self.rope_theta = check_float("rope_theta", rope_theta, min=1.0, min_open=True)
+        self.rope_ntk_factor = check_float("rope_ntk_factor", rope_ntk_factor, min=0.0, min_open=True)
+        self.train_seq_len = check_optional(check_int, "train_seq_len", train_seq_len, min=2)
+        self.pooled_log_factor = check_float("pooled_log_factor", pooled_log_factor, min=0.0, min_open=True)
+        self.backend = check_choice("backend", backend, BACKENDS)
         if self.pool_factor is not None:
             f = self.pool_factor
             self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, f, 1, f, 1), 1.0 / (f * f)))
@@ -238,7 +224,8 @@ class ClearAttention(QKVMixer):
             raise ValueError(f"pool_factor={f} must divide the grid hw={h}x{w}")
         q, k, v = self.project_qkv(x)
         if self.rope:
-            cos, sin = rope_tables(self.head_dim, hw, T, self.rope_theta, self.rope_ntk_factor, x.device)
+            acc = accumulation_dtype(x.dtype)
+            cos, sin = rope_tables(self.head_dim, hw, T, self.rope_theta, self.rope_ntk_factor, x.device, acc)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         scale = clear_scale(self.head_dim, T + h * w, self.train_seq_len, f is not None, self.pooled_log_factor)
         o = clear_attention(

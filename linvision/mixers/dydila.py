@@ -60,8 +60,8 @@ Implementation choices (the spec's open points, in its terms; none is confirmed 
   values are unknown). A count of 1 means a static (learned, unrouted) projector, exponent or λ.
 - **Prefix tokens**: ordinary tokens for routing and attention (they are queries and keys and count in
   the ``1/N`` mean); the DWC sees only the ``h×w`` image tokens and is zero for prefix tokens (LiT's rule).
-- **Precision**: the kernel features, the routed scalars and the core are fp32; the output is cast to
-  the input dtype before ``proj``. The core always goes through
+- **Precision**: the kernel features, the routed scalars and the core are fp32 (fp64 for fp64 inputs); the
+  output is cast to the input dtype before ``proj``. The core always goes through
   :func:`linvision.kernels.linear_attn.linear_attention`.
 """
 from __future__ import annotations
@@ -72,29 +72,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.backend import accumulation_dtype
 from ..kernels.linear_attn import linear_attention
+from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .lit import FEATURE_OFFSET, LiTAttention
 
 DENOMINATORS = ("kernel", "differential", "none")
 ROUTER_GRADS = ("ste", "none")
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ValueError(f"{name} must be a float >= {minimum:g}, got {value!r}")
-    return float(value)
 
 
 def power_kernel(z: Tensor, gamma: Optional[Tensor], offset: float) -> Tensor:
@@ -153,29 +137,24 @@ class DyDiLA(LiTAttention):
             dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, dwc_kernel_size=dwc_kernel_size,
             dwc_shared_across_heads=dwc_shared_across_heads, eps=eps, backend=backend,
         )
-        self.dynamic_projection = _check_bool("dynamic_projection", dynamic_projection)
-        self.dynamic_kernel = _check_bool("dynamic_kernel", dynamic_kernel)
-        self.differential = _check_bool("differential", differential)
-        self.relu_after_diff = _check_bool("relu_after_diff", relu_after_diff)
-        self.use_dwc = _check_bool("dwc", dwc)
+        self.dynamic_projection = check_bool("dynamic_projection", dynamic_projection)
+        self.dynamic_kernel = check_bool("dynamic_kernel", dynamic_kernel)
+        self.differential = check_bool("differential", differential)
+        self.relu_after_diff = check_bool("relu_after_diff", relu_after_diff)
+        self.use_dwc = check_bool("dwc", dwc)
         if dynamic_projection and not differential:
             raise ValueError(
                 "dynamic_projection=True needs differential=True: the routed projections only produce the "
                 "redundancy terms Q', K' that the differential operator subtracts; pass dynamic_projection=False"
             )
-        num_projectors = _check_count("num_projectors", num_projectors)
-        num_kernels = _check_count("num_kernels", num_kernels)
-        num_lambdas = _check_count("num_lambdas", num_lambdas)
-        gamma_init = _check_float("gamma_init", gamma_init)
-        if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
-            raise ValueError(f"lambda_init must be a float, got {lambda_init!r}")
-        if router_grad not in ROUTER_GRADS:
-            raise ValueError(f"unknown router_grad {router_grad!r}; expected one of {ROUTER_GRADS}")
-        if denominator not in DENOMINATORS:
-            raise ValueError(f"unknown denominator {denominator!r}; expected one of {DENOMINATORS}")
-        self.den_min = _check_float("den_min", den_min)
-        self.router_grad = router_grad
-        self.denominator = denominator
+        num_projectors = check_int("num_projectors", num_projectors, min=1)
+        num_kernels = check_int("num_kernels", num_kernels, min=1)
+        num_lambdas = check_int("num_lambdas", num_lambdas, min=1)
+        gamma_init = check_float("gamma_init", gamma_init, min=0.0)
+        lambda_init = check_float("lambda_init", lambda_init)
+        self.den_min = check_float("den_min", den_min, min=0.0)
+        self.router_grad = check_choice("router_grad", router_grad, ROUTER_GRADS)
+        self.denominator = check_choice("denominator", denominator, DENOMINATORS)
 
         def router(n: int) -> Optional[nn.Linear]:
             if n == 1:
@@ -194,8 +173,8 @@ class DyDiLA(LiTAttention):
             self.proj_router_q = router(self.num_projectors)
             self.proj_router_k = router(self.num_projectors)
             # (iii) λ tables and routers.
-            self.lambda_q = nn.Parameter(torch.full((num_lambdas,), float(lambda_init)))
-            self.lambda_k = nn.Parameter(torch.full((num_lambdas,), float(lambda_init)))
+            self.lambda_q = nn.Parameter(torch.full((num_lambdas,), lambda_init))
+            self.lambda_k = nn.Parameter(torch.full((num_lambdas,), lambda_init))
             self.diff_router_q = router(num_lambdas)
             self.diff_router_k = router(num_lambdas)
         if dynamic_kernel:
@@ -209,13 +188,13 @@ class DyDiLA(LiTAttention):
 
     # -- routing ---------------------------------------------------------------------------------
     def route(self, router: Optional[nn.Linear], x: Tensor) -> Optional[Tensor]:
-        """Routing weights ``(B, N, n)`` fp32: one-hot of the argmax forward; STE gradient if enabled.
+        """Routing weights ``(B, N, n)`` fp32 (fp64 for fp64 x): one-hot of the argmax forward; STE gradient if enabled.
 
         None for a single expert (no routing: the caller uses expert 0).
         """
         if router is None:
             return None
-        logits = router(x).float()
+        logits = router(x).to(accumulation_dtype(x.dtype))
         hard = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
         if self.router_grad == "ste":
             p = logits.softmax(-1)
@@ -223,17 +202,17 @@ class DyDiLA(LiTAttention):
         return hard
 
     def routed_scalar(self, router: Optional[nn.Linear], table: Tensor, x: Tensor) -> Tensor:
-        """One routed value of ``table`` per token: ``(B, N, 1, 1)`` fp32, to broadcast over ``[B, N, H, d]``."""
+        """One routed value of ``table`` per token: ``(B, N, 1, 1)`` fp32 (fp64), to broadcast over ``[B, N, H, d]``."""
         weights = self.route(router, x)
         if weights is None:
-            value = table.float()[0].expand(x.shape[:2])
+            value = table.to(accumulation_dtype(x.dtype))[0].expand(x.shape[:2])
         else:
-            value = (weights * table.float()).sum(-1)
+            value = (weights * table.to(weights.dtype)).sum(-1)
         return value[..., None, None]
 
     def redundancy(self, experts: nn.Linear, router: Optional[nn.Linear], x: Tensor) -> Tensor:
-        """Q' (or K'): the routed expert's projection of each token, fp32 ``[B, N, H, d]``."""
-        y = experts(x).float()
+        """Q' (or K'): the routed expert's projection of each token, fp32 (fp64) ``[B, N, H, d]``."""
+        y = experts(x).to(accumulation_dtype(x.dtype))
         if self.num_projectors > 1:
             weights = self.route(router, x)  # (B, N, n_P)
             y = torch.einsum("bnp,bnpc->bnc", weights, y.unflatten(-1, (self.num_projectors, self.dim)))
@@ -253,9 +232,10 @@ class DyDiLA(LiTAttention):
         if self.dynamic_kernel:
             gq = self.routed_scalar(self.kernel_router_q, self.gamma_q, x)
             gk = self.routed_scalar(self.kernel_router_k, self.gamma_k, x)
-        q_feat = power_kernel(q.float(), gq, offset)
-        k_feat = power_kernel(k.float(), gk, offset)
-        v = v.float()
+        acc = accumulation_dtype(x.dtype)
+        q_feat = power_kernel(q.to(acc), gq, offset)
+        k_feat = power_kernel(k.to(acc), gk, offset)
+        v = v.to(acc)
         if not self.differential:
             return linear_attention(q_feat, k_feat, v, normalize=plain, mean=True, eps=self.eps, backend=self.backend)
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import resolve_backend
+from ..kernels.backend import BACKENDS, accumulation_dtype
 from ..kernels.infsa import linear_infsa, linear_infsa_pooled, linear_infsa_scores, pure_infsa, pure_infsa_scores
+from ..kernels.validation import check_bool, check_choice, check_float
 from .base import QKVMixer
 
 MODES = ("linear", "quadratic")
@@ -73,25 +74,17 @@ class InfSAAttention(QKVMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        if not 0.0 < rho_init < 1.0:
-            raise ValueError(f"rho_init must lie in (0, 1), got {rho_init!r}")
+        self.mode = check_choice("mode", mode, MODES)
+        rho_init = check_float("rho_init", rho_init, min=0.0, max=1.0, min_open=True, max_open=True)
+        self.rho_learnable = check_bool("rho_learnable", rho_learnable)
+        self.per_token = check_bool("per_token", per_token)
+        self.attn_drop = check_float("attn_drop", attn_drop, min=0.0, max=1.0, max_open=True)
+        self.eps = check_float("eps", eps, min=0.0)
+        self.backend = check_choice("backend", backend, BACKENDS)
         if per_token and mode != "linear":
             raise ValueError("per_token applies to mode='linear' only")
-        if not 0.0 <= attn_drop < 1.0:
-            raise ValueError(f"attn_drop must lie in [0, 1), got {attn_drop!r}")
         if per_token and attn_drop > 0:
             raise ValueError("attn_drop is not supported with per_token=True (no score matrix to drop from)")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        resolve_backend(backend)  # validates the name
-        self.mode = mode
-        self.rho_learnable = bool(rho_learnable)
-        self.per_token = bool(per_token)
-        self.attn_drop = float(attn_drop)
-        self.eps = float(eps)
-        self.backend = backend
         self.rho_logit = nn.Parameter(torch.tensor(math.log(rho_init / (1.0 - rho_init))), requires_grad=self.rho_learnable)
         self.reset_parameters()
 
@@ -107,8 +100,9 @@ class InfSAAttention(QKVMixer):
 
     @property
     def rho(self) -> Tensor:
-        """ρ = sigmoid(rho_logit) as an fp32 0-dim tensor; detached unless ``rho_learnable``."""
-        rho = torch.sigmoid(self.rho_logit.float())
+        """ρ = sigmoid(rho_logit) as a 0-dim tensor, fp32 (fp64 in an fp64 module); detached unless
+        ``rho_learnable``."""
+        rho = torch.sigmoid(self.rho_logit.to(accumulation_dtype(self.rho_logit.dtype)))
         return rho if self.rho_learnable else rho.detach()
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:

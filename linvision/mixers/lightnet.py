@@ -21,7 +21,6 @@ specialisation (spec ``lightnet.md``). Nothing here is checked against the paper
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.additive_recurrence import additive_scan
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
 
 GATE_POSITIONS = ("pre", "post")
@@ -44,15 +44,21 @@ TPE_DIRECTIONS = ("bidirectional", "causal")
 # ----------------------------------------------------------------------------------------------------------
 
 
-def md_lrpe_theta(num_heads: int, head_dim: int, ndim: int = 2, base: float = 10000.0, layout: str = "per_head") -> Tensor:
-    """Frequencies ``θ [H, e]`` (fp32), ``e = ⌈head_dim / ndim⌉``.
+def md_lrpe_theta(
+    num_heads: int,
+    head_dim: int,
+    ndim: int = 2,
+    base: float = 10000.0,
+    layout: str = "per_head",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Frequencies ``θ [H, e]`` in ``dtype`` (computed in fp64), ``e = ⌈head_dim / ndim⌉``.
 
     ``"per_head"`` (default; vector-quantize ``MdLrpe``, cosine type 3): ``θ[h, c] = base^{−2(h·d + c)/(H·d)}``,
     i.e. the ``H·d`` frequencies ``base^{−2j/(H·d)}`` split by head, the first ``e`` of each head used.
     ``"shared"``: ``θ[h, c] = base^{−2c/d}`` for every head (the spec's literal ``θ_c = base^{−2c/d}``).
     """
-    if layout not in LRPE_THETAS:
-        raise ValueError(f"unknown lrpe_theta {layout!r}; expected one of {LRPE_THETAS}")
+    check_choice("lrpe_theta", layout, LRPE_THETAS)
     e = -(-head_dim // ndim)
     c = torch.arange(e, dtype=torch.float64)
     if layout == "per_head":
@@ -60,23 +66,24 @@ def md_lrpe_theta(num_heads: int, head_dim: int, ndim: int = 2, base: float = 10
         theta = base ** (-2.0 * j / (num_heads * head_dim))
     else:
         theta = (base ** (-2.0 * c / head_dim)).expand(num_heads, e)
-    return theta.to(torch.float32).contiguous()
+    return theta.to(dtype).contiguous()
 
 
 def grid_positions(shape: Sequence[int], device=None) -> Tensor:
     """Integer coordinates ``[prod(shape), len(shape)]`` of a grid in raster order (last axis fastest)."""
-    axes = [torch.arange(int(n), device=device) for n in shape]
+    axes = [torch.arange(check_int("shape", n, min=0), device=device) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
 
 
 def md_lrpe_angles(theta: Tensor, shape: Sequence[int], num_prefix_tokens: int, head_dim: int) -> Tensor:
-    """Angles ``Θ [P + prod(shape), H, head_dim]`` (fp32): ``Θ_s = concat_j(s_j θ)[:head_dim]``, prefix tokens at 0.
+    """Angles ``Θ [P + prod(shape), H, head_dim]`` in θ's dtype: ``Θ_s = concat_j(s_j θ)[:head_dim]``, prefix
+    tokens at 0.
 
     Channel chunk ``j`` (of ``e = θ.shape[1]`` channels) carries axis ``j`` (rows, then columns, ...), as in
     xopes' ``lrpe_cosine_md_torch``. Built per call from ``shape``; nothing is cached.
     """
-    pos = grid_positions(shape, device=theta.device).to(torch.float32)  # [n, m]
-    ang = pos[:, None, :, None] * theta.to(torch.float32)[None, :, None, :]  # [n, H, m, e]
+    pos = grid_positions(shape, device=theta.device).to(theta.dtype)  # [n, m]
+    ang = pos[:, None, :, None] * theta[None, :, None, :]  # [n, H, m, e]
     ang = ang.flatten(2)[..., :head_dim]
     if num_prefix_tokens:
         ang = torch.cat([ang.new_zeros(num_prefix_tokens, *ang.shape[1:]), ang], 0)
@@ -84,11 +91,13 @@ def md_lrpe_angles(theta: Tensor, shape: Sequence[int], num_prefix_tokens: int, 
 
 
 def md_lrpe(x: Tensor, angles: Tensor) -> Tensor:
-    """Cosine LRPE: ``x [B, N, H, d] ↦ [x ⊙ cos Θ, x ⊙ sin Θ] [B, N, H, 2d]`` (computed in fp32, returned in x's dtype).
+    """Cosine LRPE: ``x [B, N, H, d] ↦ [x ⊙ cos Θ, x ⊙ sin Θ] [B, N, H, 2d]`` (computed in fp32, fp64 for fp64
+    ``x``; returned in x's dtype).
 
     ``x̄_s · ȳ_t = Σ_c x_c y_c cos(Θ_{s,c} − Θ_{t,c})``: relative per axis, no channel mixing.
     """
-    xf = x.float()
+    xf = x.to(accumulation_dtype(x.dtype))
+    angles = angles.to(xf.dtype)
     return torch.cat([xf * angles.cos(), xf * angles.sin()], -1).to(x.dtype)
 
 
@@ -113,8 +122,7 @@ class MdTpe(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, ndim: int = 2, direction: str = "bidirectional", eps: float = 1e-6):
         super().__init__()
-        if direction not in TPE_DIRECTIONS:
-            raise ValueError(f"unknown tpe direction {direction!r}; expected one of {TPE_DIRECTIONS}")
+        check_choice("direction", direction, TPE_DIRECTIONS)
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be a multiple of num_heads={num_heads}")
         self.dim, self.num_heads, self.ndim, self.direction, self.eps = dim, num_heads, ndim, direction, eps
@@ -140,16 +148,15 @@ class MdTpe(nn.Module):
         H, d = self.num_heads, C // self.num_heads
         grid = x[:, num_prefix_tokens:].reshape(B, *hw, H, d)
         out = 0
+        acc = accumulation_dtype(x.dtype)  # the Toeplitz sums and the norm (an fp16 sum could overflow)
         for a in range(self.ndim):
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            mat = self.toeplitz(a, hw[a], acc).to(x.dtype)  # [H, L, L]
-            g = grid.movedim(1 + a, -1)  # [B, ..., H, d, L]
+            mat = self.toeplitz(a, hw[a], acc)  # [H, L, L]
+            g = grid.movedim(1 + a, -1).to(acc)  # [B, ..., H, d, L]
             y = torch.einsum("hij,b...hdj->b...hdi", mat, g).movedim(-1, 1 + a)  # [B, *hw, H, d]
-            scale = (self.q[a] * self.k[a]).view(H, d).sum(-1).to(x.dtype)  # q·k per head
+            scale = (self.q[a] * self.k[a]).view(H, d).sum(-1).to(acc)  # q·k per head
             y = y * scale[:, None]
-            yf = y.to(acc)
-            yf = yf * torch.rsqrt(yf.square().mean(-1, keepdim=True) + self.eps)
-            y = (yf.to(x.dtype) * self.norm_weight[a].view(H, d).to(x.dtype)).reshape(B, -1, C)
+            y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)
+            y = (y.to(x.dtype) * self.norm_weight[a].view(H, d).to(x.dtype)).reshape(B, -1, C)
             out = out + self.o_proj[a](y)
         if num_prefix_tokens:
             out = torch.cat([out.new_zeros(B, num_prefix_tokens, C), out], 1)
@@ -244,52 +251,37 @@ class LightNetAttention(QKVMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
-        if q_activation not in Q_ACTIVATIONS:
-            raise ValueError(f"unknown q_activation {q_activation!r}; expected one of {Q_ACTIVATIONS}")
-        if gate_position not in GATE_POSITIONS:
-            raise ValueError(f"unknown gate_position {gate_position!r}; expected one of {GATE_POSITIONS}")
-        if lrpe_theta not in LRPE_THETAS:
-            raise ValueError(f"unknown lrpe_theta {lrpe_theta!r}; expected one of {LRPE_THETAS}")
-        if tpe_mode not in TPE_MODES:
-            raise ValueError(f"unknown tpe_mode {tpe_mode!r}; expected one of {TPE_MODES}")
-        if tpe_direction is not None and tpe_direction not in TPE_DIRECTIONS:
-            raise ValueError(f"unknown tpe_direction {tpe_direction!r}; expected one of {TPE_DIRECTIONS} or None")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        lse_init = float(lse_init)
-        if math.isnan(lse_init) or lse_init == math.inf:
-            raise ValueError(f"lse_init must be finite or -inf, got {lse_init}")
-        if lrpe_base <= 0:
-            raise ValueError(f"lrpe_base must be positive, got {lrpe_base}")
-        if gate_rank is not None and gate_rank <= 0:
-            raise ValueError(f"gate_rank must be positive, got {gate_rank}")
-        self.causal = bool(causal)
-        self.q_activation = q_activation
-        self.lse_init = lse_init
-        self.use_lrpe = use_lrpe
-        self.lrpe_base = float(lrpe_base)
-        self.lrpe_theta = lrpe_theta
-        self.lrpe_learnable = lrpe_learnable
-        self.use_output_gate = use_output_gate
-        self.gate_position = gate_position
-        self.backend = backend
+        self.causal = check_bool("causal", causal)
+        self.q_activation = check_choice("q_activation", q_activation, Q_ACTIVATIONS)
+        self.lse_init = check_float("lse_init", lse_init, allow_neg_inf=True)
+        self.use_lrpe = check_bool("use_lrpe", use_lrpe)
+        self.lrpe_base = check_float("lrpe_base", lrpe_base, min=0.0, min_open=True)
+        self.lrpe_theta = check_choice("lrpe_theta", lrpe_theta, LRPE_THETAS)
+        self.lrpe_learnable = check_bool("lrpe_learnable", lrpe_learnable)
+        self.use_output_gate = check_bool("use_output_gate", use_output_gate)
+        gate_rank = check_optional(check_int, "gate_rank", gate_rank, min=1)
+        self.gate_position = check_choice("gate_position", gate_position, GATE_POSITIONS)
+        norm_eps = check_float("norm_eps", norm_eps, min=0.0)
+        self.use_tpe = check_bool("use_tpe", use_tpe)
+        self.tpe_mode = check_choice("tpe_mode", tpe_mode, TPE_MODES)
+        tpe_direction = check_optional(check_choice, "tpe_direction", tpe_direction, TPE_DIRECTIONS)
+        self.backend = check_choice("backend", backend, BACKENDS)
         if use_lrpe and lrpe_learnable:
             self.theta = nn.Parameter(md_lrpe_theta(num_heads, self.head_dim, 2, lrpe_base, lrpe_theta))
         if use_output_gate:
-            rank = num_heads if gate_rank is None else int(gate_rank)
+            rank = num_heads if gate_rank is None else gate_rank
             self.gate = nn.Sequential(nn.Linear(dim, rank, bias=qkv_bias), nn.Linear(rank, dim, bias=qkv_bias))
         self.norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.use_tpe = use_tpe
-        self.tpe_mode = tpe_mode
         self.tpe_direction = tpe_direction or ("causal" if self.causal else "bidirectional")
         if use_tpe:
             self.tpe = MdTpe(dim, num_heads, ndim=2, direction=self.tpe_direction, eps=norm_eps)
 
-    def lrpe_frequencies(self) -> Tensor:
-        """``θ [H, ⌈d/2⌉]`` in fp32 (the parameter when learnable, else computed now)."""
+    def lrpe_frequencies(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``θ [H, ⌈d/2⌉]`` in ``dtype`` (the parameter when learnable, else computed now)."""
         if self.lrpe_learnable:
-            return self.theta.float()
-        return md_lrpe_theta(self.num_heads, self.head_dim, 2, self.lrpe_base, self.lrpe_theta).to(self.qkv.weight.device)
+            return self.theta.to(dtype)
+        theta = md_lrpe_theta(self.num_heads, self.head_dim, 2, self.lrpe_base, self.lrpe_theta, dtype)
+        return theta.to(self.qkv.weight.device)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         if self.use_tpe:
@@ -300,26 +292,33 @@ class LightNetAttention(QKVMixer):
                 x_in = torch.cat([x[:, :num_prefix_tokens], t[:, num_prefix_tokens:]], 1)
         else:
             x_in = x
+        acc = accumulation_dtype(x.dtype)  # the scan's output, gate and norm: fp32 (fp64 for fp64 x)
         q, k, v = self.project_qkv(x_in)
         if self.q_activation == "silu":
             q = F.silu(q)
         k_mod = None
         if self.use_lrpe:
-            angles = md_lrpe_angles(self.lrpe_frequencies(), hw, num_prefix_tokens, self.head_dim)  # [N, H, d]
+            angles = md_lrpe_angles(self.lrpe_frequencies(acc), hw, num_prefix_tokens, self.head_dim)  # [N, H, d]
             q = md_lrpe(q, angles)
             k = torch.cat([k, k], -1)
-            k_mod = torch.cat([angles.cos(), angles.sin()], -1).unsqueeze(0)  # fp32, broadcast over B
-        o = additive_scan(q, k, v, k_mod=k_mod, causal=self.causal, lse_init=self.lse_init, backend=self.backend)
+            k_mod = torch.cat([angles.cos(), angles.sin()], -1).unsqueeze(0)  # acc dtype, broadcast over B
+        o = additive_scan(
+            q, k, v, k_mod=k_mod, causal=self.causal, lse_init=self.lse_init, out_dtype=acc, backend=self.backend
+        )
         o = o.flatten(2)
         if self.use_output_gate:
-            g = self.gate(x)
+            g = self.gate(x).to(acc)
             if self.gate_position == "pre":
-                o = self.norm(o * torch.sigmoid(g))
+                o = self.rms_norm(o * torch.sigmoid(g))
             else:
-                o = self.norm(o) * F.silu(g)
+                o = self.rms_norm(o) * F.silu(g)
         else:
-            o = self.norm(o)
-        return self.proj(o)
+            o = self.rms_norm(o)
+        return self.proj(o.to(x.dtype))
+
+    def rms_norm(self, o: Tensor) -> Tensor:
+        """``norm`` applied in ``o``'s dtype (fp32 or fp64), its weight cast to it."""
+        return F.rms_norm(o, self.norm.normalized_shape, self.norm.weight.to(o.dtype), self.norm.eps)
 
     def extra_repr(self) -> str:
         return (

@@ -18,8 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import BACKENDS, accumulation_dtype
 from ..kernels.linear_attn import linear_attention
+from ..kernels.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_hw,
+    check_int,
+    check_odd_int,
+    check_optional,
+)
 from .base import QKVMixer
 from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
@@ -107,38 +116,36 @@ class LinaAttention(QKVMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalization={normalization!r}; expected one of {NORMALIZATIONS}")
+        normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        eps = check_optional(check_float, "eps", eps, min=0.0)
         if eps is not None and normalization != "div":
             raise ValueError("eps applies to normalization='div' only (the subtraction form has no denominator)")
         eps = 1e-6 if eps is None else eps
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        if int(dwc_kernel_size) != dwc_kernel_size or dwc_kernel_size < 1 or dwc_kernel_size % 2 == 0:
-            raise ValueError(f"dwc_kernel_size must be a positive odd int, got {dwc_kernel_size!r}")
-        if gate_resize not in GATE_RESIZE:
-            raise ValueError(f"unknown gate_resize={gate_resize!r}; expected one of {GATE_RESIZE}")
-        if int(gate_tokens) != gate_tokens or gate_tokens < 1:
-            raise ValueError(f"gate_tokens must be a positive int, got {gate_tokens!r}")
-        if int(gate_prefix_tokens) != gate_prefix_tokens or not 0 <= gate_prefix_tokens < gate_tokens:
-            raise ValueError(f"gate_prefix_tokens must be an int in [0, gate_tokens), got {gate_prefix_tokens!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        dwc = check_bool("dwc", dwc)
+        dwc_kernel_size = check_odd_int("dwc_kernel_size", dwc_kernel_size)
+        kv_gate = check_bool("kv_gate", kv_gate)
+        gate_tokens = check_int("gate_tokens", gate_tokens, min=1)
+        gate_prefix_tokens = check_int("gate_prefix_tokens", gate_prefix_tokens, min=0, max=gate_tokens - 1)
+        gate_resize = check_choice("gate_resize", gate_resize, GATE_RESIZE)
+        post_norm = check_bool("post_norm", post_norm)
+        backend = check_choice("backend", backend, BACKENDS)
+        if gate_grid is not None:
+            check_hw(gate_grid, name="gate_grid")  # its product is checked against the gate below
         self.normalization = normalization
         self.eps = float(eps)
         self.feature_offset = 1e-6 if normalization == "div" else 0.0
         self.scale = self.head_dim ** -0.5 if normalization == "sub" else None
         self.backend = backend
         self.gate_resize = gate_resize
-        self.gate_tokens = int(gate_tokens)
-        self.gate_prefix_tokens = int(gate_prefix_tokens)
+        self.gate_tokens = gate_tokens
+        self.gate_prefix_tokens = gate_prefix_tokens
         self.gate_grid = (
             self._resolve_gate_grid(gate_grid)
             if kv_gate and (gate_resize == "interpolate" or gate_grid is not None)
             else None
         )
         self.dw_conv = (
-            nn.Conv2d(dim, dim, int(dwc_kernel_size), padding=int(dwc_kernel_size) // 2, groups=dim) if dwc else None
+            nn.Conv2d(dim, dim, dwc_kernel_size, padding=dwc_kernel_size // 2, groups=dim) if dwc else None
         )
         if kv_gate:
             self.key_scale = nn.Parameter(torch.ones(1, num_heads, self.gate_tokens, 1))
@@ -157,14 +164,9 @@ class LinaAttention(QKVMixer):
                     f"gate_tokens - gate_prefix_tokens = {cells} is not a perfect square; pass gate_grid=(h0, w0)"
                 )
             return side, side
-        try:
-            h0, w0 = (int(s) for s in gate_grid)
-        except (TypeError, ValueError):
-            raise ValueError(f"gate_grid must be a pair (h0, w0) of ints, got {gate_grid!r}") from None
-        if h0 <= 0 or w0 <= 0 or h0 * w0 != cells:
-            raise ValueError(
-                f"gate_grid {gate_grid!r} must be positive with h0*w0 = gate_tokens - gate_prefix_tokens = {cells}"
-            )
+        h0, w0 = check_hw(gate_grid, name="gate_grid")
+        if h0 * w0 != cells:
+            raise ValueError(f"gate_grid {gate_grid!r} must have h0*w0 = gate_tokens - gate_prefix_tokens = {cells}")
         return h0, w0
 
     @property
@@ -195,10 +197,11 @@ class LinaAttention(QKVMixer):
         h0, w0 = self.gate_grid
         p0, heads = self.gate_prefix_tokens, self.num_heads
         gates = torch.cat([self.key_scale, self.value_scale], dim=1)[..., 0]  # (1, 2H, T)
-        prefix, grid = gates[..., :p0], gates[..., p0:].float().reshape(1, 2 * heads, h0, w0)
+        gates = gates.to(accumulation_dtype(gates.dtype))  # fp32 (fp64 in an fp64 module)
+        prefix, grid = gates[..., :p0], gates[..., p0:].reshape(1, 2 * heads, h0, w0)
         if (h, w) != (h0, w0):
             grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
-        gates = torch.cat([prefix.float(), grid.flatten(2)], dim=-1)[0].t()  # (N, 2H)
+        gates = torch.cat([prefix, grid.flatten(2)], dim=-1)[0].t()  # (N, 2H)
         return gates[:, :heads], gates[:, heads:]
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
@@ -241,6 +244,7 @@ class LinaAttention(QKVMixer):
         a fused ``qkv`` weight does not depend on the head split); ``copy_weights=False`` keeps PyTorch's
         default init. DWC, gates and norm are always new. Other ``options`` go to the constructor.
         """
+        check_bool("copy_weights", copy_weights)
         src = softmax_attention_weights(attn)
         for key in ("dim", "qkv_bias", "proj_bias"):
             if key in options:

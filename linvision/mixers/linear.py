@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import resolve_backend
+from ..kernels.backend import BACKENDS, resolve_backend
 from ..kernels.linear_attn import apply_state, chunk_tokens, linear_attention, state_of
+from ..kernels.validation import check_choice, check_float
 from .base import QKVMixer
 
 # The kernel's fused feature maps under this mixer's option names.
@@ -38,12 +39,9 @@ class LinearAttention(QKVMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)}")
-        resolve_backend(backend)  # validates the name
-        self.feature_map = feature_map
-        self.eps = eps
-        self.backend = backend
+        self.feature_map = check_choice("feature_map", feature_map, tuple(FEATURE_MAPS))
+        self.eps = check_float("eps", eps, min=0.0)
+        self.backend = check_choice("backend", backend, BACKENDS)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         phi = FEATURE_MAPS[self.feature_map]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
 from ..kernels.linear_attn import linear_attention
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import TokenMixer
 from .inherit import softmax_attention_weights
 
@@ -81,21 +82,15 @@ class LinFusionAttention(TokenMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads)
-        if projection_mid_dim is not None and (
-            isinstance(projection_mid_dim, bool)
-            or int(projection_mid_dim) != projection_mid_dim
-            or not (projection_mid_dim == -1 or projection_mid_dim > 0)
-        ):
-            raise ValueError(f"projection_mid_dim must be None, -1 or a positive int, got {projection_mid_dim!r}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        self.projection_mid_dim = None if projection_mid_dim is None else int(projection_mid_dim)
-        self.eps = float(eps)
-        self.backend = backend
+        projection_mid_dim = check_optional(check_int, "projection_mid_dim", projection_mid_dim, min=-1)
+        if projection_mid_dim == 0:
+            raise ValueError("projection_mid_dim must be None, -1 or a positive int, got 0")
+        self.projection_mid_dim = projection_mid_dim
+        self.eps = check_float("eps", eps, min=0.0)
+        qkv_bias = check_bool("qkv_bias", qkv_bias)
+        out_bias = check_bool("out_bias", out_bias)
+        dropout = check_float("dropout", dropout, min=0.0, max=1.0, max_open=True)
+        self.backend = check_choice("backend", backend, BACKENDS)
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -122,6 +117,7 @@ class LinFusionAttention(TokenMixer):
         Other ``options`` (``projection_mid_dim``, ``eps``, ``dropout``, ``backend``) go to the constructor.
         The result is on ``attn``'s device and dtype.
         """
+        check_bool("copy_weights", copy_weights)
         src = softmax_attention_weights(attn)
         for key in ("dim", "num_heads", "qkv_bias", "out_bias"):
             if key in options:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
 from ..kernels.linear_attn import linear_attention
+from ..kernels.validation import check_bool, check_choice, check_float, check_odd_int
 from .base import QKVMixer
 from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
@@ -77,16 +78,10 @@ class LiTAttention(QKVMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
-        if int(dwc_kernel_size) != dwc_kernel_size or dwc_kernel_size < 1 or dwc_kernel_size % 2 == 0:
-            raise ValueError(f"dwc_kernel_size must be a positive odd int, got {dwc_kernel_size!r}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        self.dwc_kernel_size = int(dwc_kernel_size)
-        self.dwc_shared_across_heads = bool(dwc_shared_across_heads)
-        self.eps = float(eps)
-        self.backend = backend
+        self.dwc_kernel_size = check_odd_int("dwc_kernel_size", dwc_kernel_size)
+        self.dwc_shared_across_heads = check_bool("dwc_shared_across_heads", dwc_shared_across_heads)
+        self.eps = check_float("eps", eps, min=0.0)
+        self.backend = check_choice("backend", backend, BACKENDS)
         channels = self.head_dim if self.dwc_shared_across_heads else dim
         self.dwc = nn.Conv2d(channels, channels, self.dwc_kernel_size, padding=self.dwc_kernel_size // 2, groups=channels)
         self.register_load_state_dict_pre_hook(fuse_q_kv_state_dict)
@@ -133,8 +128,7 @@ class LiTAttention(QKVMixer):
 
         The DWC is always new (PyTorch default init). The result is on ``attn``'s device and dtype.
         """
-        if inherit not in INHERIT_MODES:
-            raise ValueError(f"unknown inherit={inherit!r}; expected one of {INHERIT_MODES}")
+        check_choice("inherit", inherit, INHERIT_MODES)
         src = softmax_attention_weights(attn)
         for key in ("dim", "qkv_bias", "proj_bias"):
             if key in options:

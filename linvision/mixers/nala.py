@@ -49,8 +49,8 @@ Deviations from the official code (outputs equal for fp32 inputs, up to rounding
   is the fix.
 - Dtypes: the official module casts to fp32 after ``qkvg`` and then applies ``ln`` and ``out_proj`` with
   the module's parameters, which fails for an fp16/bf16 module. Here ``lepe``, the features, the core,
-  LayerNorm and gate run in fp32 (parameters upcast), and the result is cast to the input dtype before
-  ``out_proj``. For ``"nala_softmax"`` ``lepe`` runs in the input dtype, as officially.
+  LayerNorm and gate run in fp32 (fp64 for fp64 inputs; parameters upcast), and the result is cast to
+  the input dtype before ``out_proj``. For ``"nala_softmax"`` ``lepe`` runs in the input dtype, as officially.
 - Options the official code does not have: ``rope=False`` (no rotation: plain normalised form),
   ``rope_base``, ``qkv_bias``/``proj_bias`` (official: both True), ``backend``. The official module also
   stores an unused ``scale``; it is not kept (it is not a parameter).
@@ -67,35 +67,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import BACKENDS, accumulation_dtype
 from ..kernels.linear_attn import linear_attention
+from ..kernels.validation import check_bool, check_choice, check_float
 from .base import TokenMixer
 
 LEPE_KERNEL = 5  # official: Conv2d(dim, dim, 5, 1, 2, groups=dim)
 NALA_EPS = 1e-6  # official: z = 1 / (q · mean(k) + 1e-6)
 
 
-def rope_angles(head_dim: int, base: float = 10000.0, device=None) -> Tensor:
-    """Angles of one spatial axis, fp32, length ``2·(head_dim // 4)``: ``1/base^linspace(0, 1, d/4)``, each twice."""
+def rope_angles(head_dim: int, base: float = 10000.0, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Angles of one spatial axis in ``dtype``, length ``2·(head_dim // 4)``: ``1/base^linspace(0, 1, d/4)``,
+    each twice."""
     n = head_dim // 4
-    inv = 1.0 / (base ** torch.linspace(0, 1, n, dtype=torch.float32, device=device))
+    inv = 1.0 / (base ** torch.linspace(0, 1, n, dtype=dtype, device=device))
     return inv.repeat_interleave(2)
 
 
 def rope_2d(
-    head_dim: int, hw: Tuple[int, int], num_prefix_tokens: int = 0, base: float = 10000.0, device=None
+    head_dim: int,
+    hw: Tuple[int, int],
+    num_prefix_tokens: int = 0,
+    base: float = 10000.0,
+    device=None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tuple[Tensor, Tensor]:
-    """``(sin, cos)``, each ``(num_prefix_tokens + h·w, r)`` fp32 with ``r = 4·(head_dim // 4)``.
+    """``(sin, cos)``, each ``(num_prefix_tokens + h·w, r)`` in ``dtype`` with ``r = 4·(head_dim // 4)``.
 
     Image token ``(i, j)`` (raster order) gets angles ``i·angle`` on dims ``[0, r/2)`` and ``j·angle`` on
     ``[r/2, r)``; prefix tokens get angle 0 (sin 0, cos 1). Dims ``[r, head_dim)`` are left to
     :func:`apply_rope`, which does not rotate them.
     """
     h, w = hw
-    angle = rope_angles(head_dim, base, device)
+    angle = rope_angles(head_dim, base, device, dtype)
     half = angle.numel()
-    rows = torch.arange(h, dtype=torch.float32, device=device)[:, None] * angle  # (h, r/2)
-    cols = torch.arange(w, dtype=torch.float32, device=device)[:, None] * angle  # (w, r/2)
+    rows = torch.arange(h, dtype=dtype, device=device)[:, None] * angle  # (h, r/2)
+    cols = torch.arange(w, dtype=dtype, device=device)[:, None] * angle  # (w, r/2)
     theta = torch.cat((rows[:, None, :].expand(h, w, half), cols[None, :, :].expand(h, w, half)), dim=-1)
     theta = theta.reshape(h * w, 2 * half)
     if num_prefix_tokens:
@@ -137,20 +144,14 @@ class _NaLaWrapper(TokenMixer):
         backend: str,
     ):
         super().__init__(dim, num_heads)
-        if not isinstance(rope, bool):
-            raise ValueError(f"rope must be a bool, got {rope!r}")
-        if not rope_base > 1.0:
-            raise ValueError(f"rope_base must be > 1, got {rope_base!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        self.rope = rope
-        self.rope_base = float(rope_base)
-        self.backend = backend
+        self.rope = check_bool("rope", rope)
+        self.rope_base = check_float("rope_base", rope_base, min=1.0, min_open=True)
+        self.backend = check_choice("backend", backend, BACKENDS)
         # Official names and creation order: qkvg, act, lepe, out_proj, ln.
-        self.qkvg = nn.Linear(dim, 4 * dim, bias=qkv_bias)
+        self.qkvg = nn.Linear(dim, 4 * dim, bias=check_bool("qkv_bias", qkv_bias))
         self.act = nn.SiLU()
         self.lepe = nn.Conv2d(dim, dim, LEPE_KERNEL, 1, LEPE_KERNEL // 2, groups=dim)
-        self.out_proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.out_proj = nn.Linear(dim, dim, bias=check_bool("proj_bias", proj_bias))
         self.ln = nn.LayerNorm(dim)
 
     def local_term(self, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
@@ -164,25 +165,28 @@ class _NaLaWrapper(TokenMixer):
             out = torch.cat((out.new_zeros(B, num_prefix_tokens, C), out), dim=1)
         return out
 
-    def rope_tables(self, hw: Tuple[int, int], num_prefix_tokens: int, device) -> Tuple[Tensor, Tensor]:
-        """RoPE ``(sin, cos)`` shaped ``(N, 1, r)`` to broadcast over ``[B, N, H, r]``."""
-        sin, cos = rope_2d(self.head_dim, hw, num_prefix_tokens, self.rope_base, device)
+    def rope_tables(
+        self, hw: Tuple[int, int], num_prefix_tokens: int, device, dtype: torch.dtype = torch.float32
+    ) -> Tuple[Tensor, Tensor]:
+        """RoPE ``(sin, cos)`` in ``dtype`` shaped ``(N, 1, r)`` to broadcast over ``[B, N, H, r]``."""
+        sin, cos = rope_2d(self.head_dim, hw, num_prefix_tokens, self.rope_base, device, dtype)
         return sin[:, None, :], cos[:, None, :]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        """fp32 ``[B, N, H, d]`` q, k, v → fp32 ``[B, N, H, d]``."""
+        """fp32 (fp64) ``[B, N, H, d]`` q, k, v → ``[B, N, H, d]`` in their dtype."""
         raise NotImplementedError
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         B, N, C = x.shape
+        acc = accumulation_dtype(x.dtype)  # fp32, fp64 for fp64 x
         q, k, v, g = self.qkvg(x).unflatten(-1, (4, C)).unbind(2)  # each (B, N, C)
-        lepe = self.local_term(v.float() if self.lepe_fp32 else v, hw, num_prefix_tokens)
+        lepe = self.local_term(v.to(acc) if self.lepe_fp32 else v, hw, num_prefix_tokens)
         heads = (self.num_heads, self.head_dim)
-        o = self.attend(q.float().unflatten(-1, heads), k.float().unflatten(-1, heads),
-                        v.float().unflatten(-1, heads), hw, num_prefix_tokens)
-        o = o.flatten(2) + lepe.float()
-        o = F.layer_norm(o, (C,), self.ln.weight.float(), self.ln.bias.float(), self.ln.eps)
-        o = o * self.act(g.float())
+        o = self.attend(q.to(acc).unflatten(-1, heads), k.to(acc).unflatten(-1, heads),
+                        v.to(acc).unflatten(-1, heads), hw, num_prefix_tokens)
+        o = o.flatten(2) + lepe.to(acc)
+        o = F.layer_norm(o, (C,), self.ln.weight.to(acc), self.ln.bias.to(acc), self.ln.eps)
+        o = o * self.act(g.to(acc))
         return self.out_proj(o.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -215,9 +219,7 @@ class NormAwareLinearAttn(_NaLaWrapper):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias, rope, rope_base, backend)
-        if not (isinstance(norm_eps, (int, float)) and norm_eps >= 0):
-            raise ValueError(f"norm_eps must be a float >= 0, got {norm_eps!r}")
-        self.norm_eps = float(norm_eps)
+        self.norm_eps = check_float("norm_eps", norm_eps, min=0.0)
 
     def features(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
         """fp32 ``[B, N, H, d]`` q, k → φq, φk as ``[B, N, H, 2, d]`` (positive half, negative half)."""
@@ -236,7 +238,7 @@ class NormAwareLinearAttn(_NaLaWrapper):
             return linear_attention(
                 phi_q.flatten(-2), phi_k.flatten(-2), v, mean=True, eps=NALA_EPS, backend=self.backend
             )
-        sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device)
+        sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
         sin, cos = sin.unsqueeze(-2), cos.unsqueeze(-2)  # (N, 1, 1, r) over [B, N, H, 2, d]
         return linear_attention(
             apply_rope(phi_q, sin, cos).flatten(-2),
@@ -275,7 +277,7 @@ class VanillaSelfAttention(_NaLaWrapper):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         if self.rope:
-            sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device)
+            sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
             q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return o.transpose(1, 2)

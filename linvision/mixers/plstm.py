@@ -51,7 +51,8 @@ Deviations from the official layer:
   with ``backend="auto"``); ``method="full"`` builds the official full ``N × N`` gating matrix. Both give
   the same outputs.
 - q, k, v are one ``qkv`` Linear (timm names, so softmax-attention weights load); gates, states and the
-  RMSNorm run in fp32 whatever the input dtype (the official runs bf16 autocast).
+  RMSNorm run in fp32 for fp16, bf16 and fp32 inputs (the scan returns fp32, so the pre-norm sum never
+  rounds to the input dtype) and in fp64 for fp64 inputs (the official runs bf16 autocast).
 - ``num_heads = 1`` in P-mode: the official ``LinspaceInit`` asserts a size > 1; here the bias starts at −2.
 - Only the fused layer's semantics (four orientations summed, correct flips); the unfused
   ``pLSTM2DLayer``'s averaging and flip quirk are not reproduced. No convolution / passthrough options.
@@ -65,7 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.plstm import METHODS, plstm2d
+from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.plstm import METHODS, check_chunk_size, plstm2d
+from ..kernels.validation import check_choice, check_float, check_optional
 from .base import QKVMixer
 
 MODES = ("P", "D")
@@ -98,26 +101,23 @@ class PLSTMMixer(QKVMixer):
         backend: str = "auto",
     ):
         super().__init__(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        if prefix_mode not in PREFIX_MODES:
-            raise ValueError(f"unknown prefix_mode {prefix_mode!r}; expected one of {PREFIX_MODES}")
-        if dmode_chirality not in ("L", "R"):
-            raise ValueError(f"dmode_chirality must be 'L' or 'R', got {dmode_chirality!r}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1)):
-            raise ValueError(f"chunk_size must be None or a power of two >= 1, got {chunk_size!r}")
-        if dim % (4 * num_heads):
+        self.mode = check_choice("mode", mode, MODES)
+        self.prefix_mode = check_choice("prefix_mode", prefix_mode, PREFIX_MODES)
+        self.dmode_chirality = check_choice("dmode_chirality", dmode_chirality, ("L", "R"))
+        self.method = check_choice("method", method, METHODS)
+        self.chunk_size = check_optional(check_chunk_size, "chunk_size", chunk_size)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.transition_scale = check_float("transition_scale", transition_scale)
+        self.orientation_scale = check_float("orientation_scale", orientation_scale)
+        self.norm_eps = check_float("norm_eps", norm_eps, min=0.0)
+        inits = (("source", source_bias_init), ("mark", mark_bias_init), ("transition", transition_bias_init))
+        self._inits = {kind: check_float(f"{kind}_bias_init", value) for kind, value in inits}
+        self.direct_bias_init = check_float("direct_bias_init", direct_bias_init)
+        if self.dim % (4 * self.num_heads):
             raise ValueError(
                 f"dim={dim} must be a multiple of 4*num_heads={4 * num_heads}: each of the 4·H gate channels "
                 "reads its own slice of the input (official sub_heads = 4·num_heads)"
             )
-        self.mode, self.prefix_mode, self.dmode_chirality = mode, prefix_mode, dmode_chirality
-        self.method, self.chunk_size, self.backend = method, chunk_size, backend
-        self.transition_scale, self.orientation_scale, self.norm_eps = transition_scale, orientation_scale, norm_eps
-        self._inits = dict(source=source_bias_init, mark=mark_bias_init, transition=transition_bias_init)
-        self.direct_bias_init = direct_bias_init
         H, channels = num_heads, 4 * num_heads
         width = dim // channels
         for name in _P_GATES if mode == "P" else _D_GATES:
@@ -158,16 +158,18 @@ class PLSTMMixer(QKVMixer):
     # ------------------------------------------------------------------------------------------------------
 
     def _pre(self, name: str, xs: Tensor) -> Tensor:
-        """``b + W·x_slice`` per gate channel: xs ``(B, N, 4H, w)`` fp32 → ``(B, N, 4H)``."""
-        w, b = getattr(self, f"{name}_weight").float(), getattr(self, f"{name}_bias").float()
+        """``b + W·x_slice`` per gate channel: xs ``(B, N, 4H, w)`` fp32 (fp64) → ``(B, N, 4H)``."""
+        w, b = getattr(self, f"{name}_weight").to(xs.dtype), getattr(self, f"{name}_bias").to(xs.dtype)
         return b + torch.einsum("cd,bncd->bnc", w, xs)
 
     def gates(self, x: Tensor) -> Dict[str, Optional[Tensor]]:
-        """All gates for image tokens ``x (B, N, C)``: ``[B, N, H, 4]`` tensors (fp32), ``d`` ``[B, N, H]``."""
-        B, N, _ = x.shape
+        """All gates for image tokens ``x (B, N, C)``: ``[B, N, H, 4]`` tensors (fp32; fp64 for fp64 ``x``),
+        ``d`` ``[B, N, H]``."""
+        B, N, C = x.shape
         H = self.num_heads
-        xf = x.float()
-        xs = xf.view(B, N, 4 * H, -1)
+        acc = accumulation_dtype(x.dtype)
+        xf = x.to(acc)
+        xs = xf.unflatten(-1, (4 * H, C // (4 * H)))
 
         def sig(t):  # the official exp(logsigmoid(·)), activation_scale 1
             return torch.exp(F.logsigmoid(t))
@@ -180,8 +182,8 @@ class PLSTMMixer(QKVMixer):
 
         if self.mode == "P":
             alpha = torch.sigmoid(
-                self.orientation_bias.float()
-                + self.orientation_scale * torch.einsum("ohx,bnx->bnoh", self.orientation_weight.float(), xf) / self.dim
+                self.orientation_bias.to(acc)
+                + self.orientation_scale * torch.einsum("ohx,bnx->bnoh", self.orientation_weight.to(acc), xf) / self.dim
             ).reshape(B, N, 4 * H)
             s_r = alpha * sig(self._pre("source", xs))
             t_rl = alpha * tr(self._pre("transition", xs))
@@ -197,40 +199,40 @@ class PLSTMMixer(QKVMixer):
                 t_ru=None if self.dmode_chirality == "R" else t_rd,
                 m_l=heads(sig(self._pre("mark_l", xs))), m_u=heads(sig(self._pre("mark_u", xs))),
             )
-        g["d"] = sig(self.direct_bias.float()).expand(B, N, H)
+        g["d"] = sig(self.direct_bias.to(acc)).expand(B, N, H)
         return g
 
     def scan(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, hw: Tuple[int, int]) -> Tensor:
-        """pLSTM over the image tokens: q, k, v ``(B, N, H, D)``, gates from ``x (B, N, C)`` → ``(B, N, H, D)``."""
+        """pLSTM over the image tokens: q, k, v ``(B, N, H, D)``, gates from ``x (B, N, C)`` → ``(B, N, H, D)``
+        in fp32 (fp64 for fp64 inputs): the norm that follows sees the unrounded sum."""
         g = self.gates(x)
         return plstm2d(
             q, k, v, g["s_r"], g["s_d"], g["t_rl"], g["t_du"], g["t_dl"], g["t_ru"], g["m_l"], g["m_u"], g["d"],
-            hw=hw, method=self.method, chunk_size=self.chunk_size, backend=self.backend,
+            hw=hw, method=self.method, chunk_size=self.chunk_size, out_dtype=accumulation_dtype(q.dtype),
+            backend=self.backend,
         )
 
     def _norm(self, o: Tensor) -> Tensor:
-        """MultiHeadRMSNorm: per head over Dv, fp32, scale ``norm_weight [H, Dv]``."""
-        of = o.float()
-        of = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.float()
-        return of
+        """MultiHeadRMSNorm: per head over Dv, in ``o``'s dtype (fp32 or fp64), scale ``norm_weight [H, Dv]``."""
+        return o * torch.rsqrt(o.square().mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.to(o.dtype)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         P = num_prefix_tokens
         q, k, v = self.project_qkv(x)  # (B, N, H, D) views
         scale = self.head_dim ** -0.5
-        img = self.scan(q[:, P:], k[:, P:], v[:, P:], x[:, P:], hw)
+        img = self.scan(q[:, P:], k[:, P:], v[:, P:], x[:, P:], hw)  # fp32 (fp64)
         if P:
-            qf, kf, vf = q.float(), k.float(), v.float()
+            qf, kf, vf = q.to(img.dtype), k.to(img.dtype), v.to(img.dtype)
             if self.prefix_mode == "bypass":
-                d = torch.exp(F.logsigmoid(self.direct_bias.float()))
+                d = torch.exp(F.logsigmoid(self.direct_bias.to(img.dtype)))
                 pre = d[:, None] * scale * (qf[:, :P] * kf[:, :P]).sum(-1, keepdim=True) * vf[:, :P]
             else:
                 state_all = torch.einsum("bnhd,bnhe->bhde", kf, vf) / x.shape[1]
                 pre = scale * torch.einsum("bnhd,bhde->bnhe", qf[:, :P], state_all)
                 state_pre = torch.einsum("bnhd,bnhe->bhde", kf[:, :P], vf[:, :P]) / P
-                gate = torch.sigmoid(self.prefix_bias.float())[:, None]
-                img = img.float() + scale * gate * torch.einsum("bnhd,bhde->bnhe", qf[:, P:], state_pre)
-            o = torch.cat([pre, img.float()], dim=1)
+                gate = torch.sigmoid(self.prefix_bias.to(img.dtype))[:, None]
+                img = img + scale * gate * torch.einsum("bnhd,bhde->bnhe", qf[:, P:], state_pre)
+            o = torch.cat([pre, img], dim=1)
         else:
             o = img
         o = self._norm(o).to(x.dtype)

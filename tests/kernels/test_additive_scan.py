@@ -75,6 +75,19 @@ def test_triton_xmixers_lse_init_and_strided_views(small_blocks, causal):
     compare(q, k, v, k_mod, 1e-5, causal=causal, lse_init=0.0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_fp32_output_of_half_inputs(small_blocks, causal):
+    """``out_dtype=float32`` (LightNet's pre-norm result): the kernels store fp32, gradients flow back."""
+    q, k, v, k_mod = make_inputs(N=40, H=1, Dk=16, Dv=16, dtype=torch.float16, mod=True)
+    grad = torch.randn(q.shape[:3] + v.shape[3:])
+    ref, ref_grads = run("torch", q, k, v, k_mod, grad, causal=causal, out_dtype=torch.float32)
+    out, grads = run("triton", q, k, v, k_mod, grad, causal=causal, out_dtype=torch.float32)
+    assert out.dtype == ref.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.float16] * 3 + [torch.float32]
+    errs = [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
+    assert max(errs) < TOL[torch.float16], f"rel errors (o, dq, dk, dv, dmod) = {errs}"
+
+
 def test_triton_bf16(small_blocks):
     q, k, v, _ = make_inputs(N=40, H=1, Dk=16, Dv=16, dtype=torch.bfloat16)
     compare(q, k, v, None, TOL[torch.bfloat16], causal=False)
