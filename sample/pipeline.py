@@ -7,7 +7,7 @@ explicitly as None; :func:`load_pipeline` does that for every such component.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,13 +33,17 @@ def load_pipeline(name_or_path: str, dtype: str = "float32", device: str = "cpu"
     import diffusers
     from diffusers import DiffusionPipeline
 
+    from linvision.diffusers.files import check_source
+
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    check_source(name_or_path, "diffusers pipeline", "model_index.json")  # a missing folder: one clear line
     local = offline(name_or_path)
     try:
         config = DiffusionPipeline.load_config(name_or_path, local_files_only=local)
     except Exception as e:  # noqa: BLE001 - rewrap with the name the user gave
-        raise ValueError(f"cannot read a pipeline from {name_or_path!r}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read a pipeline from {name_or_path!r}: {first}") from None
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     nones = {}
     if cls is not None:
@@ -103,4 +107,17 @@ def check_size(pipe, height: int, width: int) -> None:
         )
 
 
-__all__ = ["DTYPES", "vae_scale_factor", "attach_adapter", "check_size", "latent_stride", "load_pipeline", "offline"]
+def check_class_labels(pipe, labels: Sequence[int], key: str = "class_labels") -> None:
+    """``ValueError`` naming ``key`` unless every label is a class id of the class-conditional denoiser
+    (DiT: ``0 <= label < num_embeds_ada_norm``); a denoiser without a label table is not checked here."""
+    classes = getattr(getattr(denoiser(pipe), "config", None), "num_embeds_ada_norm", None)
+    if not labels or classes is None:
+        return
+    bad = [label for label in labels if not 0 <= label < int(classes)]
+    if bad:
+        raise ValueError(f"{key}: {type(pipe).__name__} has {classes} classes, so class ids must be in "
+                         f"[0, {int(classes) - 1}]; got {bad}")
+
+
+__all__ = ["DTYPES", "vae_scale_factor", "attach_adapter", "check_class_labels", "check_size", "latent_stride",
+           "load_pipeline", "offline"]
