@@ -6,6 +6,7 @@ explicitly as None; :func:`load_pipeline` does that for every such component.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence
 
@@ -26,6 +27,19 @@ def _version(text: str) -> tuple:
         digits = "".join(c for c in piece if c.isdigit())
         parts.append(int(digits or 0))
     return tuple(parts)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    from diffusers.utils import logging as diffusers_logging
+
+    was_enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            diffusers_logging.enable_progress_bar()
 
 
 def load_pipeline(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
@@ -51,7 +65,9 @@ def load_pipeline(name_or_path: str, dtype: str = "float32", device: str = "cpu"
         nones = {k: None for k in expected if config.get(k) in (None, [None, None])}
     # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning)
     dtype_key = "dtype" if _version(diffusers.__version__) >= (0, 42) else "torch_dtype"
-    pipe = DiffusionPipeline.from_pretrained(name_or_path, local_files_only=local, **{dtype_key: DTYPES[dtype]}, **nones)
+    with _quiet_loading():  # no per-component progress bar: stderr is for the job's own bar and errors
+        pipe = DiffusionPipeline.from_pretrained(name_or_path, local_files_only=local, **{dtype_key: DTYPES[dtype]},
+                                                 **nones)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Union
 
@@ -94,7 +95,9 @@ def load_checkpoint(path: PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol is not news: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError, AttributeError, ImportError,
             IndexError, KeyError, TypeError) as err:  # what torch.load raises for foreign or damaged files
         kind = "it holds objects other than tensors and plain data" if isinstance(err, pickle.UnpicklingError) \
