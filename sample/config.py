@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from linvision.train.config import ConfigError, build_section, doc_field, load_tree
+from linvision.train.config import ConfigError, build_section, doc_field, load_tree, valid_values
 
 _doc = doc_field
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -169,7 +169,7 @@ def describe() -> str:
         lines.append(f"{name}:  {(cls.__doc__ or '').replace(f'``{name}:``', '').strip()}")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+            lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}{valid_values(f.metadata)}")
     return "\n".join(lines)
 
 

@@ -406,16 +406,34 @@ def describe() -> str:
     return "\n".join(lines + describe_sections(SECTIONS))
 
 
+def valid_values(checks: Mapping[str, Any]) -> str:
+    """What a field's ``doc_field`` checks allow, for help texts: ``" [valid: 0 < x <= 1]"``, or ``""``."""
+    parts = []
+    if "choices" in checks:
+        parts.append("one of " + ", ".join(map(str, checks["choices"])))
+    lo, hi = checks.get("min"), checks.get("max")
+    below, above = ("<" if checks.get("min_open") else "<="), ("<" if checks.get("max_open") else "<=")
+    if lo is not None and hi is not None:
+        parts.append(f"{lo} {below} x {above} {hi}")
+    elif lo is not None:
+        parts.append(f"x {below.replace('<', '>')} {lo}")
+    elif hi is not None:
+        parts.append(f"x {above} {hi}")
+    if "length" in checks:
+        parts.append(f"{checks['length']} values")
+    return f" [valid: {'; '.join(parts)}]" if parts else ""
+
+
 def describe_sections(sections: Mapping[str, Any]) -> List[str]:
-    """One ``  section.key: default  help`` line per field of each dataclass in ``sections``."""
+    """One ``  section.key: default  help [valid: ...]`` line per field of each dataclass in ``sections``."""
     lines = []
     for name, cls in sections.items():
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {name}.{f.name}: {default!r}  {f.metadata.get('help', '')}")
+            lines.append(f"  {name}.{f.name}: {default!r}  {f.metadata.get('help', '')}{valid_values(f.metadata)}")
     return lines
 
 
 __all__ = ["Config", "ConfigError", "DataConfig", "EmaConfig", "MixupConfig", "OptimConfig", "TrainConfig",
            "build_config", "build_section", "describe", "describe_sections", "doc_field", "load_config", "load_tree",
-           "parse_value", "set_override"]
+           "parse_value", "set_override", "valid_values"]
