@@ -391,6 +391,8 @@ def load_tree(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, A
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} cannot be read: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections")
         tree = _yaml12_floats(tree)
