@@ -19,9 +19,13 @@ class UserError(ValueError):
 
 
 def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line (a multi-line report joined with ``; ``)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return "; ".join(lines) or type(err).__name__
+    """The message of ``err`` on one line (the lines of a multi-line report joined with ``; ``, or with a
+    space after a line that ends in a colon)."""
+    text = ""
+    for line in (line.strip() for line in str(err).splitlines()):
+        if line:
+            text += ("" if not text else " " if text.endswith(":") else "; ") + line
+    return text or type(err).__name__
 
 
 def reports_user_errors(prog: str) -> Callable:

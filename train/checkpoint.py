@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from linvision.errors import UserError
 
 FORMAT = 1
-_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]+\.tmp")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
 PathLike = Union[str, "os.PathLike[str]"]
 
 

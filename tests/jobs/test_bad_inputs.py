@@ -166,7 +166,8 @@ def test_load_checkpoint_refuses_foreign_files(tmp_path):
 
 
 def test_stale_temporaries_are_removed(tmp_path):
-    stale = [tmp_path / ".checkpoint.pt.ab12_x9z.tmp", tmp_path / ".config.yaml.0123abcd.tmp"]
+    stale = [tmp_path / ".checkpoint.pt.ab12_x9z.tmp", tmp_path / ".config.yaml.0123abcd.tmp",
+             tmp_path / ".checkpoint.pt.abc123.tmp"]
     keep = [tmp_path / "checkpoint.pt", tmp_path / ".hidden.tmp", tmp_path / "notes.tmp"]
     for p in stale + keep:
         p.write_bytes(b"x")
@@ -224,7 +225,7 @@ def test_adapter_loading_is_strict_and_names_the_file(dit, tmp_path, capsys):
 
     expected = {"truncated": (truncate, "is not a readable .safetensors file"),
                 "garbage": (garbage, "is not a readable .safetensors file"),
-                "missing": (drop_one, "1 missing: 0.proj.weight"),
+                "missing": (drop_one, "does not match the adapter: 1 missing: 0.proj.weight"),
                 "unexpected": (add_one, "1 unexpected: 0.extra")}
     out = tmp_path / "o"
     for name, (damage, says) in expected.items():
