@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from linvision.diffusers import DiffusersAdapter
+from linvision.errors import one_line
 from linvision.sample.config import SECTIONS as SAMPLE_SECTIONS
 from linvision.train import checkpoint as ckpt
 from linvision.train.config import SECTIONS as CLASSIFY_SECTIONS
@@ -232,11 +233,11 @@ def test_adapter_loading_is_strict_and_names_the_file(dit, tmp_path, capsys):
         folder = damaged(dit, name, damage)
         with pytest.raises(ValueError, match="safetensors") as info:
             DiffusersAdapter.from_pretrained(str(folder))
-        assert says in str(info.value)
+        assert says in one_line(info.value)
         message = user_error(capsys, ["sample", f"pipeline.model={dit / 'pipe'}", f"pipeline.adapter={folder}",
                                       "pipeline.device=cpu", "sampling.height=32", "sampling.width=32",
                                       f"output.dir={out}"], out)
-        assert message.startswith(f"pipeline.adapter: ") and str(folder) in message and says in message
+        assert message.startswith("pipeline.adapter: ") and str(folder) in message and says in message
 
 
 def test_subprocesses_print_one_line_and_exit_2(dit, tmp_path):
