@@ -63,8 +63,6 @@ def _loading(key: str, load, *args, **kwargs):
         raise
     except LOAD_ERRORS as err:
         raise ConfigError(f"{key}: {err}") from None
-    except TypeError as err:  # options a loader does not take
-        raise ConfigError(f"{key}: {err}") from None
 
 
 class Sampler:

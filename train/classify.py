@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from . import rng
 from linvision.errors import reports_user_errors
 
-from .build import (build_criterion, build_ema, build_mixup, build_model, build_optimizer, check_input_size, scaled_lr,
-                    steps_and_warmup)
+from .build import (build_criterion, build_ema, build_mixup, build_model, build_optimizer, check_input_size,
+                    scaled_lr, steps_and_warmup)
 from .checkpoint import atomic_write, export_safetensors, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import Config, ConfigError, describe, load_config
 from .data import EpochSampler, build_datasets, build_loader
@@ -320,8 +320,9 @@ def _check_resumable(state: Dict[str, Any], path: Path, cfg: Config, model: nn.M
                            "config") if k not in state]
     if missing:
         raise ConfigError(f"train.resume: {path} is not a classification checkpoint (it lacks {', '.join(missing)})")
-    own = model.state_dict()
-    saved = state["model"]
+    own, saved = model.state_dict(), state["model"]
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise ConfigError(f"train.resume: {path} is not a classification checkpoint (its model is not a state dict)")
     wrong = sorted(k for k in set(own) | set(saved) if k not in own or k not in saved or own[k].shape != saved[k].shape)
     if wrong:
         raise ConfigError(f"train.resume: {path} holds another model ({len(wrong)} weights differ in name or shape, "

@@ -38,10 +38,10 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from linvision.distill import DistillPair, LossWeights, Objective, conditioner_for
 from linvision.diffusers.files import LOAD_ERRORS
-from linvision.errors import reports_user_errors
+from linvision.distill import DistillPair, LossWeights, Objective, conditioner_for
 from linvision.distill.conditioning import to as cond_to
+from linvision.errors import reports_user_errors
 
 from . import rng
 from .checkpoint import atomic_write, load_checkpoint, remove_stale_temporaries, save_checkpoint
@@ -242,7 +242,9 @@ def _check_against_pipeline(cfg: DistillConfig, pipe, conditioner) -> None:
                 check_size(pipe, size, size)
             except ValueError as err:
                 raise ConfigError(f"{key}={size}: {err}") from None
-    for key, labels in (("data.class_labels", d.class_labels), ("eval.class_labels", e.class_labels)):
+    labelled = (("data.class_labels", d.class_labels), ("eval.class_labels", e.class_labels),
+                ("data.class_ids", sorted(d.class_ids.values())))
+    for key, labels in labelled:
         if labels and conditioner.text:
             raise ConfigError(f"{key}: {type(pipe).__name__} is text-conditional; give prompts, not class labels")
         try:
