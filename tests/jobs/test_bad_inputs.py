@@ -247,10 +247,10 @@ def test_subprocesses_print_one_line_and_exit_2(dit, tmp_path):
              f"output.dir={out}"],
             ["classify", "--config", str(ROOT / "configs" / "classify" / "digits_linear.yaml"),
              "train.checkpoint_every_steps=0", f"train.output_dir={out}"]]
-    says = ["sampling.guidance must be finite, got nan", "train.checkpoint_every_steps must be an int in [1, inf] or null"]
+    says = ["sampling.guidance must be finite, got nan",
+            "train.checkpoint_every_steps must be an int in [1, inf] or null, got 0"]
     for argv, message in zip(runs, says):
         p = subprocess.run([sys.executable, "-m", "linvision", *argv], capture_output=True, text=True, env=env)
         assert p.returncode == 2 and p.stdout == "", (p.returncode, p.stdout)
-        assert p.stderr.splitlines() == [f"linvision {argv[0]}: error: {message}, got 0" if "every" in message
-                                         else f"linvision {argv[0]}: error: {message}"], p.stderr
+        assert p.stderr.splitlines() == [f"linvision {argv[0]}: error: {message}"], p.stderr
         assert not out.exists()
