@@ -6,8 +6,9 @@ explicitly as None; :func:`load_pipeline` does that for every such component.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,18 +29,35 @@ def _version(text: str) -> tuple:
     return tuple(parts)
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    from diffusers.utils import logging as diffusers_logging
+
+    was_enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            diffusers_logging.enable_progress_bar()
+
+
 def load_pipeline(name_or_path: str, dtype: str = "float32", device: str = "cpu"):
     """A ``DiffusionPipeline`` from a hub id or a local folder, on ``device`` in ``dtype``, in eval mode."""
     import diffusers
     from diffusers import DiffusionPipeline
 
+    from linvision.diffusers.files import check_source
+
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    check_source(name_or_path, "diffusers pipeline", "model_index.json")  # a missing folder: one clear line
     local = offline(name_or_path)
     try:
         config = DiffusionPipeline.load_config(name_or_path, local_files_only=local)
     except Exception as e:  # noqa: BLE001 - rewrap with the name the user gave
-        raise ValueError(f"cannot read a pipeline from {name_or_path!r}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read a pipeline from {name_or_path!r}: {first}") from None
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     nones = {}
     if cls is not None:
@@ -47,7 +65,9 @@ def load_pipeline(name_or_path: str, dtype: str = "float32", device: str = "cpu"
         nones = {k: None for k in expected if config.get(k) in (None, [None, None])}
     # diffusers 0.42 renamed torch_dtype to dtype (the old name still works, with a warning)
     dtype_key = "dtype" if _version(diffusers.__version__) >= (0, 42) else "torch_dtype"
-    pipe = DiffusionPipeline.from_pretrained(name_or_path, local_files_only=local, **{dtype_key: DTYPES[dtype]}, **nones)
+    with _quiet_loading():  # no per-component progress bar: stderr is for the job's own bar and errors
+        pipe = DiffusionPipeline.from_pretrained(name_or_path, local_files_only=local, **{dtype_key: DTYPES[dtype]},
+                                                 **nones)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -103,4 +123,17 @@ def check_size(pipe, height: int, width: int) -> None:
         )
 
 
-__all__ = ["DTYPES", "vae_scale_factor", "attach_adapter", "check_size", "latent_stride", "load_pipeline", "offline"]
+def check_class_labels(pipe, labels: Sequence[int], key: str = "class_labels") -> None:
+    """``ValueError`` naming ``key`` unless every label is a class id of the class-conditional denoiser
+    (DiT: ``0 <= label < num_embeds_ada_norm``); a denoiser without a label table is not checked here."""
+    classes = getattr(getattr(denoiser(pipe), "config", None), "num_embeds_ada_norm", None)
+    if not labels or classes is None:
+        return
+    bad = [label for label in labels if not 0 <= label < int(classes)]
+    if bad:
+        raise ValueError(f"{key}: {type(pipe).__name__} has {classes} classes, so class ids must be in "
+                         f"[0, {int(classes) - 1}]; got {bad}")
+
+
+__all__ = ["DTYPES", "vae_scale_factor", "attach_adapter", "check_class_labels", "check_size", "latent_stride",
+           "load_pipeline", "offline"]

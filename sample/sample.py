@@ -20,12 +20,15 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from linvision.diffusers.files import LOAD_ERRORS
+from linvision.errors import reports_user_errors
+
 from .config import ConfigError, SampleConfig, describe, load_config
 from .dit import encode_images, sample_dit
 from .highres import default_base, ntk_rope, sdedit_steps, stage_sizes, unpack_flux_latents, upsample_latents
 from .memory import apply_vae_switches, batch_chunked, ffn_chunked, vae_switches
 from .output import write_outputs
-from .pipeline import check_size, latent_stride, load_pipeline, vae_scale_factor
+from .pipeline import check_class_labels, check_size, latent_stride, load_pipeline, vae_scale_factor
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "config keys (section.key = default: meaning):\n" + describe()
 
 
+@reports_user_errors("linvision sample")
 def main(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, args.overrides)
-    except (ConfigError, OSError) as err:
-        raise SystemExit(f"linvision sample: {err}")
+    """Run the job; a user error (config, pipeline, adapter, a size or label it cannot take) is one line, exit 2."""
+    config = load_config(args.config, args.overrides)
     report = run(config)
     print(f"wrote {len(report['images'])} images, grid and sample.json to {config.output.dir}")
     return 0
@@ -48,8 +50,19 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("pipeline.device=cuda but no CUDA device is available")
+        raise ConfigError(f"pipeline.device={name} but no CUDA device is available")
     return name
+
+
+def _loading(key: str, load, *args, **kwargs):
+    """``load(*args, **kwargs)``, its loading errors (bad path, damaged file, mismatched weights) a ConfigError
+    naming ``key``."""
+    try:
+        return load(*args, **kwargs)
+    except ConfigError:
+        raise
+    except LOAD_ERRORS as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 class Sampler:
@@ -63,16 +76,18 @@ class Sampler:
         p = config.pipeline
         self.device = resolve_device(p.device)
         t0 = time.perf_counter()
-        self.pipe = load_pipeline(p.model, p.dtype, self.device)
+        self.pipe = _loading("pipeline.model", load_pipeline, p.model, p.dtype, self.device)
         if p.scheduler_overrides:
             self.pipe.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config, **p.scheduler_overrides)
         self.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.adapter = None
         if p.adapter:
-            self.adapter = DiffusersAdapter.from_pretrained(p.adapter).install(self.pipe)
+            self.adapter = _loading("pipeline.adapter", DiffusersAdapter.from_pretrained, p.adapter)
+            _loading("pipeline.adapter", self.adapter.install, self.pipe)
         elif p.clear_checkpoint:
-            self.adapter = load_clear(p.clear_checkpoint, self.pipe, install=True, **p.adapter_options)
+            self.adapter = _loading("pipeline.clear_checkpoint", load_clear, p.clear_checkpoint, self.pipe,
+                                    install=True, **p.adapter_options)
         self.adapter_s = time.perf_counter() - t0
         self.denoiser = denoiser_of(self.pipe)
         self.family = family_of(self.denoiser).name
@@ -90,9 +105,14 @@ class Sampler:
                     h.base_width or default_base(final, h.stages, self.stride)[1])
             sizes = stage_sizes(base, final, h.stages, self.stride)
         for height, width in sizes:
-            check_size(self.pipe, height, width)
+            try:
+                check_size(self.pipe, height, width)
+            except ValueError as err:
+                key = "sampling.height/width" if (height, width) == final else "highres.base_height/base_width"
+                raise ConfigError(f"{key}: {err}") from None
             if self.family == "dit" and height != width:
-                raise ValueError(f"DiT samples square images only (diffusers unpatchifies a square grid); got {height}x{width}")
+                raise ConfigError(f"sampling.height/width: DiT samples square images only (diffusers unpatchifies a "
+                                  f"square grid), got {height}x{width}")
         return sizes
 
     def steps_per_batch(self) -> int:
@@ -105,12 +125,17 @@ class Sampler:
         s = self.config.sampling
         if self.family == "dit":
             if s.prompts:
-                raise ValueError("DiT is class-conditional: give sampling.class_labels, not prompts")
-            return list(s.class_labels or [0])
+                raise ConfigError("sampling.prompts: DiT is class-conditional: give sampling.class_labels, not prompts")
+            labels = list(s.class_labels or [0])
+            try:
+                check_class_labels(self.pipe, labels, "sampling.class_labels")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            return labels
         if s.class_labels:
-            raise ValueError(f"a {self.family} pipeline takes prompts, not class labels")
+            raise ConfigError(f"sampling.class_labels: a {self.family} pipeline takes prompts, not class labels")
         if not s.prompts:
-            raise ValueError("give at least one prompt in sampling.prompts")
+            raise ConfigError("sampling.prompts: give at least one prompt")
         return list(s.prompts)
 
     # ------------------------------------------------------------------ calls
@@ -217,15 +242,14 @@ def run(config: SampleConfig) -> Dict[str, Any]:
     import diffusers
 
     t_start = time.perf_counter()
-    bar = tqdm(total=0, desc="sampling", unit="step", dynamic_ncols=True)
+    sampler = Sampler(config, None)
+    s, mem = config.sampling, config.memory
+    sizes = sampler.sizes()  # every check on the config against the pipeline, before the first step
+    items = [(c, seed) for c in sampler.conditions() for seed in s.seeds]
+    batches = [items[i:i + s.batch_size] for i in range(0, len(items), s.batch_size)]
+    bar = sampler.progress = tqdm(total=len(batches) * sampler.steps_per_batch(), desc="sampling", unit="step",
+                                  dynamic_ncols=True)
     try:
-        sampler = Sampler(config, bar)
-        s, mem = config.sampling, config.memory
-        sizes = sampler.sizes()
-        items = [(c, seed) for c in sampler.conditions() for seed in s.seeds]
-        batches = [items[i:i + s.batch_size] for i in range(0, len(items), s.batch_size)]
-        bar.total = len(batches) * sampler.steps_per_batch()
-        bar.refresh()
         images, records, batch_times = [], [], []
         with batch_chunked(sampler.denoiser, mem.cfg_chunks), ffn_chunked(sampler.denoiser, mem.ffn_chunks) as n_ffn:
             for batch in batches:

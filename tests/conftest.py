@@ -28,6 +28,12 @@ def _nan_filled(factory):
     return make
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "golden: compares with a tensor file in tests/fixtures made on another machine (tolerances only; "
+        ".ci/run reruns these under ATEN_CPU_CAPABILITY=default)")
+
+
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch):
     """Every ``torch.empty``/``empty_like`` starts as NaN, so elements a kernel forgot to write show up."""

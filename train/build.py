@@ -40,6 +40,22 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
         raise ConfigError(f"model: {name} rejected its options {sorted(kwargs)}: {err}") from None
 
 
+def check_input_size(model: nn.Module, cfg: Config) -> None:
+    """ConfigError unless ``model`` takes ``data.img_size`` images: one image of zeros through the model in eval
+    mode on the CPU, before anything is written (timm's ViTs assert their built size; our models raise)."""
+    size = cfg.data.img_size
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except (AssertionError, ValueError) as err:
+        raise ConfigError(f"data.img_size={size}: {cfg.model['name']} as configured does not take {size}x{size} "
+                          f"images ({err}); build it at that size (model.img_size={size}) or give a size it takes"
+                          ) from None
+    finally:
+        model.train(was_training)
+
+
 def scaled_lr(cfg: Config, global_batch: int) -> float:
     """``optim.lr``, times ``global_batch / optim.lr_base_batch`` when a base batch is given (DeiT's rule)."""
     if cfg.optim.lr_base_batch:
@@ -109,5 +125,5 @@ def steps_and_warmup(cfg: Config, steps_per_epoch: int) -> Tuple[int, int]:
     return steps_per_epoch * cfg.train.epochs, int(round(cfg.train.warmup_epochs * steps_per_epoch))
 
 
-__all__ = ["build_criterion", "build_ema", "build_mixup", "build_model", "build_optimizer", "scaled_lr",
-           "steps_and_warmup"]
+__all__ = ["build_criterion", "build_ema", "build_mixup", "build_model", "build_optimizer", "check_input_size",
+           "scaled_lr", "steps_and_warmup"]

@@ -2,7 +2,8 @@
 
 Every write goes to a temporary file in the destination's directory, is flushed and ``fsync``-ed, then
 ``os.replace``-d over the destination (atomic on POSIX and Windows), and the directory entry is synced.
-A crash or exception mid-write leaves the previous file intact and removes the temporary file.
+A crash or exception mid-write leaves the previous file intact and removes the temporary file; a killed
+process leaves it behind, and :func:`remove_stale_temporaries` deletes such files when the next run starts.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (so ``torch.load(...,
 weights_only=True)`` reads it without running pickled code):
@@ -17,14 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Union
 
 import torch
 from safetensors.torch import save_file
 
+from linvision.errors import UserError
+
 FORMAT = 1
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]+\.tmp")  # tempfile.mkstemp(prefix=".<name>.", suffix=".tmp")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -78,14 +85,43 @@ def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
 
 
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint`, on the CPU, with ``weights_only=True``."""
+    """A checkpoint written by :func:`save_checkpoint`, on the CPU, with ``weights_only=True``.
+
+    Anything else (a pickle holding other objects, a truncated or foreign file, another format version) is
+    a :class:`~linvision.errors.UserError` saying that ``path`` is not a linvision checkpoint: no pickled
+    code runs, and there is no advice to retry with ``weights_only=False``.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol is not news: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError, AttributeError, ImportError,
+            IndexError, KeyError, TypeError) as err:  # what torch.load raises for foreign or damaged files
+        kind = "it holds objects other than tensors and plain data" if isinstance(err, pickle.UnpicklingError) \
+            else "it is truncated or not a torch.save file"
+        raise UserError(f"{path} is not a linvision checkpoint ({kind})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"{path} is not a linvision checkpoint (format {found!r}, expected {FORMAT})")
     return state
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[Path]:
+    """Delete the temporary files that interrupted atomic writes left in ``folder`` (``.<name>.<random>.tmp``,
+    as :func:`atomic_path` names them); returns them. Call it at the start of a job, on its main process."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for tmp in folder.glob(".*.tmp"):
+        if _TEMPORARY.fullmatch(tmp.name) and tmp.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] = ()) -> None:
@@ -95,4 +131,5 @@ def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike, m
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-__all__ = ["FORMAT", "atomic_path", "atomic_write", "export_safetensors", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "atomic_path", "atomic_write", "export_safetensors", "load_checkpoint", "remove_stale_temporaries",
+           "save_checkpoint"]

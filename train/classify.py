@@ -38,9 +38,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import rng
-from .build import (build_criterion, build_ema, build_mixup, build_model, build_optimizer, scaled_lr,
-                    steps_and_warmup)
-from .checkpoint import atomic_write, export_safetensors, load_checkpoint, save_checkpoint
+from linvision.errors import reports_user_errors
+
+from .build import (build_criterion, build_ema, build_mixup, build_model, build_optimizer, check_input_size,
+                    scaled_lr, steps_and_warmup)
+from .checkpoint import atomic_write, export_safetensors, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import Config, ConfigError, describe, load_config
 from .data import EpochSampler, build_datasets, build_loader
 from .metrics import MetricsLog, plot_metrics, topk_correct
@@ -79,18 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (parser.epilog or "") + "\n" + describe()
 
 
+@reports_user_errors("linvision classify")
 def main(args: argparse.Namespace) -> int:
-    """Run the job from parsed arguments; config problems exit with a one-line error."""
+    """Run the job from parsed arguments; a user error (config, data, checkpoint) is one line and exit code 2."""
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
     if args.config is None and not overrides:
-        raise SystemExit("linvision classify: give --config YAML (see configs/classify/) and/or overrides")
-    try:
-        cfg = load_config(args.config, overrides)
-        result = run(cfg)
-    except ConfigError as err:
-        raise SystemExit(f"linvision classify: config error: {err}") from None
+        raise ConfigError("give --config YAML (see configs/classify/) and/or overrides")
+    result = run(load_config(args.config, overrides))
     if result and PartialState().is_main_process:
         print(json.dumps(result))
     return 0
@@ -126,13 +125,10 @@ def _run(cfg: Config) -> Dict[str, Any]:
     splits = build_datasets(cfg)
     num_classes = len(splits.classes)
     model = build_model(cfg, num_classes)
+    check_input_size(model, cfg)
     mixup = build_mixup(cfg, num_classes)  # neither draws random numbers
     criterion = build_criterion(cfg, mixing=mixup is not None, num_classes=num_classes)
     out = Path(t.output_dir)
-    if accelerator.is_main_process:  # only once the data and model are known to be valid
-        out.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
     world, rank = accelerator.num_processes, accelerator.process_index
     bs = cfg.data.batch_size
     lr = scaled_lr(cfg, bs * world * t.accum_steps)
@@ -144,14 +140,23 @@ def _run(cfg: Config) -> Dict[str, Any]:
                           f"processes x accum_steps {t.accum_steps}")
     total_steps, warmup_steps = steps_and_warmup(cfg, steps_per_epoch)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, lr, t.warmup_lr, t.min_lr)
+    resume_path = _resume_path(cfg, out)
+    state = None
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        _check_resumable(state, resume_path, cfg, model)
+    if accelerator.is_main_process:  # only once config, data, model and checkpoint are known to be valid
+        remove_stale_temporaries(out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = build_ema(cfg, accelerator.unwrap_model(model))  # a copy on the training device
     rng.seed_everything(t.seed + rank)  # training randomness (drop-path, mixup) differs per process
 
     progress = Progress()
-    resume_path = _resume_path(cfg, out)
-    if resume_path is not None:
-        progress = _restore(load_checkpoint(resume_path), cfg, accelerator, model, optimizer, scheduler, ema)
+    if state is not None:
+        progress = _restore(state, cfg, accelerator, model, optimizer, scheduler, ema)
         _say(accelerator, f"resumed from {resume_path} at epoch {progress.epoch}, step {progress.global_step}")
     log = MetricsLog(out / "metrics.jsonl")
     if accelerator.is_main_process:
@@ -312,6 +317,23 @@ def _resume_path(cfg: Config, out: Path) -> Optional[Path]:
     return path
 
 
+def _check_resumable(state: Dict[str, Any], path: Path, cfg: Config, model: nn.Module) -> None:
+    """ConfigError unless ``state`` (a loaded checkpoint) fits this run's model and EMA setting."""
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "processes",
+                           "config") if k not in state]
+    if missing:
+        raise ConfigError(f"train.resume: {path} is not a classification checkpoint (it lacks {', '.join(missing)})")
+    own, saved = model.state_dict(), state["model"]
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise ConfigError(f"train.resume: {path} is not a classification checkpoint (its model is not a state dict)")
+    wrong = sorted(k for k in set(own) | set(saved) if k not in own or k not in saved or own[k].shape != saved[k].shape)
+    if wrong:
+        raise ConfigError(f"train.resume: {path} holds another model ({len(wrong)} weights differ in name or shape, "
+                          f"e.g. {', '.join(wrong[:3])})")
+    if cfg.ema.enabled and state.get("ema") is None:
+        raise ConfigError(f"train.resume: ema.enabled is true but {path} has no EMA weights")
+
+
 def _save(accelerator: Accelerator, cfg: Config, out: Path, model: nn.Module, optimizer, scheduler, ema,
           progress: Progress) -> None:
     """Checkpoint the run (collective: every process contributes its RNG state and running loss)."""
@@ -363,8 +385,6 @@ def _restore(state: Dict[str, Any], cfg: Config, accelerator: Accelerator, model
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     if ema is not None:
-        if state.get("ema") is None:
-            raise ConfigError("ema.enabled is true but the checkpoint has no EMA weights")
         ema.module.load_state_dict(state["ema"])
         ema._sr_generator.set_state(state["ema_rng"])
     processes = state["processes"]

@@ -22,20 +22,36 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
+from linvision.errors import UserError
+from linvision.kernels.validation import check_choice, check_float, check_int
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 5e-4, 1.0E+3
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+class ConfigError(UserError):
+    """A config file or override that does not fit the schema (a :class:`~linvision.errors.UserError`: the jobs
+    report it as one line and exit code 2)."""
 
 
-def doc_field(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field with a help text (shown by ``linvision classify --help``)."""
+CHECKS = ("min", "max", "min_open", "max_open", "choices", "length")
+
+
+def doc_field(default: Any, help: str, **checks) -> Any:
+    """A dataclass field with a help text (shown by ``--help``) and the checks :func:`build_section` applies.
+
+    ``checks``: ``min``/``max`` (with ``min_open``/``max_open`` to exclude the bound) for an int or float field
+    (or each item of a list of them); ``choices`` for a value from a fixed set; ``length`` for a list of fixed
+    length. Every float is also checked finite and every int (or float) real, not a bool.
+    """
+    unknown = sorted(set(checks) - set(CHECKS))
+    if unknown:
+        raise TypeError(f"doc_field: unknown check(s) {unknown}; expected {CHECKS}")
+    metadata = {"help": help, **checks}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 _doc = doc_field
@@ -46,45 +62,51 @@ class DataConfig:
     """``data:`` where the images come from and how they are augmented (timm's ``create_transform``)."""
 
     source: str = _doc("folder", "'folder': an ImageFolder tree (root/<split>/<class>/*.jpg, ImageNet layout); "
-                       "'digits': scikit-learn's 1797 handwritten digits (8x8, upsampled), offline")
+                       "'digits': scikit-learn's 1797 handwritten digits (8x8, upsampled), offline",
+                       choices=("folder", "digits"))
     root: Optional[str] = _doc(None, "folder source: the directory holding the train and val splits")
     train_split: str = _doc("train", "folder source: train sub-directory of root")
     val_split: str = _doc("val", "folder source: validation sub-directory of root")
-    val_fraction: float = _doc(0.2, "digits source: fraction held out for validation (stratified, fixed split)")
-    max_train_samples: Optional[int] = _doc(None, "use only the first N training images (smoke tests)")
-    max_val_samples: Optional[int] = _doc(None, "use only the first N validation images (smoke tests)")
-    img_size: int = _doc(224, "training and evaluation resolution (square)")
-    batch_size: int = _doc(128, "images per process per micro-batch")
-    eval_batch_size: Optional[int] = _doc(None, "images per process per evaluation batch (default: 2 x batch_size)")
-    num_workers: int = _doc(4, "data-loading worker processes per training process")
-    interpolation: str = _doc("bicubic", "resize interpolation: bilinear, bicubic, random")
-    mean: List[float] = _doc(list(IMAGENET_MEAN), "normalisation mean (RGB)")
-    std: List[float] = _doc(list(IMAGENET_STD), "normalisation std (RGB)")
-    crop_pct: float = _doc(0.875, "evaluation: resize to img_size / crop_pct, then centre-crop img_size")
-    scale: List[float] = _doc([0.08, 1.0], "RandomResizedCrop area range")
-    ratio: List[float] = _doc([0.75, 1.3333333333333333], "RandomResizedCrop aspect-ratio range")
-    hflip: float = _doc(0.5, "horizontal flip probability")
+    val_fraction: float = _doc(0.2, "digits source: fraction held out for validation (stratified, fixed split)",
+                               min=0, max=1, min_open=True, max_open=True)
+    max_train_samples: Optional[int] = _doc(None, "use only the first N training images (smoke tests)", min=1)
+    max_val_samples: Optional[int] = _doc(None, "use only the first N validation images (smoke tests)", min=1)
+    img_size: int = _doc(224, "training and evaluation resolution (square)", min=1)
+    batch_size: int = _doc(128, "images per process per micro-batch", min=1)
+    eval_batch_size: Optional[int] = _doc(None, "images per process per evaluation batch (default: 2 x batch_size)",
+                                          min=1)
+    num_workers: int = _doc(4, "data-loading worker processes per training process", min=0)
+    interpolation: str = _doc("bicubic", "resize interpolation: bilinear, bicubic, random",
+                              choices=("bilinear", "bicubic", "random"))
+    mean: List[float] = _doc(list(IMAGENET_MEAN), "normalisation mean (RGB)", length=3)
+    std: List[float] = _doc(list(IMAGENET_STD), "normalisation std (RGB)", length=3, min=0, min_open=True)
+    crop_pct: float = _doc(0.875, "evaluation: resize to img_size / crop_pct, then centre-crop img_size",
+                           min=0, max=1, min_open=True)
+    scale: List[float] = _doc([0.08, 1.0], "RandomResizedCrop area range", length=2, min=0, max=1, min_open=True)
+    ratio: List[float] = _doc([0.75, 1.3333333333333333], "RandomResizedCrop aspect-ratio range",
+                              length=2, min=0, min_open=True)
+    hflip: float = _doc(0.5, "horizontal flip probability", min=0, max=1)
     color_jitter: Optional[float] = _doc(0.4, "colour jitter strength (ignored by timm when auto_augment is set; "
-                                         "applied after the grey/solarize/blur op with three_augment)")
+                                         "applied after the grey/solarize/blur op with three_augment)", min=0)
     auto_augment: Optional[str] = _doc(None, "timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment)")
     three_augment: bool = _doc(False, "DeiT-III's 3-Augment instead of timm's transform: crop + flip, then one of "
                                "grayscale, solarize, Gaussian blur, then colour jitter (excludes auto_augment)")
     simple_random_crop: bool = _doc(False, "three_augment: DeiT-III's --src, resize to img_size and a random crop "
                                     "with 4 px reflect padding instead of the RandomResizedCrop")
-    reprob: float = _doc(0.0, "random erasing probability")
-    remode: str = _doc("pixel", "random erasing fill: const, rand, pixel")
-    recount: int = _doc(1, "random erasing count")
+    reprob: float = _doc(0.0, "random erasing probability", min=0, max=1)
+    remode: str = _doc("pixel", "random erasing fill: const, rand, pixel", choices=("const", "rand", "pixel"))
+    recount: int = _doc(1, "random erasing count", min=1)
 
 
 @dataclass
 class MixupConfig:
     """``mixup:`` batch mixing with timm's ``Mixup`` (soft targets, SoftTargetCrossEntropy)."""
 
-    mixup: float = _doc(0.0, "mixup alpha (0: off)")
-    cutmix: float = _doc(0.0, "cutmix alpha (0: off)")
-    prob: float = _doc(1.0, "probability of mixing a batch")
-    switch_prob: float = _doc(0.5, "probability of cutmix instead of mixup when both are on")
-    mode: str = _doc("batch", "'batch', 'pair' or 'elem'")
+    mixup: float = _doc(0.0, "mixup alpha (0: off)", min=0)
+    cutmix: float = _doc(0.0, "cutmix alpha (0: off)", min=0)
+    prob: float = _doc(1.0, "probability of mixing a batch", min=0, max=1)
+    switch_prob: float = _doc(0.5, "probability of cutmix instead of mixup when both are on", min=0, max=1)
+    mode: str = _doc("batch", "'batch', 'pair' or 'elem'", choices=("batch", "pair", "elem"))
 
 
 @dataclass
@@ -93,13 +115,16 @@ class OptimConfig:
     the model's ``no_weight_decay()`` parameters such as the position embedding)."""
 
     name: str = _doc("adamw", "timm optimizer name: adamw, lamb, sgd, ...")
-    lr: float = _doc(5.0e-4, "peak learning rate (before batch scaling, see lr_base_batch)")
-    lr_base_batch: Optional[int] = _doc(512, "scale lr by global_batch / lr_base_batch (DeiT); null: use lr as is")
-    weight_decay: float = _doc(0.05, "decoupled weight decay")
-    betas: Optional[List[float]] = _doc(None, "Adam betas (null: the optimizer's default)")
-    eps: Optional[float] = _doc(None, "Adam epsilon (null: the optimizer's default)")
-    momentum: float = _doc(0.9, "momentum of SGD-like optimizers")
-    clip_grad: Optional[float] = _doc(None, "clip the global gradient norm to this value (null: no clipping)")
+    lr: float = _doc(5.0e-4, "peak learning rate (before batch scaling, see lr_base_batch)", min=0, min_open=True)
+    lr_base_batch: Optional[int] = _doc(512, "scale lr by global_batch / lr_base_batch (DeiT); null: use lr as is",
+                                        min=1)
+    weight_decay: float = _doc(0.05, "decoupled weight decay", min=0)
+    betas: Optional[List[float]] = _doc(None, "Adam betas (null: the optimizer's default)",
+                                        length=2, min=0, max=1, max_open=True)
+    eps: Optional[float] = _doc(None, "Adam epsilon (null: the optimizer's default)", min=0, min_open=True)
+    momentum: float = _doc(0.9, "momentum of SGD-like optimizers", min=0, max=1)
+    clip_grad: Optional[float] = _doc(None, "clip the global gradient norm to this value (null: no clipping)",
+                                      min=0, min_open=True)
 
 
 @dataclass
@@ -107,26 +132,31 @@ class TrainConfig:
     """``train:`` schedule, loop and run directory (an ``accelerate`` loop)."""
 
     output_dir: str = _doc("runs/classify", "run directory: config, checkpoint, metrics.jsonl, plot, weights")
-    seed: int = _doc(0, "seeds model init, data order, augmentation, mixup and drop-path")
-    epochs: int = _doc(300, "training epochs")
-    warmup_epochs: float = _doc(5.0, "linear warmup from warmup_lr, in epochs (stepped per optimizer step)")
-    warmup_lr: float = _doc(1.0e-6, "learning rate at step 0")
-    min_lr: float = _doc(1.0e-5, "learning rate at the end of the cosine decay")
-    label_smoothing: float = _doc(0.1, "label smoothing (inside Mixup's soft targets when mixing is on)")
+    seed: int = _doc(0, "seeds model init, data order, augmentation, mixup and drop-path", min=0)
+    epochs: int = _doc(300, "training epochs", min=1)
+    warmup_epochs: float = _doc(5.0, "linear warmup from warmup_lr, in epochs (stepped per optimizer step)", min=0)
+    warmup_lr: float = _doc(1.0e-6, "learning rate at step 0", min=0)
+    min_lr: float = _doc(1.0e-5, "learning rate at the end of the cosine decay", min=0)
+    label_smoothing: float = _doc(0.1, "label smoothing (inside Mixup's soft targets when mixing is on)",
+                                  min=0, max=1, max_open=True)
     bce_loss: bool = _doc(False, "binary cross-entropy per class (timm's BinaryCrossEntropy, DeiT-III's --bce-loss) "
                           "instead of softmax cross-entropy, on the (mixup) targets")
     bce_target_thresh: Optional[float] = _doc(None, "bce_loss: targets above this become 1, the rest 0 (DeiT-III and "
-                                              "pLSTM: 0.0, every class in a mix is positive); null: soft targets")
-    accum_steps: int = _doc(1, "gradient accumulation: micro-batches per optimizer step")
-    mixed_precision: Optional[str] = _doc(None, "'no', 'bf16' or 'fp16'; null: from `accelerate launch`/config")
+                                              "pLSTM: 0.0, every class in a mix is positive); null: soft targets",
+                                              min=0, max=1, max_open=True)
+    accum_steps: int = _doc(1, "gradient accumulation: micro-batches per optimizer step", min=1)
+    mixed_precision: Optional[str] = _doc(None, "'no', 'bf16' or 'fp16'; null: from `accelerate launch`/config",
+                                          choices=("no", "bf16", "fp16"))
     cpu: bool = _doc(False, "force CPU even when an accelerator is present")
     threads: Optional[int] = _doc(None, "torch CPU threads per process during the run (null: torch's default); "
-                                  "1 is fastest for tiny models and on busy machines")
-    checkpoint_every_steps: Optional[int] = _doc(None, "also checkpoint every N optimizer steps (always at epoch end)")
-    max_steps: Optional[int] = _doc(None, "stop (after checkpointing) at this global optimizer step, as if killed")
+                                  "1 is fastest for tiny models and on busy machines", min=1)
+    checkpoint_every_steps: Optional[int] = _doc(None, "also checkpoint every N optimizer steps (always at epoch end)",
+                                                 min=1)
+    max_steps: Optional[int] = _doc(None, "stop (after checkpointing) at this global optimizer step, as if killed",
+                                    min=1)
     resume: Optional[str] = _doc(None, "null: start fresh; 'auto': continue from output_dir/checkpoint.pt if "
                                  "present; or a checkpoint path")
-    log_every: int = _doc(10, "refresh the progress bar's loss every N optimizer steps")
+    log_every: int = _doc(10, "refresh the progress bar's loss every N optimizer steps", min=1)
 
 
 @dataclass
@@ -134,7 +164,7 @@ class EmaConfig:
     """``ema:`` model EMA (timm's ``ModelEmaV3``), evaluated next to the model each epoch."""
 
     enabled: bool = _doc(True, "keep an exponential moving average of the weights")
-    decay: float = _doc(0.99996, "EMA decay per optimizer step")
+    decay: float = _doc(0.99996, "EMA decay per optimizer step", min=0, max=1)
     warmup: bool = _doc(False, "ramp the decay up from 0 (timm's use_warmup) for short runs")
 
 
@@ -231,12 +261,50 @@ def _build_section(cls, values: Any, name: str):
     if not isinstance(values, Mapping):
         raise ConfigError(f"section {name!r} must be a mapping of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in values if k not in valid]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in fields]
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-                          f"valid keys in {name!r}: {', '.join(valid)}")
-    return cls(**{k: _check_type(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+                          f"valid keys in {name!r}: {', '.join(fields)}")
+    section = cls(**{k: _check_type(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+    for key, f in fields.items():  # defaults too: a wrong default is caught by the tests, not by a user
+        try:
+            _check_value(getattr(section, key), _scalar_type(hints[key]), f.metadata, f"{name}.{key}")
+        except ConfigError as err:
+            if typing.get_origin(hints[key]) is typing.Union:  # Optional: say that null is valid too
+                raise ConfigError(str(err).replace(", got", " or null, got", 1)) from None
+            raise
+    return section
+
+
+def _scalar_type(tp: Any) -> Any:
+    """The item type behind ``Optional[...]`` and ``List[...]`` (``float`` for ``Optional[List[float]]``)."""
+    while typing.get_origin(tp) in (typing.Union, list, List, Sequence):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return tp
+
+
+def _check_value(value: Any, item_type: Any, checks: Mapping[str, Any], key: str) -> None:
+    """The field's ``doc_field`` checks on ``value`` (None passes: the type check allowed it); ConfigError."""
+    if value is None:
+        return
+    if isinstance(value, list):
+        length = checks.get("length")
+        if length is not None and len(value) != length:
+            raise ConfigError(f"{key} needs {length} values, got {len(value)}: {value!r}")
+        for i, item in enumerate(value):
+            _check_value(item, item_type, {k: v for k, v in checks.items() if k != "length"}, f"{key}[{i}]")
+        return
+    bounds = {k: checks[k] for k in ("min", "max", "min_open", "max_open") if k in checks}
+    try:
+        if "choices" in checks:
+            check_choice(key, value, checks["choices"])
+        elif item_type is float:
+            check_float(key, value, **bounds)
+        elif item_type is int:
+            check_int(key, value, **bounds)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def build_config(tree: Any) -> Config:
@@ -263,30 +331,17 @@ def build_config(tree: Any) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that the types alone cannot express."""
-    d, t, m = cfg.data, cfg.train, cfg.mixup
-    if d.source not in ("folder", "digits"):
-        raise ConfigError(f"data.source: expected 'folder' or 'digits', got {d.source!r}")
+    """Cross-field checks that the types and each field's own checks (see :func:`doc_field`) cannot express."""
+    d, m = cfg.data, cfg.mixup
     if d.source == "folder" and not d.root:
         raise ConfigError("data.root is required when data.source is 'folder' (a directory with train/ and val/)")
-    positive = {"data.img_size": d.img_size, "data.batch_size": d.batch_size, "train.epochs": t.epochs,
-                "train.accum_steps": t.accum_steps, "train.log_every": t.log_every}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if t.threads is not None and t.threads < 1:
-        raise ConfigError(f"train.threads must be >= 1 or null, got {t.threads}")
-    if t.seed < 0:
-        raise ConfigError(f"train.seed must be >= 0, got {t.seed}")
-    if t.mixed_precision not in (None, "no", "bf16", "fp16"):
-        raise ConfigError(f"train.mixed_precision: expected no, bf16, fp16 or null, got {t.mixed_precision!r}")
+    if not cfg.train.output_dir:
+        raise ConfigError("train.output_dir must be a folder name, got an empty string")
     if (m.mixup > 0 or m.cutmix > 0) and m.mode == "batch" and d.batch_size % 2:
         raise ConfigError(f"mixup in 'batch' mode needs an even data.batch_size, got {d.batch_size}")
-    if len(d.mean) != 3 or len(d.std) != 3 or len(d.scale) != 2 or len(d.ratio) != 2:
-        raise ConfigError("data.mean/std need 3 values, data.scale/ratio 2")
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-    _validate_recipe_switches(d, t)
+    if d.scale[0] > d.scale[1] or d.ratio[0] > d.ratio[1]:
+        raise ConfigError(f"data.scale and data.ratio are [low, high] ranges, got {d.scale} and {d.ratio}")
+    _validate_recipe_switches(d, cfg.train)
 
 
 def _validate_recipe_switches(d: DataConfig, t: TrainConfig) -> None:
@@ -301,8 +356,6 @@ def _validate_recipe_switches(d: DataConfig, t: TrainConfig) -> None:
                           "to bicubic or bilinear")
     if t.bce_target_thresh is not None and not t.bce_loss:
         raise ConfigError("train.bce_target_thresh applies only with train.bce_loss=true")
-    if t.bce_target_thresh is not None and not 0 <= t.bce_target_thresh < 1:
-        raise ConfigError(f"train.bce_target_thresh must be in [0, 1) or null, got {t.bce_target_thresh}")
 
 
 def set_override(tree: Dict[str, Any], assignment: str) -> None:
@@ -338,6 +391,8 @@ def load_tree(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, A
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} cannot be read: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections")
         tree = _yaml12_floats(tree)
@@ -353,16 +408,34 @@ def describe() -> str:
     return "\n".join(lines + describe_sections(SECTIONS))
 
 
+def valid_values(checks: Mapping[str, Any]) -> str:
+    """What a field's ``doc_field`` checks allow, for help texts: ``" [valid: 0 < x <= 1]"``, or ``""``."""
+    parts = []
+    if "choices" in checks:
+        parts.append("one of " + ", ".join(map(str, checks["choices"])))
+    lo, hi = checks.get("min"), checks.get("max")
+    below, above = ("<" if checks.get("min_open") else "<="), ("<" if checks.get("max_open") else "<=")
+    if lo is not None and hi is not None:
+        parts.append(f"{lo} {below} x {above} {hi}")
+    elif lo is not None:
+        parts.append(f"x {below.replace('<', '>')} {lo}")
+    elif hi is not None:
+        parts.append(f"x {above} {hi}")
+    if "length" in checks:
+        parts.append(f"{checks['length']} values")
+    return f" [valid: {'; '.join(parts)}]" if parts else ""
+
+
 def describe_sections(sections: Mapping[str, Any]) -> List[str]:
-    """One ``  section.key: default  help`` line per field of each dataclass in ``sections``."""
+    """One ``  section.key: default  help [valid: ...]`` line per field of each dataclass in ``sections``."""
     lines = []
     for name, cls in sections.items():
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {name}.{f.name}: {default!r}  {f.metadata.get('help', '')}")
+            lines.append(f"  {name}.{f.name}: {default!r}  {f.metadata.get('help', '')}{valid_values(f.metadata)}")
     return lines
 
 
 __all__ = ["Config", "ConfigError", "DataConfig", "EmaConfig", "MixupConfig", "OptimConfig", "TrainConfig",
            "build_config", "build_section", "describe", "describe_sections", "doc_field", "load_config", "load_tree",
-           "parse_value", "set_override"]
+           "parse_value", "set_override", "valid_values"]

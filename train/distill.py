@@ -38,12 +38,14 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from linvision.diffusers.files import LOAD_ERRORS
 from linvision.distill import DistillPair, LossWeights, Objective, conditioner_for
 from linvision.distill.conditioning import to as cond_to
 from linvision.distill.transfer import transfer_mixers
+from linvision.errors import reports_user_errors
 
 from . import rng
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import ConfigError
 from .data import EpochSampler
 from .distill_config import DistillConfig, describe, load_distill_config
@@ -74,17 +76,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (parser.epilog or "") + "\n" + describe()
 
 
+@reports_user_errors("linvision distill")
 def main(args: argparse.Namespace) -> int:
-    """Run the job from parsed arguments; config problems exit with a one-line error."""
+    """Run the job from parsed arguments; a user error (config, pipeline, data, checkpoint) is one line, exit 2."""
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
     if args.config is None and not overrides:
-        raise SystemExit("linvision distill: give --config YAML (see configs/distill/) and/or overrides")
-    try:
-        result = run(load_distill_config(args.config, overrides))
-    except ConfigError as err:
-        raise SystemExit(f"linvision distill: config error: {err}") from None
+        raise ConfigError("give --config YAML (see configs/distill/) and/or overrides")
+    result = run(load_distill_config(args.config, overrides))
     if result and PartialState().is_main_process:
         print(json.dumps(result))
     return 0
@@ -145,11 +145,12 @@ def _say(accelerator: Accelerator, message: str) -> None:
 
 def _run(cfg: DistillConfig) -> Dict[str, Any]:
     start = time.perf_counter()
+    resume_path = _resume_path(cfg, Path(cfg.train.output_dir))
+    state = load_checkpoint(resume_path) if resume_path is not None else None  # before anything is written
     job = build(cfg)
     acc = job.accelerator
-    resume_path = _resume_path(cfg, job.out)
-    if resume_path is not None:
-        job.global_step = _restore(job, load_checkpoint(resume_path))
+    if state is not None:
+        job.global_step = _restore(job, state)
         _say(acc, f"resumed from {resume_path} at step {job.global_step}")
     log, evals = MetricsLog(job.out / "metrics.jsonl"), MetricsLog(job.out / "eval.jsonl")
     if acc.is_main_process:  # a fresh run starts empty logs; a resumed one drops the steps it will redo
@@ -177,12 +178,13 @@ def build(cfg: DistillConfig) -> Job:
     out = Path(t.output_dir)
     try:
         pipe = load_pipeline(cfg.pipeline.model, "float32", str(acc.device))
-    except (ValueError, OSError) as err:
+    except LOAD_ERRORS as err:
         raise ConfigError(f"pipeline.model: {err}") from None
     if cfg.pipeline.scheduler_overrides:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **cfg.pipeline.scheduler_overrides)
     conditioner = conditioner_for(pipe, d.max_sequence_length)
     objective = Objective(pipe.scheduler)
+    _check_against_pipeline(cfg, pipe, conditioner)
     records = list_records(d, t.seed)
     dataset, conditions = _prepare_data(cfg, acc, pipe, conditioner, records, out)
     rng.seed_everything(t.seed)  # identical adapter initialisation on every process
@@ -221,6 +223,7 @@ def build(cfg: DistillConfig) -> Job:
                                 o.lr if o.schedule == "constant" else o.min_lr)
     student, optimizer = acc.prepare(pair.student, optimizer)
     if acc.is_main_process:
+        remove_stale_temporaries(out)
         out.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
@@ -234,6 +237,28 @@ def build(cfg: DistillConfig) -> Job:
     if cfg.eval.enabled:
         job.comparer = _comparer(job)
     return job
+
+
+def _check_against_pipeline(cfg: DistillConfig, pipe, conditioner) -> None:
+    """The config keys that depend on the teacher: resolutions (latent stride), class ids (class count)."""
+    from linvision.sample.pipeline import check_class_labels, check_size
+
+    d, e = cfg.data, cfg.eval
+    for key, size in (("data.resolution", d.resolution), ("eval.resolution", e.resolution)):
+        if size is not None:
+            try:
+                check_size(pipe, size, size)
+            except ValueError as err:
+                raise ConfigError(f"{key}={size}: {err}") from None
+    labelled = (("data.class_labels", d.class_labels), ("eval.class_labels", e.class_labels),
+                ("data.class_ids", sorted(d.class_ids.values())))
+    for key, labels in labelled:
+        if labels and conditioner.text:
+            raise ConfigError(f"{key}: {type(pipe).__name__} is text-conditional; give prompts, not class labels")
+        try:
+            check_class_labels(pipe, labels, key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _check_loss(weights: LossWeights, pair: DistillPair, pipe) -> None:

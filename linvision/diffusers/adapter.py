@@ -40,7 +40,7 @@ from torch import nn
 
 from .families import denoiser_of, family_of, patch_size_of, target_attentions
 from .geometry import LatentGeometry, pre_hook_for
-from .joint import JointLayer, inherit_joint, joint_layout
+from .joint import JointLayer, check_joint_attention_kwargs, inherit_joint, joint_layout
 from .self_attention import (
     INHERIT_MODES,
     SelfAttentionShell,
@@ -61,6 +61,11 @@ class _Installation:
     denoiser: nn.Module
     hook: Any
     restore: List[tuple] = field(default_factory=list)  # (kind, parent/attn, name/originals, original)
+
+
+def _check_joint_call(kwargs: Dict[str, Any]) -> None:
+    """The denoiser call's ``joint_attention_kwargs`` hold only keys the joint processors take."""
+    check_joint_attention_kwargs(kwargs.get("joint_attention_kwargs"))
 
 
 def _resolve(root: nn.Module, name: str):
@@ -224,7 +229,8 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
                     setattr(attn, n, getattr(layer, n))
                 layer.processor.geometry = geometry
                 attn.set_processor(layer.processor)
-        installation.hook = denoiser.register_forward_pre_hook(pre_hook_for(geometry), with_kwargs=True)
+        check_call = _check_joint_call if self.config.kind == "joint" else None
+        installation.hook = denoiser.register_forward_pre_hook(pre_hook_for(geometry, check_call), with_kwargs=True)
         self._installation = installation
         self.geometry = geometry
         return self
@@ -254,20 +260,37 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DiffusersAdapter":
         """Load an adapter folder or hub repo saved by :meth:`save_pretrained`, or a published LinFusion one.
 
-        A LinFusion checkpoint (``_class_name`` ``LinFusion`` or ``StableMamba``) goes through
-        :func:`linvision.diffusers.convert.load_linfusion`. Other kwargs go to diffusers' loader;
-        ``local_files_only`` defaults to True when ``HF_HUB_OFFLINE`` is set.
+        Strict: a weight the adapter has but the file lacks, an extra one or a wrong shape is a ``ValueError``
+        listing them (never a random initialisation); so are a missing folder and an unreadable safetensors
+        file. A LinFusion checkpoint (``_class_name`` ``LinFusion`` or ``StableMamba``) goes through
+        :func:`linvision.diffusers.convert.load_linfusion`. kwargs: the hub's (``subfolder``, ``revision``,
+        ``cache_dir``, ``token``, ``local_files_only``, ...; offline when ``HF_HUB_OFFLINE`` is set) and
+        ``torch_dtype`` (or ``dtype``).
         """
-        from .convert import LINFUSION_CLASS_NAMES, load_linfusion
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
-        if os.environ.get("HF_HUB_OFFLINE"):
-            kwargs.setdefault("local_files_only", True)
-        hub_keys = ("cache_dir", "local_files_only", "revision", "token", "subfolder", "force_download", "proxies")
-        config = cls.load_config(pretrained_model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys})
+        from .convert import LINFUSION_CLASS_NAMES, check_and_load, load_linfusion
+        from .files import HUB_KWARGS, check_source, read_sharded_safetensors
+
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        unknown = sorted(set(kwargs) - set(HUB_KWARGS))
+        if unknown:
+            raise TypeError(f"from_pretrained got unsupported arguments {unknown}; expected {HUB_KWARGS} or torch_dtype")
+        name = os.fspath(pretrained_model_name_or_path)
+        check_source(name, "adapter", cls.config_name, kwargs.get("subfolder"))
+        try:
+            config = cls.load_config(name, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the adapter config of {name}: {str(err).strip().splitlines()[0]}") from None
         if config.get("_class_name") in LINFUSION_CLASS_NAMES:
-            return load_linfusion(pretrained_model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys})
-        kwargs.setdefault("low_cpu_mem_usage", False)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            adapter = load_linfusion(name, **kwargs)
+        else:
+            adapter = cls.from_config(config)
+            state = read_sharded_safetensors(name, SAFETENSORS_WEIGHTS_NAME, **kwargs)
+            check_and_load(adapter, state, f"{name}/{SAFETENSORS_WEIGHTS_NAME}", strict=True)
+        if dtype is not None:
+            nn.Module.to(adapter, dtype=dtype)
+        return adapter.eval()
 
     def extra_repr(self) -> str:
         return f"mechanism={self.config.mechanism!r}, family={self.config.family!r}, installed={self.installed}"

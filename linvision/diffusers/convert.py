@@ -19,8 +19,11 @@ weights. Assumptions (the files were not inspected; the loader reports any key i
 - the pooling weight sits at ``…attn.processor.spatial_weight`` (where diffusers puts an ``nn.Module``
   processor's parameters); ``…attn.spatial_weight`` is accepted too;
 - a leading ``transformer.`` prefix is stripped;
-- radius r and pool factor f come from the file name (``clear_local_{r}[_down_{f}]``) unless given, and
-  f is cross-checked against the ``spatial_weight`` shape ``(1, 1, 1, f, 1, f, 1)``.
+- the pool factor f is read from the tensors: the ``spatial_weight`` shape ``(1, 1, 1, f, 1, f, 1)``, no
+  ``spatial_weight`` = no pooling (f = 1). A given ``pool_factor`` (None or 1 = off) must agree with them;
+- the radius r is not in the tensors (the projections are FLUX's shapes for every r): it is ``radius=`` if
+  given, else the safetensors metadata ``radius``, else the published file name ``clear_local_{r}[_down_{f}]``
+  (whose ``_down_{f}`` must then agree with the tensors), else an error asking for ``radius=``.
 
 Every loader checks keys and shapes and raises ``ValueError`` listing missing, unexpected and
 mis-shaped keys (``strict=False`` keeps teacher values for missing keys with a warning instead).
@@ -34,27 +37,15 @@ import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from .files import fetch_file, read_safetensors
 
 _logger = logging.getLogger(__name__)
 
 LINFUSION_CLASS_NAMES = ("LinFusion", "StableMamba")
 LINFUSION_WEIGHTS = "diffusion_pytorch_model.safetensors"
-CLEAR_FILE = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?")
-
-
-def _fetch(path_or_repo: str, filename: str, **hub_kwargs) -> str:
-    """A local file inside folder ``path_or_repo``, else ``hf_hub_download`` (offline: a clear error)."""
-    if os.path.isdir(path_or_repo):
-        path = os.path.join(path_or_repo, hub_kwargs.get("subfolder") or "", filename)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    keys = ("cache_dir", "local_files_only", "revision", "token", "subfolder", "force_download")
-    return hf_hub_download(path_or_repo, filename, **{k: v for k, v in hub_kwargs.items() if k in keys})
+CLEAR_FILE = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?\.safetensors")
 
 
 def check_and_load(module: nn.Module, state: Dict[str, Tensor], source: str, strict: bool = True,
@@ -123,25 +114,79 @@ def load_linfusion(path_or_repo: str, strict: bool = True, **hub_kwargs):
     """A published LinFusion folder or hub repo → a :class:`DiffusersAdapter` (``linfusion``, UNet, not installed)."""
     from .adapter import DiffusersAdapter
 
-    with open(_fetch(path_or_repo, "config.json", **hub_kwargs)) as f:
-        config = json.load(f)
+    config_path = fetch_file(path_or_repo, "config.json", **hub_kwargs)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config_path} is not a readable JSON config: {err}") from None
     name = config.get("_class_name")
     if name not in LINFUSION_CLASS_NAMES:
         raise ValueError(f"{path_or_repo}: _class_name {name!r} is not a LinFusion checkpoint ({LINFUSION_CLASS_NAMES})")
     adapter = DiffusersAdapter(mechanism="linfusion", modules_list=linfusion_modules_list(config),
                                mixer_options={}, family="unet", kind="self")
-    state = load_file(_fetch(path_or_repo, LINFUSION_WEIGHTS, **hub_kwargs))
+    state = read_safetensors(fetch_file(path_or_repo, LINFUSION_WEIGHTS, **hub_kwargs))
     check_and_load(adapter, state, f"{path_or_repo}/{LINFUSION_WEIGHTS}", strict=strict)
     return adapter.eval()
 
 
 # -------------------------------------------------------------------------------------------------- CLEAR
 def clear_settings_from_name(path: str) -> Tuple[Optional[int], Optional[int]]:
-    """``(radius, pool_factor)`` from a ``clear_local_{r}[_down_{f}]`` file name; ``(None, None)`` otherwise."""
-    m = CLEAR_FILE.search(os.path.basename(path))
+    """``(radius, pool_factor)`` from a published ``clear_local_{r}[_down_{f}].safetensors`` name; ``(None, None)``
+    for any other name."""
+    m = CLEAR_FILE.fullmatch(os.path.basename(path))
     if not m:
         return None, None
     return int(m.group(1)), (int(m.group(2)) if m.group(2) else None)
+
+
+def clear_pool_factor(state: Dict[str, Tensor], source: str) -> Optional[int]:
+    """The pool factor of a CLEAR state dict, from its ``spatial_weight`` tensors (None: no pooling)."""
+    shapes = {tuple(t.shape) for k, t in state.items() if k.endswith("spatial_weight")}
+    if not shapes:
+        return None
+    f = next(iter(shapes))
+    if len(shapes) > 1 or len(f) != 7 or f[:3] != (1, 1, 1) or f[4] != 1 or f[6] != 1 or f[3] != f[5] or f[3] < 2:
+        raise ValueError(f"{source}: spatial_weight tensors must all be (1, 1, 1, f, 1, f, 1) with f >= 2, "
+                         f"got {sorted(shapes)}")
+    return int(f[3])
+
+
+def _metadata_radius(path: str) -> Optional[int]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        text = (f.metadata() or {}).get("radius")
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{path}: metadata radius must be a positive int, got {text!r}")
+    return int(text)
+
+
+def clear_settings(path: str, state: Dict[str, Tensor], radius: Optional[int] = None,
+                   pool_factor: Optional[int] = None) -> Tuple[int, Optional[int]]:
+    """``(radius, pool_factor)`` of a CLEAR checkpoint (see the module docstring): pool factor from the tensors,
+    radius as given, from the metadata or from a published file name; ``ValueError`` on any disagreement."""
+    name = os.path.basename(path)
+    f_state = clear_pool_factor(state, name)
+    r_name, f_name = clear_settings_from_name(path)
+    given = None if pool_factor in (None, 1) else pool_factor
+    if pool_factor is not None and given != f_state:
+        raise ValueError(f"{name}: pool_factor {pool_factor} does not match the checkpoint ("
+                         + (f"spatial_weight for f={f_state}" if f_state else "no spatial_weight: pool_factor 1 or None")
+                         + ")")
+    if radius is None:
+        radius = _metadata_radius(path)
+    if radius is None and r_name is not None:
+        if f_name != f_state:
+            raise ValueError(f"{name}: the file name says pool factor {f_name or 1}, the tensors say {f_state or 1} "
+                             "(a renamed file?); pass radius= and pool_factor=")
+        radius = r_name
+    if radius is None:
+        raise ValueError(f"cannot tell the CLEAR radius of {name!r}: the tensors do not hold it, the file has no "
+                         "radius metadata and is not named clear_local_<r>[_down_<f>].safetensors; pass radius=")
+    return radius, f_state
 
 
 def clear_state_to_adapter(
@@ -185,21 +230,10 @@ def load_clear(
     if not os.path.isfile(path):
         repo, _, filename = path.rpartition("/")
         if not repo:
-            raise FileNotFoundError(f"{path} is neither a file nor repo_id/filename")
-        path = _fetch(repo, filename, local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")))
-    state = load_file(path)
-    r_name, f_name = clear_settings_from_name(path)
-    radius = radius if radius is not None else r_name
-    if radius is None:
-        raise ValueError(f"cannot tell the CLEAR radius from {os.path.basename(path)!r}; pass radius=")
-    sw = [t for k, t in state.items() if k.endswith("spatial_weight")]
-    f_state = int(sw[0].shape[3]) if sw else None
-    pool_factor = pool_factor if pool_factor is not None else (f_name if f_name is not None else f_state)
-    if (pool_factor or None) != f_state:
-        raise ValueError(
-            f"{os.path.basename(path)}: pool_factor {pool_factor} does not match the checkpoint "
-            f"({'spatial_weight for f=%d' % f_state if f_state else 'no spatial_weight'})"
-        )
+            raise ValueError(f"{path} is neither a file nor repo_id/filename")
+        path = fetch_file(repo, filename)
+    state = read_safetensors(path)
+    radius, pool_factor = clear_settings(path, state, radius, pool_factor)
     adapter = DiffusersAdapter.construct_for(pipe_or_transformer, "clear", radius=radius, pool_factor=pool_factor,
                                              inherit="qkv+proj", install=False, **options)
     names = [e["module_name"] for e in adapter.config.modules_list]
@@ -215,5 +249,5 @@ def load_clear(
     return adapter
 
 
-__all__ = ["LINFUSION_CLASS_NAMES", "check_and_load", "clear_settings_from_name", "clear_state_to_adapter",
-           "linfusion_modules_list", "load_clear", "load_linfusion"]
+__all__ = ["LINFUSION_CLASS_NAMES", "check_and_load", "clear_pool_factor", "clear_settings", "clear_settings_from_name",
+           "clear_state_to_adapter", "linfusion_modules_list", "load_clear", "load_linfusion"]

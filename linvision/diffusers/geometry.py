@@ -97,13 +97,16 @@ def grid_from_ids(img_ids: Tensor) -> Tuple[int, int]:
     return rows, cols
 
 
-def pre_hook_for(geometry: LatentGeometry) -> Callable:
+def pre_hook_for(geometry: LatentGeometry, check_call: Optional[Callable[[Dict[str, Any]], None]] = None) -> Callable:
     """A ``register_forward_pre_hook(..., with_kwargs=True)`` hook that records each call's grid.
 
     Reads ``sample`` (UNet) / ``hidden_states`` (transformers) ``(B, C, H, W)``, or FLUX's ``img_ids``.
+    ``check_call(kwargs)``, if given, first vets the call's keyword arguments (e.g. ``joint_attention_kwargs``).
     """
 
     def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        if check_call is not None:
+            check_call(kwargs)
         if geometry.rule == "ids":
             ids = _argument(args, kwargs, "img_ids", 4)
             if ids is None:

@@ -27,12 +27,16 @@ from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
 from ..kernels.linear_attn import linear_attention
-from ..mixers.clear import FLUX_RADIUS, POOLED_LOG_FACTOR, clear_attention, clear_scale
+from ..mixers.clear import FLUX_RADIUS, FLUX_TRAIN_SEQ_LEN, POOLED_LOG_FACTOR, clear_attention, clear_scale
 from ..mixers.linfusion import feature_mlp
 from ..mixers.lit import FEATURE_OFFSET
 from .geometry import LatentGeometry
 
 JOINT_MECHANISMS = ("clear", "lit", "linfusion")
+# what an installed joint adapter takes in a pipeline's joint_attention_kwargs: the per-call arguments of
+# JointProcessor.__call__ and diffusers' own LoRA "scale" (consumed by the transformer before the processors)
+JOINT_CALL_KWARGS = ("linvision_grid", "proportional_attention")
+DIFFUSERS_CALL_KWARGS = ("scale",)
 
 
 def _check_backend(backend: str) -> str:
@@ -47,8 +51,14 @@ class JointProcessor(nn.Module):
     Called as a diffusers processor ``(attn, hidden_states, encoder_hidden_states=None,
     attention_mask=None, image_rotary_emb=None)`` on an SD3 ``Attention`` or a ``FluxAttention``.
     ``geometry`` is set by the adapter at install time (the image grid of the current call);
-    ``linvision_grid=(h, w)`` in ``joint_attention_kwargs`` overrides it for one call.
+    ``linvision_grid=(h, w)`` in ``joint_attention_kwargs`` overrides it for one call, and
+    ``proportional_attention`` (a bool; CLEAR's per-call switch of the official notebook) is taken by the
+    processors with a softmax scale (:attr:`takes_proportional_attention`) and refused by the others. No other
+    keyword is accepted (the installed adapter also refuses unknown ``joint_attention_kwargs`` keys, which
+    diffusers would otherwise drop with a warning).
     """
+
+    takes_proportional_attention = False
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -61,8 +71,10 @@ class JointProcessor(nn.Module):
         """Inputs of ``to_q`` and ``to_k`` for the image stream (LinFusion adds its MLPs here)."""
         return x, x
 
-    def core(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_text: int) -> Tensor:
-        """``[B, T + h·w, H, d]`` → ``(B, T + h·w, H·d)``."""
+    def core(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_text: int,
+             proportional_attention: Optional[bool] = None) -> Tensor:
+        """``[B, T + h·w, H, d]`` → ``(B, T + h·w, H·d)``; ``proportional_attention`` only where
+        :attr:`takes_proportional_attention` (None: the processor's own setting)."""
         raise NotImplementedError
 
     # --- the call -----------------------------------------------------------------------------------
@@ -89,17 +101,24 @@ class JointProcessor(nn.Module):
         attention_mask: Optional[Tensor] = None,
         image_rotary_emb=None,
         linvision_grid: Optional[Tuple[int, int]] = None,
-        **kwargs,
+        proportional_attention: Optional[bool] = None,
     ):
         if attention_mask is not None:
             raise ValueError(f"{type(self).__name__} does not support attention masks")
+        if proportional_attention is not None:
+            if not self.takes_proportional_attention:
+                raise ValueError(f"{type(self).__name__} has no softmax scale: proportional_attention applies to "
+                                 "CLEAR only")
+            if not isinstance(proportional_attention, bool):
+                raise ValueError(f"proportional_attention must be a bool, got {proportional_attention!r}")
         if getattr(attn, "fused_projections", False):
             raise ValueError("fused QKV projections are not supported by linvision adapters; unfuse them first")
         from diffusers.models.transformers.transformer_flux import FluxAttention
 
         if isinstance(attn, FluxAttention):
-            return self._flux(attn, hidden_states, encoder_hidden_states, image_rotary_emb, linvision_grid)
-        return self._sd3(attn, hidden_states, encoder_hidden_states, linvision_grid)
+            return self._flux(attn, hidden_states, encoder_hidden_states, image_rotary_emb, linvision_grid,
+                              proportional_attention)
+        return self._sd3(attn, hidden_states, encoder_hidden_states, linvision_grid, proportional_attention)
 
     def _image_qkv(self, attn: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         xq, xk = self.feature_inputs(x)
@@ -123,7 +142,7 @@ class JointProcessor(nn.Module):
             k = attn.norm_added_k(k)
         return q, k, v
 
-    def _flux(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb, grid=None):
+    def _flux(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb, grid=None, proportional=None):
         from diffusers.models.embeddings import apply_rotary_emb
 
         q, k, v = self._image_qkv(attn, hidden_states)
@@ -136,14 +155,14 @@ class JointProcessor(nn.Module):
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         hw, num_text = self._grid(q.shape[1], num_text, grid)
-        out = self.core(q, k, v, hw, num_text).to(q.dtype)
+        out = self.core(q, k, v, hw, num_text, proportional).to(q.dtype)
         if encoder_hidden_states is not None:
             text, image = out.split_with_sizes([num_text, out.shape[1] - num_text], dim=1)
             image = attn.to_out[1](attn.to_out[0](image.contiguous()))
             return image, attn.to_add_out(text.contiguous())
         return out
 
-    def _sd3(self, attn, hidden_states, encoder_hidden_states, grid=None):
+    def _sd3(self, attn, hidden_states, encoder_hidden_states, grid=None, proportional=None):
         q, k, v = self._image_qkv(attn, hidden_states)
         num_text = 0
         if encoder_hidden_states is not None:
@@ -151,7 +170,7 @@ class JointProcessor(nn.Module):
             num_text = eq.shape[1]
             q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
         hw, num_text = self._grid(q.shape[1], num_text, grid)
-        out = self.core(q, k, v, hw, num_text).to(q.dtype)
+        out = self.core(q, k, v, hw, num_text, proportional).to(q.dtype)
         text, image = out[:, :num_text], out[:, num_text:]
         image = attn.to_out[1](attn.to_out[0](image))
         if encoder_hidden_states is None:
@@ -167,7 +186,13 @@ class ClearProcessor(JointProcessor):
     ``pool_factor`` f (None/1 = off) adds ``spatial_weight (1,1,1,f,1,f,1)`` pooled K/V (init ``1/f²``);
     ``train_seq_len`` switches on proportional attention (FLUX: 4608); ``pooled_log_factor`` is the
     official 10 inside the log with pooling. Scale otherwise ``d^-½``.
+
+    Per call, ``joint_attention_kwargs={"proportional_attention": True}`` (the official processors' call
+    argument, used by CLEAR's high-resolution notebook) switches proportional attention on for that call with
+    ``train_seq_len`` (the official ``64² + 512`` when none was given); ``False`` switches it off.
     """
+
+    takes_proportional_attention = True
 
     def __init__(
         self,
@@ -197,12 +222,15 @@ class ClearProcessor(JointProcessor):
         else:
             self.register_parameter("spatial_weight", None)
 
-    def core(self, q, k, v, hw, num_text):
+    def core(self, q, k, v, hw, num_text, proportional_attention=None):
         h, w = hw
         f = self.pool_factor
         if f is not None and (h % f or w % f):
             raise ValueError(f"CLEAR pool_factor={f} must divide the image-token grid {h}x{w}")
-        scale = clear_scale(q.shape[-1], num_text + h * w, self.train_seq_len, f is not None, self.pooled_log_factor)
+        train_seq_len = self.train_seq_len
+        if proportional_attention is not None:
+            train_seq_len = (train_seq_len or FLUX_TRAIN_SEQ_LEN) if proportional_attention else None
+        scale = clear_scale(q.shape[-1], num_text + h * w, train_seq_len, f is not None, self.pooled_log_factor)
         o = clear_attention(q, k, v, hw, radius=self.radius, num_prefix_tokens=num_text, pool_factor=f,
                             spatial_weight=self.spatial_weight, scale=scale, backend=self.backend)
         return o.flatten(2)
@@ -233,7 +261,7 @@ class LiTProcessor(JointProcessor):
         ks = int(dwc_kernel_size)
         self.dwc = nn.Conv2d(channels, channels, ks, padding=ks // 2, groups=channels)
 
-    def core(self, q, k, v, hw, num_text):
+    def core(self, q, k, v, hw, num_text, proportional_attention=None):
         o = linear_attention(q, k, v, mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET,
                              backend=self.backend).flatten(2)
         h, w = hw
@@ -262,7 +290,7 @@ class LinFusionProcessor(JointProcessor):
     def feature_inputs(self, x):
         return x + self.to_q_(x), x + self.to_k_(x)
 
-    def core(self, q, k, v, hw, num_text):
+    def core(self, q, k, v, hw, num_text, proportional_attention=None):
         return linear_attention(q, k, v, mean=True, eps=self.eps, feature_map="elu+1", backend=self.backend).flatten(2)
 
 
@@ -306,6 +334,15 @@ class JointLayer(nn.Module):
         return ("to_q", "to_k", "to_v") + (("to_out",) if self.to_out is not None else ())
 
 
+def check_joint_attention_kwargs(kwargs: Optional[dict]) -> None:
+    """``ValueError`` for a ``joint_attention_kwargs`` key no installed joint processor takes (diffusers would
+    drop it with a warning: a switch such as a misspelt ``proportional_attention`` must not be ignored)."""
+    unknown = sorted(set(kwargs or {}) - set(JOINT_CALL_KWARGS) - set(DIFFUSERS_CALL_KWARGS))
+    if unknown:
+        raise ValueError(f"joint_attention_kwargs {unknown} are not taken by the linvision adapter's processors; "
+                         f"valid: {', '.join(JOINT_CALL_KWARGS + DIFFUSERS_CALL_KWARGS)}")
+
+
 def joint_layout(attn: nn.Module) -> dict:
     """Constructor arguments of :class:`JointLayer` that match ``attn`` (an SD3 ``Attention``/``FluxAttention``)."""
     if getattr(attn, "fused_projections", False):
@@ -332,5 +369,5 @@ def inherit_joint(layer: JointLayer, attn: nn.Module, mode: str) -> None:
         own.load_state_dict(getattr(attn, name).state_dict())
 
 
-__all__ = ["JOINT_MECHANISMS", "JointLayer", "JointProcessor", "ClearProcessor", "LiTProcessor",
-           "LinFusionProcessor", "inherit_joint", "joint_layout"]
+__all__ = ["JOINT_CALL_KWARGS", "JOINT_MECHANISMS", "JointLayer", "JointProcessor", "ClearProcessor", "LiTProcessor",
+           "LinFusionProcessor", "check_joint_attention_kwargs", "inherit_joint", "joint_layout"]

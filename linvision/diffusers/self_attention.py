@@ -101,14 +101,21 @@ def build_mixer(mechanism: str, dim: int, heads: int, options: Dict[str, Any]) -
     return create_mixer(mechanism, dim=dim, num_heads=heads, **options)
 
 
+# cross_attention_kwargs a replaced self-attention accepts: its own grid override, and what diffusers passes
+# alongside for the cross-attention (LoRA scale, IP-Adapter masks)
+SHELL_CALL_KWARGS = ("linvision_grid", "scale", "ip_adapter_masks")
+
+
 class SelfAttentionShell(nn.Module):
     """A linvision mixer behind diffusers' self-attention call: ``(B, N, C)`` → ``(B, N, C)``.
 
     ``forward(hidden_states, encoder_hidden_states=None, attention_mask=None, **cross_attention_kwargs)``
     runs ``mixer(hidden_states, hw, 0)`` with ``hw = geometry.grid_for(N)``, or the per-call
     ``linvision_grid=(h, w)`` of ``cross_attention_kwargs`` when its product is N. Cross-attention input and
-    attention masks raise ``ValueError`` (the replaced modules are pure self-attentions); other
-    ``cross_attention_kwargs`` (LoRA ``scale``, …) are ignored, as LinFusion does.
+    attention masks raise ``ValueError`` (the replaced modules are pure self-attentions). diffusers hands the
+    same ``cross_attention_kwargs`` to the block's cross-attention too, so the keys meant for it (LoRA
+    ``scale``, IP-Adapter's ``ip_adapter_masks``) pass through unused here, as in LinFusion; any other key is a
+    ``ValueError`` rather than silently dropped.
     """
 
     def __init__(self, mixer: TokenMixer, geometry: LatentGeometry):
@@ -129,6 +136,10 @@ class SelfAttentionShell(nn.Module):
             raise ValueError("linvision self-attention does not support attention masks")
         if hidden_states.dim() != 3:
             raise ValueError(f"expected hidden_states of shape (B, N, C), got {tuple(hidden_states.shape)}")
+        unknown = sorted(set(cross_attention_kwargs) - set(SHELL_CALL_KWARGS))
+        if unknown:
+            raise ValueError(f"cross_attention_kwargs {unknown} are not taken by a linvision self-attention; "
+                             f"valid: {', '.join(SHELL_CALL_KWARGS)}")
         n = hidden_states.shape[1]
         grid = cross_attention_kwargs.get("linvision_grid")
         hw = tuple(grid) if grid is not None and grid[0] * grid[1] == n else self.geometry.grid_for(n)

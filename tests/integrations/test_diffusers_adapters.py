@@ -229,3 +229,20 @@ def test_per_call_grid_kwarg(folders):
     with pytest.raises(ValueError, match="not 4x4 image tokens plus text"):
         attn(torch.randn(1, 12, attn.to_q.in_features), linvision_grid=(4, 4))
     assert not isinstance(attn, Attention)
+
+
+def test_unknown_call_kwargs_are_refused_not_dropped(folders):
+    """A replaced self-attention and the joint processors take only the keys they use (plus those diffusers
+    routes past them: LoRA ``scale``, IP-Adapter masks); anything else is a ValueError, not a silent no-op."""
+    pipe = tiny.load(folders["dit"])
+    DiffusersAdapter.construct_for(pipe, "lit")
+    shell = pipe.transformer.transformer_blocks[0].attn1
+    x = torch.randn(1, 12, shell.mixer.dim)
+    torch.testing.assert_close(shell(x, linvision_grid=(3, 4), scale=1.0), shell.mixer(x, (3, 4)))
+    with pytest.raises(ValueError, match=r"cross_attention_kwargs \['linvision_gird'\] are not taken"):
+        shell(x, linvision_gird=(3, 4))
+    flux = tiny.load(folders["flux"]).transformer
+    DiffusersAdapter.construct_for(flux, "clear", radius=2)
+    attn = flux.single_transformer_blocks[0].attn
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        attn.processor(attn, torch.randn(1, 5 + 12, attn.to_q.in_features), linvision_grid=(3, 4), bogus=1)

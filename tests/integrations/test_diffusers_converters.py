@@ -151,3 +151,55 @@ def test_clear_mismatches_are_reported(flux_folder, tmp_path):
     with pytest.raises(ValueError, match="missing: 1.to_k.bias"):
         load_clear(str(tmp_path / "clear_local_5.safetensors"), pipe)
     assert load_clear(str(tmp_path / "clear_local_5.safetensors"), pipe, strict=False) is not None
+
+
+def test_clear_settings_come_from_the_tensors(flux_folder, tmp_path):
+    """Pool factor from the spatial_weight tensors (1 = off, as elsewhere), radius from the argument, the file's
+    metadata or a published name; a published name that disagrees with the tensors is refused."""
+    pipe = tiny.load(flux_folder)
+    state = clear_file(tmp_path / "weights.safetensors", pipe.transformer)
+    for off in (1, None):
+        adapter = load_clear(str(tmp_path / "weights.safetensors"), pipe, radius=3, pool_factor=off)
+        assert adapter.config.mixer_options == {"radius": 3, "pool_factor": None}
+    clear_file(tmp_path / "renamed.safetensors", pipe.transformer, pool=2)
+    assert load_clear(str(tmp_path / "renamed.safetensors"), pipe, radius=2).config.mixer_options["pool_factor"] == 2
+    with pytest.raises(ValueError, match="pool_factor 1 does not match the checkpoint .spatial_weight for f=2"):
+        load_clear(str(tmp_path / "renamed.safetensors"), pipe, radius=2, pool_factor=1)
+    save_file(state, tmp_path / "tagged.safetensors", metadata={"radius": "5"})
+    assert load_clear(str(tmp_path / "tagged.safetensors"), pipe).config.mixer_options["radius"] == 5
+    save_file(state, tmp_path / "clear_local_2_down_2.safetensors")  # the name says pooled, the tensors do not
+    with pytest.raises(ValueError, match="file name says pool factor 2, the tensors say 1"):
+        load_clear(str(tmp_path / "clear_local_2_down_2.safetensors"), pipe)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "weights.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cut.safetensors is not a readable .safetensors file"):
+        load_clear(str(tmp_path / "cut.safetensors"), pipe, radius=2)
+
+
+def flux_images(pipe, **extra):
+    return pipe(height=32, width=48, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="pt", max_sequence_length=6, **tiny.embeds("flux"), **extra).images
+
+
+def test_clear_takes_the_official_per_call_proportional_attention(flux_folder, tmp_path):
+    """``joint_attention_kwargs={"proportional_attention": True}`` (CLEAR's notebook) gives the official
+    ``train_seq_len = 64² + 512`` scale for that call; unknown keys and other mechanisms are refused."""
+    path = str(tmp_path / "clear_local_2.safetensors")
+    pipe = tiny.load(flux_folder)
+    clear_file(path, pipe.transformer)
+    load_clear(path, pipe, install=True)
+    plain = flux_images(pipe)
+    switched = flux_images(pipe, joint_attention_kwargs={"proportional_attention": True})
+    ref = tiny.load(flux_folder)
+    adapter = load_clear(path, ref, install=True, train_seq_len=64 ** 2 + 512)
+    torch.testing.assert_close(switched, flux_images(ref), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plain, flux_images(ref, joint_attention_kwargs={"proportional_attention": False}),
+                               rtol=1e-6, atol=1e-6)
+    assert (switched - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"joint_attention_kwargs \['proportional_atention'\] are not taken"):
+        flux_images(pipe, joint_attention_kwargs={"proportional_atention": True})
+    with pytest.raises(ValueError, match="proportional_attention must be a bool"):
+        flux_images(pipe, joint_attention_kwargs={"proportional_attention": "yes"})
+    adapter.uninstall()
+    DiffusersAdapter.construct_for(ref, "lit")
+    with pytest.raises(ValueError, match="LiTProcessor has no softmax scale"):
+        flux_images(ref, joint_attention_kwargs={"proportional_attention": True})

@@ -17,6 +17,7 @@ from linvision.models.nalaformer import checkpoint_filter_fn as nala_filter
 from linvision.models.nalaformer import resolve_stage_mixers
 from linvision.models.plstm_vis import checkpoint_filter_fn as plstm_filter
 from linvision.models.plstm_vis import convert_official_state_dict
+from tests.helpers import rel_err
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -175,6 +176,7 @@ def test_plstm_vis_mixer_layouts():
 # --- parity with the official code ----------------------------------------------------------------------
 
 
+@pytest.mark.golden
 def test_nalaformer_matches_official_init_and_forward():
     """The official NALAFORMER's seeded init, names and forward (fixture: tests/fixtures/nala/README.md)."""
     t = load_file(str(FIXTURES / "nala" / "nalaformer_tiny.safetensors"))
@@ -190,13 +192,16 @@ def test_nalaformer_matches_official_init_and_forward():
     for k, v in ours.items():  # the fixture's perturbation, replayed on our seeded init
         if v.is_floating_point() and not k.endswith("RoPE.angle"):
             v = v + 0.1 * torch.randn(v.shape, generator=gen)
-        assert torch.equal(v, official[k]), k
+        # the same computation, but seeded trunc_normal_ (erfinv) and randn round differently across CPUs
+        # (ATEN_CPU_CAPABILITY=default differs from avx2 by up to 3e-7 relative): equal to fp32 rounding
+        assert rel_err(v, official[k]) < 1e-6, k
     m.load_state_dict(nala_filter({"model": official}, m), strict=True)
     with torch.no_grad():
         y = m.eval()(t["input.x"])
     torch.testing.assert_close(y, t["output"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("method", ["chunked", "full"])
 def test_plstm_vis_matches_official_forward(method):
     t = load_file(str(FIXTURES / "plstm" / "plstm_vis_tiny.safetensors"))

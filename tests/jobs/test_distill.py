@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from linvision.train.distill_config import build_distill_config, load_distill_co
 from linvision.train.distill_data import list_records
 from linvision.train.metrics import MetricsLog
 from tests import tiny_diffusers
+from tests.jobs.user_errors import user_error
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "distill").glob("*.yaml"))
@@ -219,18 +221,23 @@ def test_teacher_generated_data_and_folder_sources(dit, tmp_path):
         list_records(cfg.data)
 
 
-def test_config_errors_are_clear(dit, tmp_path):
+def test_config_errors_are_clear(dit, tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(tiny(tmp_path / "run", dit)))
-    with pytest.raises(SystemExit, match=r"unknown layer name.*'blocks\.9'.*valid names.*transformer_blocks\.0\.attn1"):
-        cli_main(["distill", "--config", str(config), "student.feature_layers=[blocks.9]"])
-    with pytest.raises(SystemExit, match="unknown key.*loss.tusk"):
-        cli_main(["distill", "--config", str(config), "loss.tusk=1"])
+    run = tmp_path / "run"
+    config.write_text(yaml.safe_dump(tiny(run, dit)))
+    message = user_error(capsys, ["distill", "--config", str(config), "student.feature_layers=[blocks.9]"], run)
+    assert re.search(r"unknown layer name.*'blocks\.9'.*valid names.*transformer_blocks\.0\.attn1", message)
+    assert "unknown key(s) loss.tusk" in user_error(capsys, ["distill", "--config", str(config), "loss.tusk=1"], run)
+    message = user_error(capsys, ["distill", "--config", str(config), "data.resolution=20"], run)
+    assert message.startswith("data.resolution=20: ") and "multiple of the latent stride 16" in message
+    assert "class ids must be in [0, 999]" in user_error(
+        capsys, ["distill", "--config", str(config), "eval.class_labels=[5000]"], run)
     try:
         import prodigyopt  # noqa: F401
     except ImportError:
-        with pytest.raises(SystemExit, match="prodigyopt"):
-            cli_main(["distill", "--config", str(config), "optim.name=prodigy", "eval.enabled=false"])
+        message = user_error(capsys, ["distill", "--config", str(config), "optim.name=prodigy", "eval.enabled=false"],
+                             run)
+        assert "prodigyopt" in message
 
 
 def test_digits_teacher_and_the_distill_benchmark_run_end_to_end(tmp_path):

@@ -13,6 +13,7 @@ from linvision.sample.config import ConfigError, load_config
 from linvision.sample.highres import ntk_rope, stage_sizes, unpack_flux_latents
 from linvision.sample.memory import batch_chunked, ffn_chunked, vae_switches
 from tests import tiny_diffusers as tiny
+from tests.jobs.user_errors import user_error
 
 
 @pytest.fixture(scope="module")
@@ -91,20 +92,29 @@ def test_chunked_cfg_and_feed_forward_are_exact(sd_folder):
     assert torch.equal(tiny.run(pipe, "unet", 48, 32), reference)
 
 
-def test_bad_sizes_and_configs_give_clear_errors(dit_folder, tmp_path):
+def test_bad_sizes_and_configs_give_clear_errors(dit_folder, tmp_path, capsys):
+    out = tmp_path / "o"
     base = {"pipeline": {"model": str(dit_folder), "device": "cpu"}, "sampling": {"class_labels": [1], "steps": 1},
-            "output": {"dir": str(tmp_path / "o")}}
+            "output": {"dir": str(out)}}
     config = write_config(tmp_path / "c.yaml", base)
-    with pytest.raises(ValueError, match="multiple of the latent stride 16"):
-        main(["sample", "--config", config, "sampling.height=40", "sampling.width=40"])
-    with pytest.raises(ValueError, match="square"):
-        main(["sample", "--config", config, "sampling.height=32", "sampling.width=64"])
-    with pytest.raises(ValueError, match="class-conditional"):
-        main(["sample", "--config", config, "sampling.class_labels=[]", "sampling.prompts=[a cat]"])
-    with pytest.raises(SystemExit, match="unknown key"):
-        main(["sample", "--config", config, "sampling.hieght=64"])
-    with pytest.raises(SystemExit, match="pipeline.model is required"):
-        main(["sample", "sampling.height=64"])
+    cases = {  # override(s) -> what the one-line message says
+        ("sampling.height=40", "sampling.width=40"): "sampling.height/width: height=40, width=40 must be a positive "
+                                                     "multiple of the latent stride 16",
+        ("sampling.height=32", "sampling.width=64"): "sampling.height/width: DiT samples square images only",
+        ("sampling.class_labels=[]", "sampling.prompts=[a cat]"): "DiT is class-conditional",
+        ("sampling.class_labels=[5000]",): "sampling.class_labels: DiTPipeline has 1000 classes, so class ids must be "
+                                           "in [0, 999]; got [5000]",
+        ("sampling.hieght=64",): "unknown key(s) sampling.hieght",
+        ("pipeline.dtype=float8",): "pipeline.dtype must be one of 'float32', 'float16', 'bfloat16'; got 'float8'",
+        ("sampling.guidance=.nan",): "sampling.guidance must be finite, got nan",
+        (f"pipeline.model={tmp_path / 'nope'}",): f"pipeline.model: no diffusers pipeline folder at {tmp_path / 'nope'}",
+        (f"pipeline.adapter={tmp_path / 'nope'}",): f"pipeline.adapter: no adapter folder at {tmp_path / 'nope'}",
+        (f"pipeline.model={tmp_path}",): f"pipeline.model: {tmp_path} is not a diffusers pipeline folder: it has no "
+                                         "model_index.json",
+    }
+    for overrides, expected in cases.items():
+        assert expected in user_error(capsys, ["sample", "--config", config, *overrides], out), overrides
+    assert "pipeline.model is required" in user_error(capsys, ["sample", "sampling.height=64"])
     with pytest.raises(ConfigError, match="expected int"):
         load_config(config, ["sampling.steps=many"])
     assert load_config(config, ["sampling.seeds=5", "highres.strength=5e-1"]).sampling.seeds == [5]

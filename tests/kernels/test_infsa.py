@@ -87,6 +87,7 @@ def test_linear_output_is_rank_one():
     assert torch.equal(o[:, 0], linear_infsa_pooled(q, k, v))
 
 
+@pytest.mark.golden
 def test_golden_tensors_from_upstream_core():
     g = load_file(GOLDEN)
     q, k, v = (g[f"core.{n}"].transpose(1, 2) for n in "qkv")  # (B, H, N, D) → [B, N, H, D]

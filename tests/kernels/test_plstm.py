@@ -138,6 +138,7 @@ def test_flips_are_the_four_corners():
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("method", ["naive", "full", "chunked"])
 def test_official_kernel_goldens(method):
     t = load_file(FIXTURES / "kernel_8x8_fp64.safetensors")
@@ -152,6 +153,7 @@ def test_official_kernel_goldens(method):
     assert rel_err(run(method, t["q"], t["k"], t["v"], o0_no_dl, t["d"], hw), t["chunked_o0_out_no_tdl"]) < 1e-12
 
 
+@pytest.mark.golden
 def test_official_1d_golden():
     t = load_file(FIXTURES / "kernel_8x8_fp64.safetensors")
     out = plstm1d(t["q1d"], t["k1d"], t["v1d"], t["s1d"], t["t1d"], t["m1d"], t["d1d"])

@@ -28,6 +28,7 @@ def official_module(golden, variant):
     return {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("variant,mode", [("pure", "quadratic"), ("linear", "linear")])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_golden_parity_with_upstream_module(variant, mode, backend):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from linvision import create_mixer
 from tests.helpers import rel_err
 
+pytestmark = pytest.mark.golden  # every test here compares with a stored fixture (.ci/run reruns them)
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TOL = 1e-5
 

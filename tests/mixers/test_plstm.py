@@ -30,6 +30,7 @@ def randomise(m, seed=0):
     return m
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("mode", ["P", "D"])
 @pytest.mark.parametrize("method", ["chunked", "full", "naive"])
 def test_official_layer_goldens(mode, method):
