@@ -5,9 +5,11 @@
 - :mod:`.plstm_vis`: ``plstm_vis_{t,s,b}``, the pLSTM vision models (P/D blocks, corner pooling).
 - :mod:`.infvit`: ``infvit_4l_patch16_224``, ``infvit_pure_4l_patch16_224``, InfSA's 4-layer InfViT.
 - :mod:`.care`: ``care_s{0,1,2}``, CARE Transformer's mobile backbone (linear attention + convs).
+- :mod:`.dit`: ``LinVisionDiT``, a class-conditional DiT with any mixer and an MLP or SANA's Mix-FFN.
 - :mod:`.layout`: per-layer mixer names and options (shared with :func:`linvision.timm.linearize`).
 """
 from .block import MixerBlock
+from .dit import LinVisionDiT
 from .layout import layer_options, resolve_mixers
 from .vit import LinVisionTransformer
 from .nalaformer import NaLaFormer
@@ -15,4 +17,4 @@ from .plstm_vis import PLSTMVisionModel
 from . import infvit  # noqa: F401  (registers the infvit_* models)
 from .care import CARETransformer
 
-__all__ = ["CARETransformer", "LinVisionTransformer", "MixerBlock", "NaLaFormer", "PLSTMVisionModel", "layer_options", "resolve_mixers"]
+__all__ = ["CARETransformer", "LinVisionDiT", "LinVisionTransformer", "MixerBlock", "NaLaFormer", "PLSTMVisionModel", "layer_options", "resolve_mixers"]
