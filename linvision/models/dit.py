@@ -130,8 +130,9 @@ class LinVisionDiT(ModelMixin, ConfigMixin):
         pos_embed: str = "sincos",
     ):
         super().__init__()
-        check_int("sample_size", sample_size, min=1)
         p = check_int("patch_size", patch_size, min=1)
+        if check_int("sample_size", sample_size, min=1) % p:
+            raise ValueError(f"sample_size={sample_size} must be a multiple of patch_size={p}")
         c_in = check_int("in_channels", in_channels, min=1)
         check_int("num_layers", num_layers, min=1)
         heads = check_int("num_attention_heads", num_attention_heads, min=1)

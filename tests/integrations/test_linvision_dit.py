@@ -107,6 +107,7 @@ def test_sana_glumbconv_dit_trains_on_a_tiny_batch():
     (dict(mixer_kwargs=[1]), "mixer_kwargs"),
     (dict(pos_embed="rope"), "pos_embed"),
     (dict(patch_size=0), "patch_size"),
+    (dict(patch_size=3), "multiple of patch_size"),
     (dict(class_dropout_prob=1.0), "class_dropout_prob"),
     (dict(learn_sigma=1), "learn_sigma"),
     (dict(attention_head_dim=3, num_attention_heads=1), "divisible by 4"),
