@@ -79,11 +79,14 @@ class DigitsDiTSettings:
             if any(custom.values()):
                 raise ValueError(f"{', '.join(k for k, v in custom.items() if v)}: only with denoiser='linvision_dit'")
         else:
-            from linvision.mixers import list_mixers
+            from linvision.mixers import create_mixer, list_mixers
             from linvision.models.block import MLP_LAYERS
             from linvision.models.dit import POS_EMBEDS
 
             check_choice("mixer", self.mixer, list_mixers())
+            if self.mixer_kwargs is not None and not isinstance(self.mixer_kwargs, dict):
+                raise ValueError(f"mixer_kwargs must be a dict of mixer options or None, got {self.mixer_kwargs!r}")
+            create_mixer(self.mixer, self.dit_heads * self.dit_head_dim, self.dit_heads, **(self.mixer_kwargs or {}))
             check_choice("mlp_layer", self.mlp_layer, MLP_LAYERS)
             check_choice("dit_pos_embed", self.dit_pos_embed, POS_EMBEDS)
             if self.dit_mlp_ratio is not None:

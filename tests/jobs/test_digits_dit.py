@@ -25,6 +25,8 @@ SANA_STYLE = dict(denoiser="linvision_dit", mixer="sana", mlp_layer="glumbconv",
     (dict(mlp_layer="glumbconv", dit_mlp_ratio=2.0), "mlp_layer, dit_mlp_ratio: only with"),
     (dict(denoiser="linvision_dit", mixer="nope"), "mixer"),
     (dict(denoiser="linvision_dit", mlp_layer="swiglu"), "mlp_layer"),
+    (dict(denoiser="linvision_dit", mixer="sana", mixer_kwargs={"eps": -1.0}), "eps"),  # before any training
+    (dict(denoiser="linvision_dit", mixer_kwargs=[1]), "mixer_kwargs"),
     (dict(denoiser="linvision_dit", dit_mlp_ratio=0.0), "dit_mlp_ratio"),
     (dict(denoiser="linvision_dit", dit_pos_embed="rope"), "dit_pos_embed"),
 ])
