@@ -5,13 +5,17 @@ The teacher of the distillation benchmark (``benchmarks/distill_digits.py``) and
 1. an ``AutoencoderKL`` (2 levels, 4 latent channels, factor 2) trained to reconstruct the digits
    (8×8 grey, upsampled bicubically to ``resolution``, as RGB), its ``scaling_factor`` set to 1/std of the
    latents;
-2. a ``DiTTransformer2DModel`` (patch 1, learned sigma, adaLN-Zero, diffusers' own softmax attention)
-   trained with the ε-prediction MSE under DDPM's linear 1000-step schedule and 10% label dropout
+2. a ``DiTTransformer2DModel`` (patch 1, learned sigma, adaLN-Zero, diffusers' own softmax attention), or
+   with ``denoiser="linvision_dit"`` a :class:`~linvision.models.dit.LinVisionDiT` of the same sizes with any
+   ``mixer`` and ``mlp_layer`` (``mixer="sana", mlp_layer="glumbconv", dit_pos_embed="none"``: a SANA-style
+   linear DiT), trained with the ε-prediction MSE under DDPM's linear 1000-step schedule and 10% label dropout
    (DiT's classifier-free guidance; the null class is 1000, as ``sample_dit`` assumes);
 3. written as a ``DiTPipeline`` (DDIM scheduler) that ``linvision sample`` and ``linvision distill`` load.
 
     python -m linvision.train.digits_dit outputs/digits-dit-pipeline          # ≈ 5 min on 2 cores
     python -m linvision.train.digits_dit outputs/digits-dit-pipeline --quick  # ≈ 1 min, rougher digits
+    python -m linvision.train.digits_dit outputs/digits-sana --denoiser linvision_dit --mixer sana \
+        --mlp-layer glumbconv --pos-embed none                                # SANA-style linear teacher
 
 Deterministic for a given seed (one thread recommended: ``--threads 1``).
 """
@@ -30,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernels.validation import check_choice, check_float
 from .schedule import build_scheduler
+
+DENOISERS = ("diffusers_dit", "linvision_dit")
 
 
 @dataclass
@@ -51,12 +58,39 @@ class DigitsDiTSettings:
     ema_decay: Optional[float] = 0.995  # EMA of the DiT weights (what is saved); None: the last weights
     batch_size: int = 32  # small batches, many steps: on 1797 images the better use of a CPU minute
     seed: int = 0
+    # the denoiser: diffusers' DiTTransformer2DModel (softmax, the demo's), or linvision's DiT with these options
+    denoiser: str = "diffusers_dit"
+    mixer: str = "softmax"
+    mixer_kwargs: Optional[Dict] = None
+    mlp_layer: str = "mlp"  # or "glumbconv" (SANA's Mix-FFN)
+    dit_mlp_ratio: Optional[float] = None  # None: 4 (DiT) for "mlp", 2.5 (SANA) for "glumbconv"
+    dit_pos_embed: str = "sincos"  # or "none" (SANA: the Mix-FFN's conv places the tokens)
 
     def __post_init__(self):
         if self.vae_channels is None:
             self.vae_channels = [16, 32]
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
+        check_choice("denoiser", self.denoiser, DENOISERS)
+        if self.denoiser == "diffusers_dit":
+            custom = {"mixer": self.mixer != "softmax", "mixer_kwargs": bool(self.mixer_kwargs),
+                      "mlp_layer": self.mlp_layer != "mlp", "dit_mlp_ratio": self.dit_mlp_ratio is not None,
+                      "dit_pos_embed": self.dit_pos_embed != "sincos"}
+            if any(custom.values()):
+                raise ValueError(f"{', '.join(k for k, v in custom.items() if v)}: only with denoiser='linvision_dit'")
+        else:
+            from linvision.mixers import create_mixer, list_mixers
+            from linvision.models.block import MLP_LAYERS
+            from linvision.models.dit import POS_EMBEDS
+
+            check_choice("mixer", self.mixer, list_mixers())
+            if self.mixer_kwargs is not None and not isinstance(self.mixer_kwargs, dict):
+                raise ValueError(f"mixer_kwargs must be a dict of mixer options or None, got {self.mixer_kwargs!r}")
+            create_mixer(self.mixer, self.dit_heads * self.dit_head_dim, self.dit_heads, **(self.mixer_kwargs or {}))
+            check_choice("mlp_layer", self.mlp_layer, MLP_LAYERS)
+            check_choice("dit_pos_embed", self.dit_pos_embed, POS_EMBEDS)
+            if self.dit_mlp_ratio is not None:
+                check_float("dit_mlp_ratio", self.dit_mlp_ratio, min=0, min_open=True)
 
     @classmethod
     def quick(cls) -> "DigitsDiTSettings":
@@ -87,6 +121,15 @@ def build_vae(s: DigitsDiTSettings):
 
 
 def build_dit(s: DigitsDiTSettings, latent_size: int):
+    """The untrained denoiser: patch 1, 4 latent channels in, ε and learned sigma out, 1000 classes + null."""
+    if s.denoiser == "linvision_dit":
+        from linvision.models.dit import LinVisionDiT
+
+        ratio = s.dit_mlp_ratio if s.dit_mlp_ratio is not None else (2.5 if s.mlp_layer == "glumbconv" else 4.0)
+        return LinVisionDiT(sample_size=latent_size, patch_size=1, in_channels=4, num_layers=s.dit_layers,
+                            num_attention_heads=s.dit_heads, attention_head_dim=s.dit_head_dim, mixer=s.mixer,
+                            mixer_kwargs=s.mixer_kwargs, mlp_layer=s.mlp_layer, mlp_ratio=ratio,
+                            pos_embed=s.dit_pos_embed, num_classes=1000, class_dropout_prob=0.1)
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
@@ -217,9 +260,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps (about a minute)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--denoiser", default="diffusers_dit", choices=DENOISERS)
+    parser.add_argument("--mixer", default="softmax", help="linvision_dit: any registered mixer")
+    parser.add_argument("--mlp-layer", default="mlp", help="linvision_dit: mlp or glumbconv")
+    parser.add_argument("--pos-embed", default="sincos", help="linvision_dit: sincos or none")
     args = parser.parse_args(argv)
-    settings = DigitsDiTSettings.quick() if args.quick else DigitsDiTSettings()
-    settings.seed = args.seed
+    try:
+        settings = DigitsDiTSettings(**vars(DigitsDiTSettings.quick() if args.quick else DigitsDiTSettings()) | dict(
+            seed=args.seed, denoiser=args.denoiser, mixer=args.mixer, mlp_layer=args.mlp_layer,
+            dit_pos_embed=args.pos_embed))
+    except ValueError as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 2
     report = train_digits_dit(args.folder, settings, args.threads)
     print(json.dumps({k: report[k] for k in ("vae_recon_mse", "scaling_factor", "train_s")}
                      | {"dit_loss_last": report["dit_loss"][-1], "folder": args.folder}))

@@ -13,6 +13,10 @@
 ControlNet, which touch ``attn2`` and the residuals, keep working). *joint*: text tokens are prefix tokens;
 the image-stream projections are swapped for the adapter's and the processor for the adapter's, while
 the text projections, QK norms and RoPE stay the teacher's.
+
+linvision's own :class:`~linvision.models.dit.LinVisionDiT` (a ``DiTPipeline`` transformer trained from
+scratch) counts as the ``dit`` family, so ``linvision sample`` draws with it; it runs linvision mixers
+already, so it has no diffusers attention for an adapter to replace (``ValueError``).
 """
 from __future__ import annotations
 
@@ -50,9 +54,11 @@ def _classes():
         UNet2DConditionModel,
     )
 
+    from ..models.dit import LinVisionDiT
+
     return {
         "UNet2DConditionModel": UNet2DConditionModel,
-        "DiTTransformer2DModel": DiTTransformer2DModel,
+        "DiTTransformer2DModel": (DiTTransformer2DModel, LinVisionDiT),
         "PixArtTransformer2DModel": PixArtTransformer2DModel,
         "SanaTransformer2DModel": SanaTransformer2DModel,
         "SD3Transformer2DModel": SD3Transformer2DModel,

@@ -13,6 +13,20 @@ from .glumbconv import GLUMBConv
 MLP_LAYERS = ("mlp", "glumbconv")
 
 
+def build_ffn(mlp_layer: str, dim: int, mlp_ratio: float, act_layer: Type[nn.Module] = nn.GELU) -> nn.Module:
+    """The feed-forward of a block: timm's ``Mlp`` (``"mlp"``) or SANA's :class:`GLUMBConv` (``"glumbconv"``),
+    hidden width ``int(dim·mlp_ratio)``."""
+    check_choice("mlp_layer", mlp_layer, MLP_LAYERS)
+    if mlp_layer == "glumbconv":
+        return GLUMBConv(dim, int(dim * mlp_ratio))
+    return Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+
+
+def apply_ffn(ffn: nn.Module, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+    """``ffn(x)``, with the token grid for a :class:`GLUMBConv` (its depth-wise conv needs it)."""
+    return ffn(x, hw, num_prefix_tokens) if isinstance(ffn, GLUMBConv) else ffn(x)
+
+
 class MixerBlock(nn.Module):
     """``x (B, N, C)`` → ``(B, N, C)``, with ``N = num_prefix_tokens + h·w``:
 
@@ -48,18 +62,14 @@ class MixerBlock(nn.Module):
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        if mlp_layer == "glumbconv":
-            self.mlp = GLUMBConv(dim, int(dim * mlp_ratio))
-        else:
-            self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        self.mlp = build_ffn(mlp_layer, dim, mlp_ratio, act_layer)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), hw, num_prefix_tokens)))
-        y = self.norm2(x)
-        y = self.mlp(y, hw, num_prefix_tokens) if self.mlp_layer == "glumbconv" else self.mlp(y)
+        y = apply_ffn(self.mlp, self.norm2(x), hw, num_prefix_tokens)
         return x + self.drop_path2(self.ls2(y))
 
 
-__all__ = ["MLP_LAYERS", "MixerBlock"]
+__all__ = ["MLP_LAYERS", "MixerBlock", "apply_ffn", "build_ffn"]
