@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "distill" / "tiny_dit_digits.yaml"
+from ..configs import ROOT as CONFIGS
+
+DEFAULT_CONFIG = CONFIGS / "distill" / "tiny_dit_digits.yaml"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from ..configs import resolve_config
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -188,7 +190,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> SampleCon
     """Read YAML ``path`` (or start empty), apply ``overrides``, check, and require ``pipeline.model``."""
     data: Dict[str, Any] = {}
     if path:
-        text = Path(path).read_text()
+        text = Path(resolve_config(path)).read_text()
         data = yaml.safe_load(text) or {}
     config = build(apply_overrides(data, overrides))
     if not config.pipeline.model:

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
+from ..configs import resolve_config
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 5e-4, 1.0E+3
@@ -331,7 +333,7 @@ def load_tree(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, A
     """The nested dict of a YAML file (``yaml.safe_load``, YAML 1.2 floats) with ``overrides`` applied, unchecked."""
     tree: Dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = Path(resolve_config(path))
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
