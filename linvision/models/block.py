@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Tuple, Type
 
-from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
+from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, register_notrace_module
 from torch import Tensor, nn
 
-from ..mixers import create_mixer
+from ..mixers import TokenMixer, create_mixer
+
+# Under timm's FX feature extraction (``create_feature_extractor``, ``get_graph_node_names``) every mixer is one
+# opaque node: its validation, chunked loops and kernels are data-dependent Python, not a static graph.
+register_notrace_module(TokenMixer)
 
 
 class MixerBlock(nn.Module):
