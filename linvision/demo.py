@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .cli_text import PlainHelpFormatter
 from .configs import ROOT as CONFIGS
 from .demo_report import plot_bench, plot_losses, render_report, save_grid, save_pair_grid
 from .train.digits_dit import DigitsDiTSettings
@@ -419,7 +420,7 @@ def main(args: argparse.Namespace) -> int:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="linvision demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelpFormatter)
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from linvision.distill import DistillPair, LossWeights, Objective, conditioner_for
 from linvision.distill.conditioning import to as cond_to
 
+from ..cli_text import PlainHelpFormatter
 from . import rng
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import ConfigError
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
 def cli(argv: Optional[List[str]] = None) -> int:
     """``python -m linvision.train.distill`` (what ``accelerate launch -m`` runs on every process)."""
     parser = argparse.ArgumentParser(prog="linvision distill", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelpFormatter)
     add_arguments(parser)
     return main(parser.parse_args(argv))
 
