@@ -43,3 +43,14 @@ def test_bench_draws_no_progress_bar_when_not_a_terminal(capsys):
     assert main(["bench", "--mixers", "linear", "--sizes", "6", "--dim", "16", "--heads", "2", "--repeat", "1"]) == 0
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "bench:" not in captured.err
+
+
+def test_demo_quick_duration_agrees_between_help_and_readme(capsys):
+    import pathlib
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_minutes = re.search(r"about (\d+) minutes, rough digits", capsys.readouterr().out)
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme_minutes = re.search(r"`--quick` \(about (\d+) minutes\)", readme)
+    assert help_minutes and readme_minutes and help_minutes.group(1) == readme_minutes.group(1)
