@@ -38,6 +38,8 @@ Beside diffusers' own features:
   (``target_modules=["attn1.mixer.qkv", "attn1.mixer.proj"]``).
 - ``fuse_qkv_projections`` / ``unfuse_qkv_projections`` work around install and uninstall, which restores
   the original modules and processors.
+- ``torch.compile`` of FLUX: the grid is read from the values of ``img_ids`` (a graph break) unless the call
+  gives it, ``pipe(..., joint_attention_kwargs={"linvision_grid": (H // 16, W // 16)})``: no break then.
 """
 from __future__ import annotations
 

@@ -36,3 +36,26 @@ def test_timm_fx_feature_extraction(mixer):
     out = extractor(x)
     assert out["blocks.0"].shape == (2, 17, 32)
     assert rel_err(out["head"], m(x)) < 1e-6
+
+
+def test_flux_clear_compiles_without_a_graph_break_given_the_grid():
+    """FLUX's grid read from img_ids is a device read (a graph break); given per call, the hook reads nothing."""
+    from linvision.diffusers import DiffusersAdapter
+    from tests import tiny_diffusers as tiny
+
+    pipe = tiny.build_flux()
+    DiffusersAdapter.construct_for(pipe, "clear", radius=2)
+    h, w = 3, 4
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    call = dict(hidden_states=torch.randn(1, h * w, pipe.transformer.config.in_channels),
+                encoder_hidden_states=torch.randn(1, 6, 32), pooled_projections=torch.randn(1, 32),
+                timestep=torch.tensor([0.5]), img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(6, 3), return_dict=False)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(pipe.transformer)(**call, joint_attention_kwargs={"linvision_grid": (h, w)})
+    assert not [r for r in explained.break_reasons if any("geometry.py" in f.filename for f in r.user_stack)]
+    with torch.no_grad():
+        given = pipe.transformer(**call, joint_attention_kwargs={"linvision_grid": (h, w)})[0]
+        from_ids = pipe.transformer(**call)[0]
+    assert torch.equal(given, from_ids)
+    torch._dynamo.reset()
