@@ -21,7 +21,7 @@ Writes ``report.md``, ``results.json`` and PNGs (sample grids per scale, loss cu
 ``--out`` (the stage runs live in sub-folders) and prints where the report is.
 
     linvision demo                 # ≈ 10-15 min on 2 CPU cores
-    linvision demo --quick         # about 2 minutes, rough digits (what the tests run)
+    linvision demo --quick         # about 3 minutes, rough digits (what the tests run)
 """
 from __future__ import annotations
 
@@ -409,7 +409,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, progres
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for the report and every artefact (default runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="fewer epochs and steps: about 2 minutes, rough digits")
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and steps: about 3 minutes, rough digits")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
 
 
