@@ -27,6 +27,7 @@ from typing import Dict, List
 
 import torch
 
+from ..cli_text import PlainHelpFormatter
 from .memory import peak_bytes
 from .timing import median_seconds
 
@@ -211,6 +212,6 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m linvision.benchmarks.denoiser_memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelpFormatter)
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

@@ -22,12 +22,15 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "distill" / "tiny_dit_digits.yaml"
+from ..cli_text import PlainHelpFormatter
+from ..configs import ROOT as CONFIGS
+
+DEFAULT_CONFIG = CONFIGS / "distill" / "tiny_dit_digits.yaml"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m linvision.benchmarks.distill_digits", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelpFormatter)
     parser.add_argument("--out", default="runs/distill_digits", help="folder for the teacher and the run")
     parser.add_argument("--teacher", default=None, help="an existing digits DiT pipeline (default: OUT/teacher, "
                                                         "trained if missing)")

@@ -37,6 +37,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..cli_text import PlainHelpFormatter
 from ..kernels.infsa import linear_infsa_scores
 
 SOURCES = ("sample", "digits", "gaussian")
@@ -210,6 +211,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=PlainHelpFormatter)
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from typing import Dict, List
 
 import torch
 
+from ..cli_text import PlainHelpFormatter
 from ..mixers import create_mixer, list_mixers
 from .memory import peak_bytes
 from .timing import median_seconds
@@ -142,7 +144,8 @@ def main(args: argparse.Namespace) -> int:
     )
     rows = []
     cases = [(size, name) for size in args.sizes for name in names]
-    for size, name in tqdm(cases, desc="bench", unit="case", leave=False):
+    # a progress bar on a terminal only: redirected to a log, its carriage-return redraws would be residue
+    for size, name in tqdm(cases, desc="bench", unit="case", leave=False, disable=not sys.stderr.isatty()):
         rows.append(bench_mixer(name, size, args, device, dtype))
     print_table(rows)
     kernel_rows = bench_kernel(args, device, dtype) if device.type == "cuda" else []
@@ -154,6 +157,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=PlainHelpFormatter)
     add_arguments(parser)
     raise SystemExit(main(parser.parse_args()))

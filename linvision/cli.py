@@ -6,6 +6,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .cli_text import PlainHelpFormatter
+
 # subcommand -> (module with add_arguments(parser) and main(args), one-line help)
 JOBS = {
     "bench": ("linvision.benchmarks.run", "time and peak memory of every mixer against softmax at growing resolution"),
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         module.add_arguments(
             sub.add_parser(
-                name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+                name, help=help_text, description=module.__doc__, formatter_class=PlainHelpFormatter
             )
         )
     sub.add_parser("mixers", help="list the registered mixers and their options")
@@ -42,11 +44,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command in JOBS:
         return importlib.import_module(JOBS[args.command][0]).main(args)
+    print(mixers_table())
+    return 0
+
+
+def mixers_table() -> str:
+    """``linvision mixers``: one line per registered mixer, its options after a column as wide as the longest name."""
     from .mixers import list_mixers, mixer_options
 
-    for name in list_mixers():
-        print(f"{name:10s} {', '.join(o for o in mixer_options(name) if o not in ('dim', 'num_heads'))}")
-    return 0
+    names = list_mixers()
+    width = max(len(n) for n in names)
+    return "\n".join(
+        f"{name:<{width}}  {', '.join(o for o in mixer_options(name) if o not in ('dim', 'num_heads'))}".rstrip()
+        for name in names
+    )
 
 
 if __name__ == "__main__":

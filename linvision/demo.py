@@ -21,7 +21,7 @@ Writes ``report.md``, ``results.json`` and PNGs (sample grids per scale, loss cu
 ``--out`` (the stage runs live in sub-folders) and prints where the report is.
 
     linvision demo                 # ≈ 10-15 min on 2 CPU cores
-    linvision demo --quick         # ≈ 2-3 min, rough digits (what the tests run)
+    linvision demo --quick         # about 3 minutes, rough digits (what the tests run)
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .cli_text import PlainHelpFormatter
+from .configs import ROOT as CONFIGS
 from .demo_report import plot_bench, plot_losses, render_report, save_grid, save_pair_grid
 from .train.digits_dit import DigitsDiTSettings
 
@@ -86,28 +88,9 @@ class DemoSettings:
 # --- small helpers --------------------------------------------------------------------------------------------
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
-def classify_config_path() -> Optional[Path]:
-    path = _repo_root() / "configs" / "classify" / "digits_linear.yaml"
-    return path if path.is_file() else None
-
-
-# The config's essentials, used only when configs/ is not beside the package (a wheel install).
-_DIGITS_LINEAR_FALLBACK = {
-    "model": {"name": "linvit_tiny_patch16_224", "mixer": "linear", "img_size": 32, "patch_size": 4,
-              "embed_dim": 64, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0, "drop_path_rate": 0.05},
-    "data": {"source": "digits", "img_size": 32, "batch_size": 32, "num_workers": 0, "interpolation": "bicubic",
-             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "scale": [0.75, 1.0],
-             "ratio": [0.85, 1.18], "hflip": 0.0, "color_jitter": None, "auto_augment": None, "reprob": 0.0},
-    "mixup": {"mixup": 0.0, "cutmix": 0.0},
-    "optim": {"name": "adamw", "lr": 2.0e-3, "lr_base_batch": None, "weight_decay": 0.05, "clip_grad": 1.0},
-    "train": {"epochs": 30, "warmup_epochs": 2, "warmup_lr": 1.0e-5, "min_lr": 1.0e-5, "label_smoothing": 0.1,
-              "mixed_precision": "no", "threads": 1},
-    "ema": {"enabled": True, "decay": 0.99, "warmup": True},
-}
+def classify_config_path() -> Path:
+    """The shipped ``configs/classify/digits_linear.yaml`` (``linvision.configs``: present in a wheel install too)."""
+    return CONFIGS / "classify" / "digits_linear.yaml"
 
 
 def _finite(tree: Any) -> bool:
@@ -126,24 +109,15 @@ def _finite(tree: Any) -> bool:
 def classify_stage(out: Path, s: DemoSettings) -> Dict[str, Any]:
     """Train the linear-attention ViT with ``linvision classify``; returns its last epoch's metrics."""
     from linvision.train.classify import run
-    from linvision.train.config import build_config, load_config
+    from linvision.train.config import load_config
 
     # the demo has the machine to itself: every core (the config's one thread suits a busy machine)
     overrides = [f"train.output_dir={out}", f"train.seed={s.seed}", f"train.epochs={s.classify_epochs}",
                  f"train.warmup_epochs={s.classify_warmup_epochs}", "train.resume=null", "train.mixed_precision=no",
                  "train.cpu=true", f"train.threads={s.threads or 'null'}"]
     path = classify_config_path()
-    if path is not None:
-        cfg = load_config(str(path), overrides)
-    else:
-        from linvision.train.config import set_override
-
-        tree = json.loads(json.dumps(_DIGITS_LINEAR_FALLBACK))
-        for o in overrides:
-            set_override(tree, o)
-        cfg = build_config(tree)
-    record = run(cfg)
-    return {"config": str(path) if path else "built-in copy of digits_linear.yaml", "overrides": overrides,
+    record = run(load_config(str(path), overrides))
+    return {"config": str(path), "overrides": overrides,
             "metrics": record, "output_dir": str(out)}
 
 
@@ -206,16 +180,15 @@ def teacher_stage(out: Path, s: DemoSettings, progress: bool = True) -> Dict[str
 # --- 3. distillation -----------------------------------------------------------------------------------------
 
 
-def distill_config_path() -> Optional[Path]:
-    path = _repo_root() / "configs" / "distill" / "tiny_dit_digits.yaml"
-    return path if path.is_file() else None
+def distill_config_path() -> Path:
+    """The shipped ``configs/distill/tiny_dit_digits.yaml``."""
+    return CONFIGS / "distill" / "tiny_dit_digits.yaml"
 
 
-def distill_overrides(teacher: Path, out: Path, s: DemoSettings, with_config: bool = True) -> List[str]:
+def distill_overrides(teacher: Path, out: Path, s: DemoSettings) -> List[str]:
     """``linvision distill`` overrides of ``configs/distill/tiny_dit_digits.yaml`` (LiT on the digits teacher):
-    this run's teacher, folders, seed, steps and evaluation. Without the config file, the recipe's own keys
-    (LiT adapter trained from the teacher's projections, output + feature + variance matching) are added."""
-    overrides = [f"pipeline.model={teacher}", f"student.mechanism={s.mechanism}",
+    this run's teacher, folders, seed, steps and evaluation."""
+    return [f"pipeline.model={teacher}", f"student.mechanism={s.mechanism}",
                  f"data.resolution={TRAINING_RESOLUTION}", f"data.batch_size={s.distill_batch}",
                  f"data.cache_dir={out / 'cache'}", f"train.output_dir={out}", f"train.seed={s.seed}",
                  f"train.steps={s.distill_steps}", "train.mixed_precision=no", "train.cpu=true",
@@ -224,10 +197,6 @@ def distill_overrides(teacher: Path, out: Path, s: DemoSettings, with_config: bo
                  f"train.log_every={max(1, min(10, s.distill_steps // 10))}", "eval.enabled=true", "eval.every=null",
                  "eval.class_labels=[0,1,2,3,4,5,6,7,8,9]", "eval.seeds=[0]", f"eval.steps={s.sample_steps}",
                  f"eval.guidance={s.guidance}", f"optim.warmup_steps={min(20, s.distill_steps // 5)}"]
-    if with_config:
-        return overrides
-    return ["data.source=digits", "data.cond_dropout=0.1", "student.trainable=['adapter']", "loss.task=1.0",
-            "loss.output=0.5", "loss.feature=0.5", "loss.variance=0.05", "optim.lr=3.0e-4", *overrides]
 
 
 def distill_stage(teacher: Path, out: Path, s: DemoSettings) -> Dict[str, Any]:
@@ -240,10 +209,10 @@ def distill_stage(teacher: Path, out: Path, s: DemoSettings) -> Dict[str, Any]:
     from linvision.train.distill_config import load_distill_config
 
     path = distill_config_path()
-    overrides = distill_overrides(teacher, out, s, with_config=path is not None)
-    result = run(load_distill_config(str(path) if path else None, overrides))
+    overrides = distill_overrides(teacher, out, s)
+    result = run(load_distill_config(str(path), overrides))
     sample_cfg = yaml.safe_load((out / "sample.yaml").read_text())
-    return {"config": str(path) if path else "built-in copy of tiny_dit_digits.yaml", "overrides": overrides,
+    return {"config": str(path), "overrides": overrides,
             "result": result, "pipeline": sample_cfg["pipeline"]["model"],
             "adapter": sample_cfg["pipeline"]["adapter"], "output_dir": str(out)}
 
@@ -451,7 +420,7 @@ def main(args: argparse.Namespace) -> int:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="linvision demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelpFormatter)
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

@@ -86,6 +86,18 @@ def token_grid(patch_embed: nn.Module, image: Tensor) -> Tuple[int, int]:
     return int(h), int(w)
 
 
+def why_not_linearizable(attn: Optional[nn.Module]) -> str:
+    """Why a block's attention cannot become a linvision mixer: one sentence for the error message."""
+    name = type(attn).__name__
+    if any(hasattr(attn, a) for a in ("relative_position_bias_table", "num_relative_distance", "rel_pos")):
+        return (f"{name} has a relative position bias (BEiT, RelPos ViTs): relative position bias cannot be carried "
+                "by a linear mixer, which never forms the query-key score matrix the bias is added to")
+    if "rope" in name.lower() or name == "EvaAttention":
+        return (f"{name} applies rotary position embedding (EVA02, vit_*_rope_*) with frequencies the block passes "
+                "in each call; linearize has no mixer that takes the checkpoint's RoPE, so it is not supported")
+    return f"{name} is not timm.layers.Attention (plain softmax self-attention with qkv/proj linears)"
+
+
 def attention_blocks(model: nn.Module) -> List[nn.Module]:
     """The blocks of a timm ViT, each with a timm softmax ``Attention`` as ``.attn``; ``TypeError`` otherwise."""
     blocks = getattr(model, "blocks", None)
@@ -96,14 +108,14 @@ def attention_blocks(model: nn.Module) -> List[nn.Module]:
         )
     blocks = list(blocks)
     bad = [
-        f"blocks.{i}.attn: {type(getattr(b, 'attn', None)).__name__}"
-        for i, b in enumerate(blocks)
+        (i, getattr(b, "attn", None)) for i, b in enumerate(blocks)
         if not isinstance(getattr(b, "attn", None), Attention)
     ]
     if not blocks or bad:
+        found = f"blocks.{bad[0][0]}.attn: {why_not_linearizable(bad[0][1])}" if bad else "no blocks"
         raise TypeError(
             "linearize expects every block.attn to be timm.layers.Attention (softmax self-attention); "
-            f"found {bad or 'no blocks'}"
+            f"{len(bad)} are not, e.g. {found}"
         )
     patch_drop = getattr(model, "patch_drop", None)
     if patch_drop is not None and not isinstance(patch_drop, nn.Identity):
@@ -165,8 +177,16 @@ def inherit_mixer(attn: nn.Module, name: str, strict: bool = True, **options) ->
     return mixer
 
 
+_WHY_LOST = {
+    "q_norm": "q/k normalisation (qk_norm=True) normalises q and k per head before the softmax; the linear mixers "
+              "take q and k straight from qkv, so the norms would be dropped and the outputs change",
+    "norm": "the attention's output norm (scale_norm=True) has no place in a mixer",
+}
+
+
 def _report(name: str, lost: List[str], strict: bool) -> None:
-    msg = f"mixer {name!r} cannot inherit {lost} from the softmax attention"
+    why = [reason for part, reason in _WHY_LOST.items() if part in lost]
+    msg = f"mixer {name!r} cannot inherit {lost} from the softmax attention" + "".join(f": {w}" for w in why)
     if strict:
         raise ValueError(msg + " (pass strict=False to continue with these dropped)")
     warnings.warn(msg + "; continuing with these dropped (strict=False)", stacklevel=3)

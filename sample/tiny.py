@@ -12,6 +12,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ..cli_text import PlainHelpFormatter
+
 
 def build_tiny_dit(folder: str, seed: int = 0) -> str:
     """Write a ``DiTPipeline`` (2 blocks, 16 channels, 4-level 4…8-channel VAE, DDIM) to ``folder``."""
@@ -32,7 +34,7 @@ def build_tiny_dit(folder: str, seed: int = 0) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m linvision.sample.tiny", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelpFormatter)
     parser.add_argument("folder", help="where to write the pipeline")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@ import pathlib
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FOLDERS = {"linvision": "linvision", "kernels": "linvision.kernels", "train": "linvision.train",
+FOLDERS = {"linvision": "linvision", "kernels": "linvision.kernels", "train": "linvision.train", "configs": "linvision.configs",
            "sample": "linvision.sample", "benchmarks": "linvision.benchmarks"}
 
 

@@ -78,10 +78,10 @@ def build_sd(tokenizer_folder=None) -> StableDiffusionPipeline:
         tokenizer = tiny_clip_tokenizer(tokenizer_folder)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(
+    return in_eval_mode(StableDiffusionPipeline(
         vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-    )
+    ))
 
 
 def build_dit() -> DiTPipeline:
@@ -92,7 +92,7 @@ def build_dit() -> DiTPipeline:
         norm_type="ada_norm_zero", norm_elementwise_affine=False,
     )
     vae = tiny_vae(blocks=4)  # vae_scale_factor 8, as DiTPipeline assumes
-    return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(steps_offset=1))
+    return in_eval_mode(DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(steps_offset=1)))
 
 
 def build_pixart() -> PixArtAlphaPipeline:
@@ -102,8 +102,8 @@ def build_pixart() -> PixArtAlphaPipeline:
         in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     )
-    return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer,
-                               scheduler=DDIMScheduler(steps_offset=1))
+    return in_eval_mode(PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer,
+                                        scheduler=DDIMScheduler(steps_offset=1)))
 
 
 def build_sd3() -> StableDiffusion3Pipeline:
@@ -116,10 +116,10 @@ def build_sd3() -> StableDiffusion3Pipeline:
     vae = AutoencoderKL(block_out_channels=[4, 8], down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2,
                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5)
-    return StableDiffusion3Pipeline(
+    return in_eval_mode(StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
         tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    )
+    ))
 
 
 def build_flux(tokenizer_folder=None) -> FluxPipeline:
@@ -146,7 +146,16 @@ def build_flux(tokenizer_folder=None) -> FluxPipeline:
                                                    num_heads=4)),
             tokenizer_2=tokenizer,
         )
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer, **encoders)
+    return in_eval_mode(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+                                     **encoders))
+
+
+def in_eval_mode(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """``pipe`` with every module component in eval mode (components built from configs start in train mode)."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
 
 
 def tiny_gemma_tokenizer():

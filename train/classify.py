@@ -14,7 +14,7 @@ Examples:
   linvision classify --config configs/classify/digits_linear.yaml             # offline, CPU, minutes
   linvision classify --config configs/classify/digits_linear.yaml train.epochs=3 model.mixer=lit
   linvision classify --config configs/classify/linvit_small.yaml data.root=/data/imagenet --resume
-  accelerate launch --multi_gpu --num_processes 8 -m linvision.train.classify \
+  accelerate launch --multi_gpu --num_processes 8 -m linvision.train.classify \\
       --config configs/classify/linvit_small.yaml data.root=/data/imagenet
 
 ``--resume`` (or ``train.resume=auto``) continues from ``output_dir/checkpoint.pt`` at the same optimizer
@@ -37,6 +37,7 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..cli_text import PlainHelpFormatter
 from . import rng
 from linvision.errors import reports_user_errors
 
@@ -98,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
 def cli(argv: Optional[List[str]] = None) -> int:
     """``python -m linvision.train.classify`` (what ``accelerate launch -m`` runs on every process)."""
     parser = argparse.ArgumentParser(prog="linvision classify", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelpFormatter)
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

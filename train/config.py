@@ -24,6 +24,7 @@ import yaml
 
 from linvision.errors import UserError
 from linvision.kernels.validation import check_choice, check_float, check_int
+from ..configs import resolve_config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -384,7 +385,7 @@ def load_tree(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, A
     """The nested dict of a YAML file (``yaml.safe_load``, YAML 1.2 floats) with ``overrides`` applied, unchecked."""
     tree: Dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = Path(resolve_config(path))
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..cli_text import PlainHelpFormatter
 from ..kernels.validation import check_choice, check_float
 from .schedule import build_scheduler
 
@@ -255,7 +256,7 @@ def train_digits_dit(folder: str, settings: Optional[DigitsDiTSettings] = None, 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m linvision.train.digits_dit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelpFormatter)
     parser.add_argument("folder", help="where to write the DiTPipeline")
     parser.add_argument("--quick", action="store_true", help="fewer steps (about a minute)")
     parser.add_argument("--seed", type=int, default=0)

@@ -44,6 +44,7 @@ from linvision.distill.conditioning import to as cond_to
 from linvision.distill.transfer import transfer_mixers
 from linvision.errors import reports_user_errors
 
+from ..cli_text import PlainHelpFormatter
 from . import rng
 from .checkpoint import atomic_write, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import ConfigError
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
 def cli(argv: Optional[List[str]] = None) -> int:
     """``python -m linvision.train.distill`` (what ``accelerate launch -m`` runs on every process)."""
     parser = argparse.ArgumentParser(prog="linvision distill", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=PlainHelpFormatter)
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

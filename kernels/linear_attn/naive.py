@@ -19,9 +19,14 @@ CHUNK_ELEMENTS = 1 << 18  # elements of one [B, chunk, H, D] temporary
 
 
 def chunk_tokens(t: Tensor) -> int:
-    """Tokens per chunk for a [B, N, H, D] tensor: about CHUNK_ELEMENTS elements, at least 64 tokens."""
+    """Tokens per chunk for a [B, N, H, D] tensor: about CHUNK_ELEMENTS elements, at least 64 tokens.
+
+    A symbolic batch (``torch.export`` / ``torch.compile`` with a dynamic batch dimension) counts as one
+    sample, so the chunk size, hence the traced loop, never depends on B: no guard specialises the batch.
+    """
     B, _, H, D = t.shape
-    return max(64, CHUNK_ELEMENTS // max(1, B * H * D))
+    per_batch = B if isinstance(B, int) else 1
+    return max(64, CHUNK_ELEMENTS // max(1, per_batch * H * D))
 
 
 def _rows(t: Optional[Tensor], a: int, b: int) -> Optional[Tensor]:

@@ -25,10 +25,25 @@ While installed, the adapter's layers are also submodules of the denoiser (so ``
 offload and dtype casts move them) and the replaced originals are kept by the adapter for
 :meth:`uninstall`, which restores them exactly. Replaced self-attentions are no longer diffusers
 ``Attention`` modules, so ``set_attn_processor`` / xFormers toggles do not reach them (LinFusion's
-behaviour); LoRA on the replaced projections does not apply.
+behaviour).
+
+Beside diffusers' own features:
+
+- ``pipe.save_pretrained(folder)`` while installed writes the teacher (loadable by diffusers as it is) and
+  the adapter in ``<denoiser folder>/linvision_adapter/``; reinstall it with :meth:`from_pretrained`.
+- LoRA (``pipe.load_lora_weights``, peft): loaded before :meth:`construct_for`, the replaced attentions'
+  LoRA is inherited with the weights (base plus active deltas) and the rest keeps running; loaded while
+  installed, LoRA reaches every layer but the replaced attentions (diffusers reports their keys as
+  unexpected: those modules are gone). The mixers' own linears take peft LoRA like any other
+  (``target_modules=["attn1.mixer.qkv", "attn1.mixer.proj"]``).
+- ``fuse_qkv_projections`` / ``unfuse_qkv_projections`` work around install and uninstall, which restores
+  the original modules and processors.
+- ``torch.compile`` of FLUX: the grid is read from the values of ``img_ids`` (a graph break) unless the call
+  gives it, ``pipe(..., joint_attention_kwargs={"linvision_grid": (H // 16, W // 16)})``: no break then.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -52,6 +67,26 @@ from .self_attention import (
 
 _logger = logging.getLogger(__name__)
 KINDS = ("self", "joint")
+
+
+ADAPTER_FOLDER = "linvision_adapter"
+
+
+def _save_teacher_and_adapter(adapter: "DiffusersAdapter", denoiser: nn.Module, save_directory, *args, **kwargs):
+    """The denoiser's ``save_pretrained`` while an adapter is installed (``pipe.save_pretrained`` calls it).
+
+    Writes the teacher, which diffusers' ``from_pretrained`` loads as it is (the adapter is uninstalled for the
+    write and installed again after), and the adapter beside it in ``save_directory/linvision_adapter/``.
+    """
+    adapter.uninstall()
+    try:
+        type(denoiser).save_pretrained(denoiser, save_directory, *args, **kwargs)
+    finally:
+        adapter.install(denoiser)
+    folder = os.path.join(save_directory, ADAPTER_FOLDER)
+    adapter.save_pretrained(folder, safe_serialization=kwargs.get("safe_serialization", True))
+    _logger.warning("saved the teacher %s with its linvision adapter in %s; load the pipeline, then "
+                    "DiffusersAdapter.from_pretrained(%r).install(pipe)", type(denoiser).__name__, folder, folder)
 
 
 @dataclass
@@ -231,6 +266,8 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
                 attn.set_processor(layer.processor)
         check_call = _check_joint_call if self.config.kind == "joint" else None
         installation.hook = denoiser.register_forward_pre_hook(pre_hook_for(geometry, check_call), with_kwargs=True)
+        # an instance attribute shadows the class's save_pretrained until uninstall()
+        denoiser.save_pretrained = functools.partial(_save_teacher_and_adapter, self, denoiser)
         self._installation = installation
         self.geometry = geometry
         return self
@@ -241,6 +278,7 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
             raise RuntimeError("this adapter is not installed")
         inst = self._installation
         inst.hook.remove()
+        inst.denoiser.__dict__.pop("save_pretrained", None)
         for kind, owner, key, original in reversed(inst.restore):
             if kind == "self":
                 setattr(owner, key, original)

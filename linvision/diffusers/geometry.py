@@ -102,12 +102,19 @@ def pre_hook_for(geometry: LatentGeometry, check_call: Optional[Callable[[Dict[s
 
     Reads ``sample`` (UNet) / ``hidden_states`` (transformers) ``(B, C, H, W)``, or FLUX's ``img_ids``.
     ``check_call(kwargs)``, if given, first vets the call's keyword arguments (e.g. ``joint_attention_kwargs``).
+    FLUX's grid comes from the values of ``img_ids`` (a device read, hence a graph break under
+    ``torch.compile``) unless the call gives it: ``joint_attention_kwargs={"linvision_grid": (h, w)}``
+    (packed tokens: latent size // 2), which compiles without a break.
     """
 
     def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         if check_call is not None:
             check_call(kwargs)
         if geometry.rule == "ids":
+            grid = (kwargs.get("joint_attention_kwargs") or {}).get("linvision_grid")
+            if grid is not None:  # the caller's grid: no read of img_ids, so no graph break under torch.compile
+                geometry.record(grid)
+                return
             ids = _argument(args, kwargs, "img_ids", 4)
             if ids is None:
                 raise ValueError("the FLUX transformer was called without img_ids: the image grid is unknown")

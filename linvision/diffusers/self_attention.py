@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..mixers import TokenMixer, create_mixer, mixer_options
 from ..mixers.base import QKVMixer
-from ..mixers.inherit import copy_qkv_proj, softmax_attention_weights
+from ..mixers.inherit import copy_qkv_proj, effective_linear, softmax_attention_weights
 from .geometry import LatentGeometry
 
 INHERIT_MODES = ("qkv+proj", "proj", "none")
@@ -82,8 +83,12 @@ def inherit_weights(mixer: TokenMixer, attn: nn.Module, mode: str) -> None:
     if all(hasattr(mixer, n) for n in names):
         own = [mixer.to_q, mixer.to_k, mixer.to_v] if mode == "qkv+proj" else []
         theirs = [attn.to_q, attn.to_k, attn.to_v] if mode == "qkv+proj" else []
-        for dst, s in zip(own + [mixer.to_out[0]], theirs + [attn.to_out[0]]):
-            dst.load_state_dict(s.state_dict())
+        with torch.no_grad():
+            for dst, s in zip(own + [mixer.to_out[0]], theirs + [attn.to_out[0]]):
+                s = effective_linear(s)  # an nn.Linear, or a peft LoRA layer with its active deltas
+                dst.weight.copy_(s.weight)
+                if dst.bias is not None and s.bias is not None:
+                    dst.bias.copy_(s.bias)
         if mode == "qkv+proj":  # QK norms (SANA-1.5) belong with the q/k projections
             for name in ("norm_q", "norm_k"):
                 dst, s = getattr(mixer, name, None), getattr(attn, name, None)

@@ -13,6 +13,32 @@ from torch import Tensor, nn
 from .base import QKVMixer
 
 
+def effective_linear(module: nn.Module) -> SimpleNamespace:
+    """``SimpleNamespace(weight, bias, in_features, out_features)`` of a linear as it runs.
+
+    An ``nn.Linear`` gives its own tensors. A peft LoRA layer (``pipe.load_lora_weights``, ``add_adapter``)
+    gives its base weight plus the delta of every active, unmerged adapter (merged ones are already in
+    the base), so a mixer inheriting from a LoRA'd attention starts from the attention the pipeline runs.
+    ``ValueError`` for anything else.
+    """
+    base = getattr(module, "base_layer", None)
+    if isinstance(module, nn.Linear) and base is None:
+        return SimpleNamespace(weight=module.weight, bias=module.bias, in_features=module.in_features,
+                               out_features=module.out_features)
+    if not isinstance(base, nn.Linear) or not hasattr(module, "get_delta_weight"):
+        raise ValueError(f"{type(module).__name__} is neither an nn.Linear nor a peft LoRA layer around one")
+    weight = base.weight
+    if not getattr(module, "merged", False) and not getattr(module, "disable_adapters", False):
+        for name in module.active_adapters:
+            if name in getattr(module, "lora_A", {}):
+                weight = weight + module.get_delta_weight(name)
+    return SimpleNamespace(weight=weight, bias=base.bias, in_features=base.in_features, out_features=base.out_features)
+
+
+def _is_linear(module: object) -> bool:
+    return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
+
+
 def softmax_attention_weights(attn: nn.Module, allow_qk_norm: bool = False) -> SimpleNamespace:
     """The projections of a softmax self-attention in the fused layout.
 
@@ -20,7 +46,8 @@ def softmax_attention_weights(attn: nn.Module, allow_qk_norm: bool = False) -> S
     proj_weight (C, C), proj_bias (C,) | None)``; tensors are the module's own (not copies).
 
     Accepts ``qkv``/``proj`` modules (linvision ``SoftmaxAttention``, timm ``Attention``) and diffusers
-    ``Attention`` (``to_q``, ``to_k``, ``to_v``, ``to_out[0]``; a missing bias among q/k/v is read as zeros).
+    ``Attention`` (``to_q``, ``to_k``, ``to_v``, ``to_out[0]``; a missing bias among q/k/v is read as zeros;
+    peft LoRA layers on them count with their active deltas, :func:`effective_linear`).
     Raises ``ValueError`` for anything a plain multi-head softmax self-attention would not have: cross or
     joint attention, q/k norms, group or spatial norms, residual/rescaled outputs, ``inner_dim != dim``.
     ``allow_qk_norm=True`` accepts a diffusers ``norm_q``/``norm_k`` (for a mixer that has them: SANA-1.5's).
@@ -45,7 +72,7 @@ def softmax_attention_weights(attn: nn.Module, allow_qk_norm: bool = False) -> S
             proj_weight=proj.weight,
             proj_bias=proj.bias,
         )
-    if all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v")):
+    if all(_is_linear(getattr(attn, n, None)) for n in ("to_q", "to_k", "to_v")):
         if getattr(attn, "is_cross_attention", False) or getattr(attn, "only_cross_attention", False):
             raise ValueError("cross-attention cannot become a self-attention mixer")
         extras = ("norm_q", "norm_k", "group_norm", "spatial_norm", "norm_cross", "add_q_proj", "add_k_proj", "add_v_proj")
@@ -55,9 +82,9 @@ def softmax_attention_weights(attn: nn.Module, allow_qk_norm: bool = False) -> S
         if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
             raise ValueError("the diffusers Attention has a residual connection or an output rescale")
         to_out = getattr(attn, "to_out", None)
-        if to_out is None or len(to_out) == 0 or not isinstance(to_out[0], nn.Linear):
+        if to_out is None or len(to_out) == 0 or not _is_linear(to_out[0]):
             raise ValueError("the diffusers Attention has no to_out[0] Linear")
-        q, k, v, o = attn.to_q, attn.to_k, attn.to_v, to_out[0]
+        q, k, v, o = (effective_linear(t) for t in (attn.to_q, attn.to_k, attn.to_v, to_out[0]))
         dim = q.in_features
         if any(t.in_features != dim or t.out_features != dim for t in (q, k, v, o)):
             raise ValueError(f"to_q/to_k/to_v/to_out[0] must all be Linear({dim}, {dim}) (inner_dim == query_dim)")
@@ -112,4 +139,4 @@ def fuse_q_kv_state_dict(module: nn.Module, state_dict: Dict[str, Tensor], prefi
             raise ValueError(f"{prefix}q.{suffix} and {prefix}kv.{suffix} must be both present or both absent")
 
 
-__all__ = ["softmax_attention_weights", "copy_qkv_proj", "fuse_q_kv_state_dict"]
+__all__ = ["softmax_attention_weights", "copy_qkv_proj", "effective_linear", "fuse_q_kv_state_dict"]

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Tuple, Type
 
-from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
+from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, register_notrace_module
 from torch import Tensor, nn
 
 from ..kernels.validation import check_choice
-from ..mixers import create_mixer
+from ..mixers import TokenMixer, create_mixer
 from .glumbconv import GLUMBConv
 
 MLP_LAYERS = ("mlp", "glumbconv")
@@ -25,6 +25,10 @@ def build_ffn(mlp_layer: str, dim: int, mlp_ratio: float, act_layer: Type[nn.Mod
 def apply_ffn(ffn: nn.Module, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
     """``ffn(x)``, with the token grid for a :class:`GLUMBConv` (its depth-wise conv needs it)."""
     return ffn(x, hw, num_prefix_tokens) if isinstance(ffn, GLUMBConv) else ffn(x)
+
+# Under timm's FX feature extraction (``create_feature_extractor``, ``get_graph_node_names``) every mixer is one
+# opaque node: its validation, chunked loops and kernels are data-dependent Python, not a static graph.
+register_notrace_module(TokenMixer)
 
 
 class MixerBlock(nn.Module):

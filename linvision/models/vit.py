@@ -230,7 +230,7 @@ class LinVisionTransformer(nn.Module):
     def embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Image ``(B, C, H, W)`` → position-embedded tokens ``(B, num_prefix_tokens + h·w, D)`` and ``(h, w)``."""
         x = self.patch_embed(x)  # (B, h, w, D)
-        B, h, w, D = x.shape
+        B, h, w, D = x.shape[0], x.shape[1], x.shape[2], x.shape[3]  # indexed, not unpacked: FX-traceable
         pos = self.pos_embed
         if self.dynamic_img_size:
             pos = resample_abs_pos_embed(

@@ -1,5 +1,6 @@
 """timm integration: the linvit models (any mixer, hybrids, timm contract) and linearize() of a timm ViT."""
 import copy
+import importlib.util
 import warnings
 from types import MappingProxyType
 
@@ -173,8 +174,11 @@ def test_grad_checkpointing_same_output_and_gradients(monkeypatch):
 
 
 def test_save_for_hf_and_reload_from_local_dir(tmp_path):
-    m = linvit(depth=4, mixer=["lit", "softmax"], mixer_kwargs={"lit": {"dwc_kernel_size": 3}}, reg_tokens=1).eval()
-    timm.models.save_for_hf(m, tmp_path, safe_serialization=True)
+    args = dict(TINY, depth=4, mixer=["lit", "softmax"], mixer_kwargs={"lit": {"dwc_kernel_size": 3}}, reg_tokens=1)
+    m = linvit(**args).eval()
+    # timm >= 1.0.31 records the constructor arguments itself (timm.models._input); older timm is given them
+    records_args = importlib.util.find_spec("timm.models._input") is not None
+    timm.models.save_for_hf(m, tmp_path, safe_serialization=True, **({} if records_args else {"model_args": args}))
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
     torch.manual_seed(123)  # a different init: equality must come from the loaded weights
     r = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
