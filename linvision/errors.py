@@ -1,4 +1,4 @@
-"""User errors of the jobs (``linvision classify | distill | sample``): one line on stderr, exit code 2.
+"""User errors of the jobs (``linvision classify | distill | linearize | sample``): one line on stderr, exit code 2.
 
 A job validates its whole config and its inputs (files, the pipeline's latent stride, class counts) before it
 creates anything, and raises :class:`UserError` (or a subclass, e.g. the configs' ``ConfigError``) naming the

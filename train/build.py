@@ -40,17 +40,19 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
         raise ConfigError(f"model: {name} rejected its options {sorted(kwargs)}: {err}") from None
 
 
-def check_input_size(model: nn.Module, cfg: Config) -> None:
+def check_input_size(model: nn.Module, cfg: Config, what: Optional[str] = None, remedy: Optional[str] = None) -> None:
     """ConfigError unless ``model`` takes ``data.img_size`` images: one image of zeros through the model in eval
-    mode on the CPU, before anything is written (timm's ViTs assert their built size; our models raise)."""
+    mode on the CPU, before anything is written (timm's ViTs assert their built size; our models raise).
+    ``what`` names the model and ``remedy`` says what to change (defaults: classify's ``model`` section)."""
     size = cfg.data.img_size
+    what = what or f"{cfg.model['name']} as configured"
+    remedy = remedy or f"build it at that size (model.img_size={size}) or give a size it takes"
     was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, size, size))
     except (AssertionError, ValueError) as err:
-        raise ConfigError(f"data.img_size={size}: {cfg.model['name']} as configured does not take {size}x{size} "
-                          f"images ({err}); build it at that size (model.img_size={size}) or give a size it takes"
+        raise ConfigError(f"data.img_size={size}: {what} does not take {size}x{size} images ({err}); {remedy}"
                           ) from None
     finally:
         model.train(was_training)

@@ -318,20 +318,22 @@ def _resume_path(cfg: Config, out: Path) -> Optional[Path]:
     return path
 
 
-def _check_resumable(state: Dict[str, Any], path: Path, cfg: Config, model: nn.Module) -> None:
-    """ConfigError unless ``state`` (a loaded checkpoint) fits this run's model and EMA setting."""
+def _check_resumable(state: Dict[str, Any], path: Path, cfg: Config, model: nn.Module,
+                     kind: str = "classification") -> None:
+    """ConfigError unless ``state`` (a loaded checkpoint) fits this run's model and EMA setting (a config
+    without an ``ema`` section, as linearize's, has none); ``kind`` names the job's checkpoints."""
     missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "processes",
                            "config") if k not in state]
     if missing:
-        raise ConfigError(f"train.resume: {path} is not a classification checkpoint (it lacks {', '.join(missing)})")
+        raise ConfigError(f"train.resume: {path} is not a {kind} checkpoint (it lacks {', '.join(missing)})")
     own, saved = model.state_dict(), state["model"]
     if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
-        raise ConfigError(f"train.resume: {path} is not a classification checkpoint (its model is not a state dict)")
+        raise ConfigError(f"train.resume: {path} is not a {kind} checkpoint (its model is not a state dict)")
     wrong = sorted(k for k in set(own) | set(saved) if k not in own or k not in saved or own[k].shape != saved[k].shape)
     if wrong:
         raise ConfigError(f"train.resume: {path} holds another model ({len(wrong)} weights differ in name or shape, "
                           f"e.g. {', '.join(wrong[:3])})")
-    if cfg.ema.enabled and state.get("ema") is None:
+    if getattr(cfg, "ema", None) is not None and cfg.ema.enabled and state.get("ema") is None:
         raise ConfigError(f"train.resume: ema.enabled is true but {path} has no EMA weights")
 
 

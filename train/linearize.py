@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,14 +39,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, PartialState
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from linvision.errors import reports_user_errors
+
 from . import rng
-from .build import build_optimizer, scaled_lr
-from .checkpoint import atomic_write, load_checkpoint
-from .classify import Progress, _resume_path, _restore, _save, _train_epoch, evaluate
+from .build import build_optimizer, check_input_size, scaled_lr
+from .checkpoint import atomic_write, load_checkpoint, remove_stale_temporaries
+from .classify import Progress, _check_resumable, _resume_path, _restore, _save, _train_epoch, evaluate
 from .config import ConfigError
 from .data import EpochSampler, build_datasets, build_loader
 from .linearize_config import LinearizeConfig, describe, load_linearize_config
@@ -63,19 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (parser.epilog or "") + "\n" + describe()
 
 
+@reports_user_errors("linvision linearize")
 def main(args: argparse.Namespace) -> int:
-    """Run the job; config problems exit with a one-line error (exit code 2)."""
+    """Run the job; a user error (config, teacher, data, checkpoint) is one line and exit code 2."""
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
     if args.config is None and not overrides:
-        print("linvision linearize: give --config YAML (see configs/linearize/) and/or overrides", file=sys.stderr)
-        return 2
-    try:
-        result = run(load_linearize_config(args.config, overrides))
-    except ConfigError as err:
-        print(f"linvision linearize: config error: {err}", file=sys.stderr)
-        return 2
+        raise ConfigError("give --config YAML (see configs/linearize/) and/or overrides")
+    result = run(load_linearize_config(args.config, overrides))
     if result and PartialState().is_main_process:
         print(json.dumps(result))
     return 0
@@ -104,17 +102,27 @@ def load_teacher(cfg: LinearizeConfig, num_classes: int) -> nn.Module:
         if model.num_classes != num_classes:
             raise ConfigError(f"teacher {t.name} has {model.num_classes} classes, the data {num_classes}")
         return model
+    from linvision.diffusers.files import read_safetensors
+
     run_dir = Path(t.path)
     weights = run_dir / ("model_ema.safetensors" if t.weights == "ema" else "model.safetensors")
     config = run_dir / "config.yaml"
     if not weights.is_file() or not config.is_file():
         raise ConfigError(f"teacher.path: {run_dir} has no config.yaml and {weights.name} (a finished classify run)")
-    model_cfg = dict(yaml.safe_load(config.read_text())["model"])
-    name = model_cfg.pop("name")
-    model_cfg["num_classes"] = num_classes
-    model = timm.create_model(name, **model_cfg)
     try:
-        model.load_state_dict(load_file(str(weights)))
+        model_cfg = dict(yaml.safe_load(config.read_text())["model"])
+        name = model_cfg.pop("name")
+        model_cfg["num_classes"] = num_classes
+        model = timm.create_model(name, **model_cfg)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"teacher.path: {config} is not the config of a classify run with a buildable model "
+                          f"({type(err).__name__}: {err})") from None
+    try:
+        state = read_safetensors(str(weights))
+    except ValueError as err:
+        raise ConfigError(f"teacher.path: {err}") from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise ConfigError(f"teacher.path: {weights} does not fit {name} with {num_classes} classes: "
                           f"{str(err).splitlines()[0]}") from None
@@ -128,6 +136,34 @@ def build_student(cfg: LinearizeConfig, teacher: nn.Module) -> nn.Module:
         return linearize_classifier(teacher, cfg.student.mixer, cfg.student.options, cfg.student.strict)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"student: {err}") from None
+
+
+def check_student(cfg: LinearizeConfig, student: nn.Module, teacher: nn.Module) -> None:
+    """ConfigError unless the student takes ``data.img_size`` images and (stage 2 with LoRA) the LoRA targets
+    name linears inside its attention blocks: checked before anything is written."""
+    from linvision.distill.lora import lora_target_pattern
+
+    built = getattr(getattr(teacher, "patch_embed", None), "img_size", None)
+    built = built[0] if isinstance(built, (tuple, list)) else built
+    check_input_size(student, cfg, what=f"the student of teacher {cfg.teacher.name or cfg.teacher.path}",
+                     remedy="give the size the teacher was built for" + (f" ({built})" if built else ""))
+    if cfg.finetune.mode != "lora" or not cfg.train.epochs:
+        return
+    try:
+        pattern = lora_target_pattern(cfg.finetune.lora_targets)
+    except ValueError as err:
+        raise ConfigError(f"finetune.lora_targets: {err}") from None
+    if not any(isinstance(m, nn.Linear) and re.fullmatch(pattern, n) for n, m in student.named_modules()):
+        raise ConfigError(f"finetune.lora_targets: {cfg.finetune.lora_targets} match no linear inside the "
+                          "student's attention blocks (blocks.<i>.attn...)")
+
+
+def without_lora(state_dict: Any) -> Any:
+    """A stage-2 checkpoint's model state with peft's LoRA keys dropped and ``base_layer`` folded back, so that
+    its names match the student's before LoRA (anything else is returned as is, for the checks to refuse)."""
+    if not isinstance(state_dict, dict):
+        return state_dict
+    return {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if ".lora_" not in k}
 
 
 # --- stages -----------------------------------------------------------------------------------------------
@@ -232,16 +268,9 @@ def _run(cfg: LinearizeConfig) -> Dict[str, Any]:
     rng.seed_everything(t.seed)
     splits = build_datasets(cfg)
     teacher = load_teacher(cfg, len(splits.classes))
-    student = build_student(cfg, teacher).to(accelerator.device)
-    teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-    first, second = stage_epochs(cfg, student)
-    if cfg.transfer.epochs and not first:
-        _say(accelerator, f"{cfg.student.mixer}: the mixers add no parameters, so attention transfer is skipped")
+    student = build_student(cfg, teacher)
+    check_student(cfg, student, teacher)
     out = Path(t.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
     world, rank = accelerator.num_processes, accelerator.process_index
     bs = cfg.data.batch_size
     sampler = EpochSampler(len(splits.train), bs, t.seed, rank, world, shuffle=True, multiple_of=t.accum_steps)
@@ -249,6 +278,22 @@ def _run(cfg: LinearizeConfig) -> Dict[str, Any]:
     if steps_per_epoch < 1:
         raise ConfigError(f"{len(splits.train)} training images are too few for batch_size {bs} x {world} "
                           f"processes x accum_steps {t.accum_steps}")
+    resume_path = _resume_path(cfg, out)
+    state = None
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        plain = dict(state, **({"model": without_lora(state["model"])} if "model" in state else {}))
+        _check_resumable(plain, resume_path, cfg, student, kind="linearize")
+    if accelerator.is_main_process:  # only once config, teacher, student, data and checkpoint are known valid
+        remove_stale_temporaries(out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
+    student = student.to(accelerator.device)
+    teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    first, second = stage_epochs(cfg, student)
+    if cfg.transfer.epochs and not first:
+        _say(accelerator, f"{cfg.student.mixer}: the mixers add no parameters, so attention transfer is skipped")
     val_sampler = EpochSampler(len(splits.val), cfg.data.eval_batch_size or 2 * bs, rank=rank, num_replicas=world,
                                shuffle=False)
     val_loader = build_loader(splits.val, val_sampler, val_sampler.batch_size, cfg.data.num_workers, t.seed,
@@ -256,8 +301,6 @@ def _run(cfg: LinearizeConfig) -> Dict[str, Any]:
     teacher_top1 = evaluate(teacher, val_loader, accelerator)["top1"]
     rng.seed_everything(t.seed + rank)
 
-    resume_path = _resume_path(cfg, out)
-    state = load_checkpoint(resume_path) if resume_path is not None else None
     log = MetricsLog(out / "metrics.jsonl")
     progress = Progress()
     if state is None and accelerator.is_main_process:

@@ -24,14 +24,15 @@ class TeacherConfig:
     path: Optional[str] = _doc(None, "a `linvision classify` run directory (config.yaml + model.safetensors)")
     name: Optional[str] = _doc(None, "instead of path: a timm model name loaded with pretrained=True "
                                "(e.g. deit_small_patch16_224)")
-    weights: str = _doc("model", "path: 'model' (model.safetensors) or 'ema' (model_ema.safetensors)")
+    weights: str = _doc("model", "path: 'model' (model.safetensors) or 'ema' (model_ema.safetensors)",
+                       choices=("model", "ema"))
 
 
 @dataclass
 class StudentConfig:
     """``student:`` the linear mixer that replaces every softmax attention (q/k/v/proj inherited)."""
 
-    mixer: str = _doc("lolcats", "a linvision mixer name or a per-block list (hedgehog, lolcats, liger, linear, ...)")
+    mixer: str = _doc("lolcats", "a linvision mixer name (hedgehog, lolcats, liger, linear, ...)")
     options: Dict[str, Any] = _doc({}, "the mixer's options, as linvit's mixer_kwargs (e.g. {radius: 2})")
     strict: bool = _doc(True, "refuse teachers whose attention has parts the mixer cannot inherit (q/k norms)")
 
@@ -40,13 +41,16 @@ class StudentConfig:
 class TransferConfig:
     """``transfer:`` stage 1, attention transfer on unlabelled images; only the mixers' new parameters train."""
 
-    epochs: int = _doc(2, "stage-1 epochs (0: skip; skipped anyway when the mixers add no parameters, as liger)")
-    lr: float = _doc(1.0e-2, "AdamW learning rate (LoLCATs: 1e-2), cosine-decayed to min_lr")
-    min_lr: float = _doc(1.0e-4, "learning rate at the end of stage 1")
-    weight_decay: float = _doc(0.0, "AdamW weight decay")
-    weights: float = _doc(1.0, "factor of the attention-weight cross-entropy (Hedgehog; LoLCATs' xent_factor)")
-    outputs: float = _doc(1000.0, "factor of the attention-output MSE (LoLCATs' mse_factor)")
-    chunk: int = _doc(64, "query rows per chunk of the weight loss (memory linear in the token count)")
+    epochs: int = _doc(2, "stage-1 epochs (0: skip; skipped anyway when the mixers add no parameters, as liger)",
+                     min=0)
+    lr: float = _doc(1.0e-2, "AdamW learning rate (LoLCATs: 1e-2), cosine-decayed to min_lr", min=0, min_open=True)
+    min_lr: float = _doc(1.0e-4, "learning rate at the end of stage 1", min=0)
+    weight_decay: float = _doc(0.0, "AdamW weight decay", min=0)
+    weights: float = _doc(1.0, "factor of the attention-weight cross-entropy (Hedgehog; LoLCATs' xent_factor)",
+                           min=0)
+    outputs: float = _doc(1000.0, "factor of the attention-output MSE (LoLCATs' mse_factor)", min=0)
+    chunk: int = _doc(64, "query rows per chunk of the weight loss (memory linear in the token count)",
+                       min=1)
     teacher_forcing: bool = _doc(True, "every layer sees the softmax teacher's activations (LoLCATs)")
 
 
@@ -55,13 +59,14 @@ class FinetuneConfig:
     """``finetune:`` stage 2, logit distillation (KL to the teacher) plus the label loss."""
 
     mode: str = _doc("lora", "'lora' (peft LoRA on each attention's qkv/proj + the new parameters), 'full', or "
-                     "'none' (no stage 2: train.epochs is ignored)")
-    lora_rank: int = _doc(8, "LoRA rank (LoLCATs: 8)")
-    lora_alpha: float = _doc(16.0, "LoRA alpha (LoLCATs: 16)")
+                     "'none' (no stage 2: train.epochs is ignored)", choices=("lora", "full", "none"))
+    lora_rank: int = _doc(8, "LoRA rank (LoLCATs: 8)", min=1)
+    lora_alpha: float = _doc(16.0, "LoRA alpha (LoLCATs: 16)", min=0, min_open=True)
     lora_targets: List[str] = _doc(["qkv", "proj"], "linears inside each block's attention that get LoRA")
-    kl: float = _doc(1.0, "factor of KL(teacher || student) on temperature-scaled logits (times T²)")
-    label: float = _doc(1.0, "factor of the cross-entropy with the labels (train.label_smoothing)")
-    temperature: float = _doc(1.0, "distillation temperature T")
+    kl: float = _doc(1.0, "factor of KL(teacher || student) on temperature-scaled logits (times T²)",
+                     min=0)
+    label: float = _doc(1.0, "factor of the cross-entropy with the labels (train.label_smoothing)", min=0)
+    temperature: float = _doc(1.0, "distillation temperature T", min=0, min_open=True)
 
 
 SECTIONS = MappingProxyType({"teacher": TeacherConfig, "student": StudentConfig, "transfer": TransferConfig,
@@ -104,31 +109,24 @@ def build_linearize_config(tree: Any) -> LinearizeConfig:
 
 
 def _validate(cfg: LinearizeConfig) -> None:
+    """The cross-field checks of the linearize sections (each field's own range is its ``doc_field``'s)."""
     t, s, tr, f = cfg.teacher, cfg.student, cfg.transfer, cfg.finetune
     if (t.path is None) == (t.name is None):
         raise ConfigError("teacher: give exactly one of teacher.path (a classify run) or teacher.name (timm)")
-    if t.weights not in ("model", "ema"):
-        raise ConfigError(f"teacher.weights: expected 'model' or 'ema', got {t.weights!r}")
-    if not isinstance(s.mixer, (str, list)) or not s.mixer:
-        raise ConfigError(f"student.mixer: a mixer name or a list of names, got {s.mixer!r}")
-    if tr.epochs < 0:
-        raise ConfigError(f"transfer.epochs must be >= 0, got {tr.epochs}")
-    if tr.chunk < 1:
-        raise ConfigError(f"transfer.chunk must be >= 1, got {tr.chunk}")
-    for key, value in (("transfer.lr", tr.lr), ("transfer.weights", tr.weights), ("transfer.outputs", tr.outputs),
-                       ("finetune.kl", f.kl), ("finetune.label", f.label)):
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not (t.path or t.name):
+        raise ConfigError("teacher.path and teacher.name must not be empty strings")
+    if t.weights == "ema" and t.path is None:
+        raise ConfigError("teacher.weights=ema applies only to teacher.path (a classify run with EMA weights)")
+    if not s.mixer:
+        raise ConfigError("student.mixer: a mixer name (hedgehog, lolcats, liger, linear, ...), got ''")
     if tr.weights == 0 and tr.outputs == 0:
         raise ConfigError("transfer.weights and transfer.outputs are both 0: stage 1 would have no loss")
-    if f.mode not in ("lora", "full", "none"):
-        raise ConfigError(f"finetune.mode: expected 'lora', 'full' or 'none', got {f.mode!r}")
+    if tr.min_lr > tr.lr:
+        raise ConfigError(f"transfer.min_lr={tr.min_lr} is above transfer.lr={tr.lr}: the schedule decays to it")
     if f.kl == 0 and f.label == 0:
         raise ConfigError("finetune.kl and finetune.label are both 0: stage 2 would have no loss")
-    if f.temperature <= 0:
-        raise ConfigError(f"finetune.temperature must be > 0, got {f.temperature}")
-    if f.lora_rank < 1:
-        raise ConfigError(f"finetune.lora_rank must be >= 1, got {f.lora_rank}")
+    if f.mode == "lora" and not f.lora_targets:
+        raise ConfigError("finetune.lora_targets: give the linears that get LoRA (e.g. [qkv, proj])")
 
 
 def load_linearize_config(path: Optional[str], overrides: Sequence[str] = ()) -> LinearizeConfig:

@@ -22,6 +22,7 @@ from linvision.sample.config import SECTIONS as SAMPLE_SECTIONS
 from linvision.train import checkpoint as ckpt
 from linvision.train.config import SECTIONS as CLASSIFY_SECTIONS
 from linvision.train.distill_config import SECTIONS as DISTILL_SECTIONS
+from linvision.train.linearize_config import SECTIONS as LINEARIZE_SECTIONS
 from tests.jobs.user_errors import user_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +31,7 @@ JOBS = {
     "classify": (CLASSIFY_SECTIONS, "train.output_dir", ["model.name=linvit_tiny_patch16_224", "data.source=digits"]),
     "distill": (DISTILL_SECTIONS, "train.output_dir", ["pipeline.model=/nonexistent/pipe", "data.source=digits"]),
     "sample": (SAMPLE_SECTIONS, "output.dir", ["pipeline.model=/nonexistent/pipe"]),
+    "linearize": (LINEARIZE_SECTIONS, "train.output_dir", ["teacher.path=/nonexistent/teacher", "data.source=digits"]),
 }
 
 

@@ -16,7 +16,9 @@ from linvision.train.config import build_config
 from linvision.train.linearize import run
 from linvision.train.linearize_config import build_linearize_config, load_linearize_config
 
+from .test_bad_inputs import evil_pickle
 from .test_classify import tiny
+from .user_errors import user_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,6 +41,12 @@ def tiny_linearize(out: Path, teacher_dir: Path, **sections) -> dict:
     for name, values in sections.items():
         tree.setdefault(name, {}).update(values)
     return tree
+
+
+def argv(tree: dict, *extra: str) -> list:
+    """``linvision linearize`` with ``tree`` as ``section.key=value`` overrides (JSON values are YAML)."""
+    return ["linearize", *(f"{name}.{key}={json.dumps(value)}" for name, section in tree.items()
+                           for key, value in section.items()), *extra]
 
 
 def records(out: Path):
@@ -88,9 +96,12 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, teacher, ful
 
 def test_liger_has_no_stage_one(tmp_path, teacher):
     out = tmp_path / "liger"
+    out.mkdir()
+    (out / ".checkpoint.pt.deadbeef.tmp").write_bytes(b"from a killed run")
     run(build_linearize_config(tiny_linearize(out, teacher, student={"mixer": "liger", "options": {}},
                                               finetune={"mode": "full"})))
     assert [r["stage"] for r in records(out)] == [0, 2]
+    assert not (out / ".checkpoint.pt.deadbeef.tmp").exists()
 
 
 def test_help(capsys):
@@ -103,11 +114,10 @@ def test_help(capsys):
 
 def test_config_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     out = tmp_path / "never"
-    code = cli_main(["linearize", f"teacher.path={tmp_path / 'missing'}", f"train.output_dir={out}",
-                     "data.source=digits"])
-    assert code == 2 and not out.exists()
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "teacher.path" in err
+    message = user_error(capsys, ["linearize", f"teacher.path={tmp_path / 'missing'}", f"train.output_dir={out}",
+                                  "data.source=digits"], out)
+    assert message.startswith("teacher.path: ") and not out.exists()
+    assert user_error(capsys, ["linearize"]) == "give --config YAML (see configs/linearize/) and/or overrides"
     with pytest.raises(Exception, match="finetune.mode"):
         build_linearize_config(tiny_linearize(out, tmp_path, finetune={"mode": "qlora"}))
     with pytest.raises(Exception, match="exactly one"):
@@ -119,3 +129,28 @@ def test_shipped_configs_load(path):
     overrides = [] if "digits" in path.stem else ["data.root=/nonexistent"]
     cfg = load_linearize_config(str(path), overrides)
     assert cfg.student.mixer and cfg.train.epochs >= 1
+
+
+def test_errors_only_the_loaded_files_show_write_nothing(tmp_path, teacher, capsys):
+    """Image size, LoRA targets, damaged teacher weights and foreign checkpoints: one line, exit 2, no output."""
+    out = tmp_path / "run"
+
+    def says(*extra: str, **sections) -> str:
+        return user_error(capsys, argv(tiny_linearize(out, teacher, **sections), *extra), out)
+
+    message = says(data={"img_size": 32})
+    assert message.startswith(f"data.img_size=32: the student of teacher {teacher} does not take 32x32 images")
+    assert message.endswith("give the size the teacher was built for (16)")
+    assert says(finetune={"lora_targets": ["fc9"]}).startswith("finetune.lora_targets: ['fc9'] match no linear")
+    evil = evil_pickle(tmp_path / "evil.pt")
+    assert says(train={"resume": str(evil)}).endswith("is not a linvision checkpoint (it holds objects other than "
+                                                      "tensors and plain data)")
+    assert not (tmp_path / "pwned").exists()
+    assert says(train={"resume": str(teacher / "checkpoint.pt")}).startswith(
+        f"train.resume: {teacher / 'checkpoint.pt'} holds another model")
+    cut = tmp_path / "cut_teacher"
+    cut.mkdir()
+    (cut / "config.yaml").write_bytes((teacher / "config.yaml").read_bytes())
+    (cut / "model.safetensors").write_bytes((teacher / "model.safetensors").read_bytes()[:1000])
+    assert "is not a readable .safetensors file" in says(teacher={"path": str(cut)})
+    assert not out.exists()
