@@ -9,7 +9,7 @@ import linvision
 from linvision.kernels.window_attn.naive import window_mask
 from linvision.mixers.hedgehog import HedgehogFeatureMap, normalised_rows
 from linvision.kernels.gated_recurrence import gated_scan
-from linvision.mixers.liger import liger_gates
+from linvision.mixers.liger import gated_rows, liger_gates
 from linvision.mixers.lolcats import hybrid_attention, hybrid_rows
 from linvision.mixers.window2d import window_rows
 
@@ -144,6 +144,13 @@ def test_liger_rows_decay_with_scan_distance():
         decay = g[0, lo + 1:hi + 1].sum(0) if j <= i else g[0, lo:hi].sum(0)  # fwd: gates j+1..i; bwd: i..j-1
         want = (fq[0, i] * fk[0, j] * decay.exp()).sum(-1)
         assert rel(a[0, :, i, j], want) < 1e-12
+
+
+def test_liger_rows_gradcheck():
+    torch.manual_seed(6)
+    fq, fk = (torch.rand(1, 7, 1, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    g = (-torch.rand(1, 7, 1, 3, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: gated_rows(a, b, c, (2, 3), 1, "cross", 2, 6), (fq, fk, g))
 
 
 def test_liger_gates_are_the_official_ones():
