@@ -22,7 +22,6 @@ from .orders import BASE_ORDERS, ORDERS, order_index, scan_in_orders
 from .window2d import window_rows
 
 GATE_LOGIT_NORMALIZER = 16  # official: g = logsigmoid(pool(k)) / 16
-NORMALISER_EPS = 1e-6  # ``normalize=True`` only: o = A v / (A 1 + eps)
 
 
 def liger_gates(q: Tensor, k: Tensor, normalizer: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -70,9 +69,7 @@ class LigerAttention(QKVMixer):
     attention (scale ``D^-1/2``) in CLEAR's disc of ``radius`` on the image grid
     (:func:`linvision.kernels.window_attn.window_attention`; ``backend`` selects its kernel, the gated scan runs
     its own PyTorch path), for the official 64-token causal sliding window. ``window_mix = 0.5`` is the official
-    ``0.5 * y + 0.5 * o_``; ``window_mix = 0`` leaves gated linear attention alone. ``normalize=True`` (off by
-    default, not official) divides the linear part by its row sums, ``A v / (A 1 + 1e-6)`` (one scan of
-    ``[v, 1]``), so each row is a convex combination of the values as in the softmax it replaces.
+    ``0.5 * y + 0.5 * o_``; ``window_mix = 0`` leaves gated linear attention alone.
 
     Deviations from the official causal decoder: the recurrence ``S_t = diag(exp g_t) S_{t−1} + φ(k_t) v_tᵀ``,
     ``o_t = φ(q_t)ᵀ S_t`` runs in both directions along a 2-D ``order`` of the grid (:mod:`.orders`:
@@ -87,31 +84,25 @@ class LigerAttention(QKVMixer):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
                  radius: int = 5, window_mix: float = 0.5, gate_normalizer: float = GATE_LOGIT_NORMALIZER,
-                 order: str = "raster", normalize: bool = False, backend: str = "auto"):
+                 order: str = "raster", backend: str = "auto"):
         super().__init__(dim, num_heads, check_bool("qkv_bias", qkv_bias), check_bool("proj_bias", proj_bias))
         self.radius = check_int("radius", radius, min=1)
         self.window_mix = check_float("window_mix", window_mix, min=0.0, max=1.0)
         self.gate_normalizer = check_float("gate_normalizer", gate_normalizer, min=0.0, min_open=True)
         self.order = check_choice("order", order, ORDERS)
-        self.normalize = check_bool("normalize", normalize)
         resolve_backend(backend)
         self.backend = backend
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        q, k, v_in = self.project_qkv(x)
+        q, k, v = self.project_qkv(x)
         fq, fk, g = liger_gates(q, k, self.gate_normalizer)
 
         def scan(fq, fk, v, g):
             return gated_scan(fq, fk, v, g, direction="bidirectional", scale=1.0)
 
-        v = v_in.to(fq.dtype)
-        if self.normalize:  # one scan of [v, 1]: numerator and normaliser
-            v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-        o = scan_in_orders(scan, (fq, fk, v, g), hw, num_prefix_tokens, self.order)
-        if self.normalize:
-            o = o[..., :-1] / (o[..., -1:] + NORMALISER_EPS)
+        o = scan_in_orders(scan, (fq, fk, v.to(fq.dtype), g), hw, num_prefix_tokens, self.order)
         if self.window_mix > 0:
-            o_win = window_attention(q, k, v_in, hw, radius=self.radius, num_prefix_tokens=num_prefix_tokens,
+            o_win = window_attention(q, k, v, hw, radius=self.radius, num_prefix_tokens=num_prefix_tokens,
                                      backend=self.backend)
             o = self.window_mix * o_win.to(o.dtype) + (1 - self.window_mix) * o
         return self.proj(o.to(x.dtype).flatten(2))
@@ -119,15 +110,12 @@ class LigerAttention(QKVMixer):
     def attention_rows(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int
                        ) -> Tuple[Tensor, Tensor, Callable[[int, int], Tensor]]:
         """``(q, k, rows)`` for attention transfer: the mixed weights of query rows ``a:b``, ``[B, H, n, N]``
-        (the linear part's rows are normalised only with ``normalize``, as in the mixer; memory ``O(n · N · D)``
-        per call)."""
+        (the linear part's rows are not normalised, as in the mixer; memory ``O(n · N · D)`` per call)."""
         q, k, _ = self.project_qkv(x)
         fq, fk, g = liger_gates(q, k, self.gate_normalizer)
 
         def rows(a: int, b: int) -> Tensor:
             out = gated_rows(fq, fk, g, hw, num_prefix_tokens, self.order, a, b)
-            if self.normalize:
-                out = out / (out.sum(-1, keepdim=True) + NORMALISER_EPS)
             if self.window_mix == 0:
                 return out
             mask = window_rows(hw, num_prefix_tokens, "disc", self.radius, a, b, q.device)
@@ -138,8 +126,7 @@ class LigerAttention(QKVMixer):
         return q, k, rows
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, radius={self.radius}, window_mix={self.window_mix}, "
-                f"order={self.order!r}, normalize={self.normalize}")
+        return f"{super().extra_repr()}, radius={self.radius}, window_mix={self.window_mix}, order={self.order!r}"
 
 
-__all__ = ["GATE_LOGIT_NORMALIZER", "LigerAttention", "NORMALISER_EPS", "gated_rows", "liger_gates"]
+__all__ = ["GATE_LOGIT_NORMALIZER", "LigerAttention", "gated_rows", "liger_gates"]
