@@ -8,11 +8,13 @@ from safetensors.torch import load_file
 import linvision
 from linvision.kernels.window_attn.naive import window_mask
 from linvision.mixers.hedgehog import HedgehogFeatureMap, normalised_rows
-from linvision.mixers.liger import liger_features
+from linvision.kernels.gated_recurrence import gated_scan
+from linvision.mixers.liger import gated_rows, liger_gates
 from linvision.mixers.lolcats import hybrid_attention, hybrid_rows
 from linvision.mixers.window2d import window_rows
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "linearize" / "official.safetensors"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+FIXTURE = FIXTURES / "linearize" / "official.safetensors"
 
 
 def rel(a, b):
@@ -112,24 +114,59 @@ def test_hedgehog_mixer_equals_its_rows():
     assert rel(m(x, (7, 9), 1), ref) < 1e-10
 
 
-@pytest.mark.parametrize("mix", [0.0, 0.5])
-def test_liger_mixer_equals_its_rows(mix):
+@pytest.mark.parametrize("mix,order", [(0.0, "raster"), (0.5, "raster"), (0.0, "column"), (0.5, "cross")])
+def test_liger_mixer_equals_its_rows(mix, order):
+    """The bidirectional gated scans in 2-D orders equal the dense weights of attention_rows."""
     torch.manual_seed(4)
-    m = linvision.create_mixer("liger", 16, 2, radius=2, window_mix=mix).double()
+    m = linvision.create_mixer("liger", 16, 2, radius=2, window_mix=mix, order=order).double()
     x = torch.randn(2, 1 + 63, 16, dtype=torch.float64)
     q, k, rows = m.attention_rows(x, (7, 9), 1)
     _, _, v = m.project_qkv(x)
-    ref = m.proj(torch.einsum("bhnm,bmhv->bnhv", rows(0, 64).double(), v).flatten(2))
-    assert rel(m(x, (7, 9), 1), ref) < 1e-6
+    ref = m.proj(torch.einsum("bhnm,bmhv->bnhv", rows(0, 64), v).flatten(2))
+    assert rel(m(x, (7, 9), 1), ref) < 1e-10
+    assert rel(torch.cat([rows(0, 30), rows(30, 64)], 2), rows(0, 64)) < 1e-13  # rows chunk freely
     assert sum(p.numel() for p in m.parameters()) == 16 * 48 + 48 + 16 * 16 + 16  # q/k/v/proj only
 
 
-def test_liger_gate_is_the_key():
+def test_liger_rows_decay_with_scan_distance():
+    """Raster order, no prefix: the weight of a key is Σ_d φ(q)_d φ(k)_d Π (gates between them)."""
+    torch.manual_seed(5)
+    m = linvision.create_mixer("liger", 16, 2, window_mix=0.0).double()
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    q, k, rows = m.attention_rows(x, (3, 4), 0)
+    fq, fk, g = liger_gates(q, k, 16.0)
+    a = rows(0, 12)
+    for i, j in [(7, 2), (2, 7), (5, 5), (0, 11)]:
+        lo, hi = min(i, j), max(i, j)
+        decay = g[0, lo + 1:hi + 1].sum(0) if j <= i else g[0, lo:hi].sum(0)  # fwd: gates j+1..i; bwd: i..j-1
+        want = (fq[0, i] * fk[0, j] * decay.exp()).sum(-1)
+        assert rel(a[0, :, i, j], want) < 1e-12
+
+
+def test_liger_rows_gradcheck():
+    torch.manual_seed(6)
+    fq, fk = (torch.rand(1, 7, 1, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    g = (-torch.rand(1, 7, 1, 3, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: gated_rows(a, b, c, (2, 3), 1, "cross", 2, 6), (fq, fk, g))
+
+
+def test_liger_gates_are_the_official_ones():
     k = torch.randn(1, 5, 2, 4)
-    fq, fk = liger_features(k, k, 16.0)
-    gate = torch.sigmoid(k) ** (1 / 16)
-    assert rel(fk, k.softmax(-1) * gate) < 1e-6
-    assert rel(normalised_rows(fq, fk, 0.0).sum(-1), torch.ones(1, 2, 5)) < 1e-6
+    fq, fk, g = liger_gates(k, k, 16.0)
+    assert rel(g.exp(), torch.sigmoid(k) ** (1 / 16)) < 1e-6
+    assert rel(fk, k.softmax(-1)) < 1e-6 and rel(fq.sum(-1), torch.ones(1, 5, 2)) < 1e-6
+
+
+def test_liger_causal_gla_matches_official():
+    """The official GLA branch ``o_`` (fixture) from the mixer's projections, gates and a forward gated scan."""
+    f = load_file(str(FIXTURES / "liger" / "official.safetensors"))
+    m = linvision.create_mixer("liger", 16, 2, qkv_bias=False)
+    with torch.no_grad():
+        m.qkv.weight.copy_(torch.cat([f["q_weight"], f["k_weight"], f["v_weight"]]))
+    q, k, v = m.project_qkv(f["x"])
+    fq, fk, g = liger_gates(q, k, m.gate_normalizer)
+    o = gated_scan(fq, fk, v, g, direction="forward", scale=1.0)
+    assert rel(o, f["o"]) < 1e-5
 
 
 @pytest.mark.parametrize("name,bad", [
@@ -138,6 +175,7 @@ def test_liger_gate_is_the_key():
     ("lolcats", {"window": "circle"}), ("lolcats", {"radius": 0}), ("lolcats", {"radius": 2.0}),
     ("lolcats", {"affine_factors": 1}), ("lolcats", {"init_window_factor": float("nan")}),
     ("liger", {"window_mix": 1.5}), ("liger", {"gate_normalizer": 0.0}), ("liger", {"radius": True}),
+    ("liger", {"order": "diagonal"}),
 ])
 def test_bad_options_raise(name, bad):
     with pytest.raises(ValueError):
