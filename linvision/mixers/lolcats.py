@@ -132,8 +132,9 @@ class LolcatsAttention(QKVMixer):
         self.feature_map_k = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
 
     def factors(self) -> Tuple[Tensor, object]:
-        """``(σ(window_factors) [H], linear factor)``: the linear factor is 1, or ``1 − σ`` when affine."""
-        wf = torch.sigmoid(self.window_factors.float())
+        """``(σ(window_factors) [H], linear factor)``: the linear factor is 1, or ``1 − σ`` when affine; fp32
+        (fp64 in an fp64 module)."""
+        wf = torch.sigmoid(self.window_factors.to(_acc(self.window_factors)))
         return wf, (1 - wf if self.affine_factors else 1.0)
 
     def _features(self, x: Tensor):
