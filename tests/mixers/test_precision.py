@@ -27,9 +27,17 @@ def test_half_precision_at_large_input_scale_is_finite(name, dtype, scale):
     assert torch.isfinite(y).all(), f"{name}: {int((~torch.isfinite(y)).sum())} non-finite outputs"
     y.float().square().mean().backward()
     assert torch.isfinite(x.grad).all(), f"{name}: non-finite input gradient"
-    for pname, p in m.named_parameters():
-        if p.grad is not None:
-            assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient of {pname}"
+    overflowed = {n: p.grad for n, p in m.named_parameters() if p.grad is not None and not p.grad.isfinite().all()}
+    if overflowed:
+        # A parameter's gradient is stored in the parameter's dtype: it may overflow only where its true
+        # value (fp32) is itself beyond that range (at scale 1000 gated_delta's gate weights get ~1e6).
+        ref = m.float()
+        ref.zero_grad()
+        ref(x.detach().float(), (16, 16), num_prefix_tokens=1).square().mean().backward()
+        grads = dict(ref.named_parameters())
+        for pname, g in overflowed.items():
+            true = grads[pname].grad[~g.isfinite()]
+            assert (true.abs() > torch.finfo(dtype).max / 2).all(), f"{name}: non-finite gradient of {pname}"
 
 
 @pytest.mark.parametrize("name", MIXERS)
