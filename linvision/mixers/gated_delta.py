@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ..kernels.backend import accumulation_dtype
 from ..kernels.gated_recurrence import check_backend, gated_scan
-from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
 from .orders import ORDERS, scan_in_orders
 from .short_conv import bidirectional_conv, short_conv
@@ -97,7 +97,7 @@ class BidirectionalGDN(QKVMixer):
         self.eps = check_float("eps", eps, min=0)
         self.key_norm = check_choice("key_norm", key_norm, KEY_NORMS)
         self.order = check_choice("order", order, ORDERS)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
+        self.chunk_size = check_optional(check_int, "chunk_size", chunk_size, min=1)
         self.backend = check_backend(backend)
         self.beta_proj = nn.Linear(dim, num_heads, bias=True)
         self.gate_proj = nn.Linear(dim, num_heads, bias=True)

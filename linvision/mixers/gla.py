@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..kernels.backend import accumulation_dtype
 from ..kernels.gated_recurrence import check_backend, gated_scan
-from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import TokenMixer
 from .orders import ORDERS, scan_in_orders
 
@@ -75,13 +75,13 @@ class ViGGatedLinearAttention(TokenMixer):
             raise ValueError(f"key dim {self.key_dim} (dim·expand_k) must be a positive multiple of num_heads={num_heads}")
         gate_low_rank_dim = check_int("gate_low_rank_dim", gate_low_rank_dim, min=1)
         self.gate_logit_normalizer = check_float("gate_logit_normalizer", gate_logit_normalizer, min=0, min_open=True)
-        self.clamp_min = None if clamp_min is None else check_float("clamp_min", clamp_min, max=0)
+        self.clamp_min = check_optional(check_float, "clamp_min", clamp_min, max=0)
         layernorm_eps = check_float("layernorm_eps", layernorm_eps, min=0, min_open=True)
         check_bool("use_act_in_conv", use_act_in_conv)
         check_bool("use_bias_in_dwconv", use_bias_in_dwconv)
         self.use_out_act = check_bool("use_out_act", use_out_act)
         self.order = check_choice("order", order, ORDERS)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
+        self.chunk_size = check_optional(check_int, "chunk_size", chunk_size, min=1)
         self.backend = check_backend(backend)
         self.head_qk_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
         self.in_proj = nn.Sequential(

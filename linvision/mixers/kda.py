@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..kernels.backend import accumulation_dtype
 from ..kernels.gated_recurrence import check_backend, gated_scan
-from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import TokenMixer
 from .gla import rms_norm_wide
 from .orders import ORDERS, scan_in_orders
@@ -75,7 +75,7 @@ class KimiDeltaAttention(TokenMixer):
         norm_eps = check_float("norm_eps", norm_eps, min=0, min_open=True)
         self.causal = check_bool("causal", causal)
         self.order = check_choice("order", order, ORDERS)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
+        self.chunk_size = check_optional(check_int, "chunk_size", chunk_size, min=1)
         self.backend = check_backend(backend)
         self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
         self.k_proj = nn.Linear(dim, self.key_dim, bias=False)

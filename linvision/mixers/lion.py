@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..kernels.backend import accumulation_dtype
 from ..kernels.gated_recurrence import check_backend, gated_scan
-from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
 from .orders import ORDERS, scan_in_orders
 
@@ -74,7 +74,7 @@ class LionAttention(QKVMixer):
         self.scale = self.head_dim ** -0.5 if qk_scale is None else check_float("qk_scale", qk_scale, min=0, min_open=True)
         self.eps = check_float("eps", eps, min=0)
         self.order = check_choice("order", order, ORDERS)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
+        self.chunk_size = check_optional(check_int, "chunk_size", chunk_size, min=1)
         self.backend = check_backend(backend)
         if mask_type == "Decay":
             self.a_i = nn.Parameter(torch.randn(num_heads))
