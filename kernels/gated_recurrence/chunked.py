@@ -60,7 +60,7 @@ def gated_scan_chunked(
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = lower.tril(-1)
     eye = torch.eye(C, dtype=dt, device=q.device)
-    group = max(1, PAIRWISE_ELEMENTS // (B * H * C * C * b.shape[-1]))
+    group = max(1, PAIRWISE_ELEMENTS // max(1, B * H * C * C * b.shape[-1]))  # B = 0: one group
     qk_parts: List[Tensor] = []
     u0_parts: List[Tensor] = []
     w_parts: List[Tensor] = []

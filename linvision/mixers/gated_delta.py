@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.backend import accumulation_dtype
 from ..kernels.gated_recurrence import check_backend, gated_scan
-from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
 from .orders import ORDERS, scan_in_orders
 from .short_conv import bidirectional_conv, short_conv
@@ -69,7 +70,7 @@ def delta_bidirectional(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor
     fwd = gated_scan(q, k, v, g, beta, delta=True, direction="forward", **scan)
     bwd = gated_scan(q, shift_next(k), shift_next(v), shift_next(g), shift_next(beta), delta=True,
                      direction="backward", **scan)
-    return fwd.float() + bwd.float()
+    return fwd + bwd
 
 
 class BidirectionalGDN(QKVMixer):
@@ -96,7 +97,7 @@ class BidirectionalGDN(QKVMixer):
         self.eps = check_float("eps", eps, min=0)
         self.key_norm = check_choice("key_norm", key_norm, KEY_NORMS)
         self.order = check_choice("order", order, ORDERS)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
+        self.chunk_size = check_optional(check_int, "chunk_size", chunk_size, min=1)
         self.backend = check_backend(backend)
         self.beta_proj = nn.Linear(dim, num_heads, bias=True)
         self.gate_proj = nn.Linear(dim, num_heads, bias=True)
@@ -129,29 +130,32 @@ class BidirectionalGDN(QKVMixer):
         self.reset_parameters()
 
     def gates(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """``β [B, N, H]`` (sigmoid) and the log decay ``−exp(A_log)·softplus(gate_proj(x) + dt_bias)``, fp32."""
-        beta = torch.sigmoid(self.beta_proj(x).float())
-        log_decay = -self.A_log.float().exp() * F.softplus(self.gate_proj(x).float() + self.dt_bias.float())
+        """``β [B, N, H]`` (sigmoid) and the log decay ``−exp(A_log)·softplus(gate_proj(x) + dt_bias)``, fp32
+        (fp64 for fp64 ``x``)."""
+        acc = accumulation_dtype(x.dtype)
+        beta = torch.sigmoid(self.beta_proj(x).to(acc))
+        log_decay = -self.A_log.to(acc).exp() * F.softplus(self.gate_proj(x).to(acc) + self.dt_bias.to(acc))
         return beta, log_decay
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         B, N, C = x.shape
-        q, k, v = self.project_qkv(x)
+        acc = accumulation_dtype(x.dtype)  # the scan, its ratio and the output gate: fp32 (fp64 for fp64)
+        q, k, v = (t.to(acc) for t in self.project_qkv(x))
         beta, log_decay = self.gates(x)
 
         def scan(q, k, v, log_decay, beta):
             if self.conv_k is not None:
                 k = bidirectional_conv(k.flatten(2), self.conv_k).unflatten(-1, (self.num_heads, -1))
-            q, k = F.relu(q).float(), F.relu(k).float()
+            q, k = F.relu(q), F.relu(k)
             k = l2_normalize(k) if self.key_norm == "l2" else k * self.head_dim ** -0.5
-            v1 = torch.cat([v.float(), v.new_ones(B, N, self.num_heads, 1, dtype=torch.float32)], -1)
+            v1 = torch.cat([v, v.new_ones(B, N, self.num_heads, 1)], -1)
             out = delta_bidirectional(q, k, v1, log_decay, beta, scale=1.0, chunk_size=self.chunk_size,
                                       backend=self.backend)
             return out[..., :-1] / (out[..., -1:] + self.eps)
 
         o = scan_in_orders(scan, (q, k, v, log_decay, beta), hw, num_prefix_tokens, self.order).flatten(2)
         if self.output_gate is not None:
-            o = o * F.silu(self.output_gate(x).float())
+            o = o * F.silu(self.output_gate(x).to(acc))
         return self.proj(o.to(x.dtype))
 
     def extra_repr(self) -> str:

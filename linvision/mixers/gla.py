@@ -23,8 +23,8 @@ biases zero as ViG's model-level init leaves them).
 Prefix tokens lead the scan (:mod:`.orders`); they skip the depth-wise convolution, so their local branch is the
 input itself (ViG's rule for its class token). Deviations: ``order`` adds column and cross-scan orders (ViG
 scans raster order only); ``expand_v`` must be 1 (the official local branch reshapes ``dim`` channels into
-heads of ``d_v``, which needs it); no RoPE or ``use_dirpe`` options (off in every ViG config); the norms and the
-scan run in fp32 whatever the input dtype.
+heads of ``d_v``, which needs it); no RoPE or ``use_dirpe`` options (off in every ViG config); the scan's output,
+the norms and the gating run in fp32 whatever the input dtype (fp64 for fp64).
 """
 from __future__ import annotations
 
@@ -34,15 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.backend import accumulation_dtype
 from ..kernels.gated_recurrence import check_backend, gated_scan
-from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import TokenMixer
 from .orders import ORDERS, scan_in_orders
 
 
-def rms_norm_fp32(x: Tensor, norm: nn.RMSNorm) -> Tensor:
-    """``norm(x)`` computed in fp32 (fla's RMSNorm upcasts too), returned in fp32."""
-    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps)
+def rms_norm_wide(x: Tensor, norm: nn.RMSNorm) -> Tensor:
+    """``norm(x)`` computed and returned in fp32 (fla's RMSNorm upcasts too), in fp64 for fp64 ``x``."""
+    acc = accumulation_dtype(x.dtype)
+    return F.rms_norm(x.to(acc), norm.normalized_shape, norm.weight.to(acc), norm.eps)
 
 
 class ViGGatedLinearAttention(TokenMixer):
@@ -73,13 +75,13 @@ class ViGGatedLinearAttention(TokenMixer):
             raise ValueError(f"key dim {self.key_dim} (dim·expand_k) must be a positive multiple of num_heads={num_heads}")
         gate_low_rank_dim = check_int("gate_low_rank_dim", gate_low_rank_dim, min=1)
         self.gate_logit_normalizer = check_float("gate_logit_normalizer", gate_logit_normalizer, min=0, min_open=True)
-        self.clamp_min = None if clamp_min is None else check_float("clamp_min", clamp_min, max=0)
+        self.clamp_min = check_optional(check_float, "clamp_min", clamp_min, max=0)
         layernorm_eps = check_float("layernorm_eps", layernorm_eps, min=0, min_open=True)
         check_bool("use_act_in_conv", use_act_in_conv)
         check_bool("use_bias_in_dwconv", use_bias_in_dwconv)
         self.use_out_act = check_bool("use_out_act", use_out_act)
         self.order = check_choice("order", order, ORDERS)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
+        self.chunk_size = check_optional(check_int, "chunk_size", chunk_size, min=1)
         self.backend = check_backend(backend)
         self.head_qk_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
         self.in_proj = nn.Sequential(
@@ -120,12 +122,12 @@ class ViGGatedLinearAttention(TokenMixer):
         return torch.cat([x[:, :num_prefix_tokens], local], 1)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        B, N, _ = x.shape
         H = self.num_heads
+        acc = accumulation_dtype(x.dtype)  # the scan's output, the norms and the gating: fp32 (fp64 for fp64)
         xs = self.local_branch(x, hw, num_prefix_tokens)
-        q, k, v = self.qkv_proj(xs).split([self.key_dim, self.key_dim, self.value_dim], -1)
+        q, k, v = self.qkv_proj(xs).to(acc).split([self.key_dim, self.key_dim, self.value_dim], -1)
         q, k, v = q.unflatten(-1, (H, -1)), k.unflatten(-1, (H, -1)), v.unflatten(-1, (H, -1))
-        gk = F.logsigmoid(self.gk_proj(xs).float()) / self.gate_logit_normalizer
+        gk = F.logsigmoid(self.gk_proj(xs).to(acc)) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             gk = gk.clamp_min(self.clamp_min)
         g_f, g_b = (t.unflatten(-1, (H, -1)) for t in gk.chunk(2, -1))
@@ -134,16 +136,15 @@ class ViGGatedLinearAttention(TokenMixer):
             return gated_scan(q, k, v, g_f, direction="bidirectional", g_backward=g_b, chunk_size=self.chunk_size,
                               backend=self.backend)
 
-        both = scan_in_orders(scan, (q, k, v, g_f, g_b), hw, num_prefix_tokens, self.order).float()
-        diag = (q.float() * k.float()).sum(-1, keepdim=True) * v.float() * self.head_qk_dim ** -0.5
-        o = rms_norm_fp32((both + diag) / 2, self.g_norm)
-        local = rms_norm_fp32(xs.unflatten(-1, (H, -1)), self.l_norm)
-        g = torch.sigmoid(self.g_proj(xs)).float().unflatten(-1, (H, -1))
+        both = scan_in_orders(scan, (q, k, v, g_f, g_b), hw, num_prefix_tokens, self.order)
+        diag = (q * k).sum(-1, keepdim=True) * v * self.head_qk_dim ** -0.5
+        o = rms_norm_wide((both + diag) / 2, self.g_norm)
+        local = rms_norm_wide(xs.unflatten(-1, (H, -1)), self.l_norm)
+        g = torch.sigmoid(self.g_proj(xs).to(acc)).unflatten(-1, (H, -1))
         o = (o * g + local * (1 - g)).flatten(2)
         if self.use_out_act:
             o = F.silu(o)
-        o = o.to(x.dtype)
-        return self.o_proj(o)
+        return self.o_proj(o.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, key_dim={self.key_dim}, order={self.order!r}"

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..kernels.linear_attn import linear_attention
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
-from ..kernels.backend import resolve_backend
+from ..kernels.backend import BACKENDS
 from .base import QKVMixer
 
 FORMS = ("softmax", "joint", "exp")
@@ -91,8 +91,7 @@ class HedgehogAttention(QKVMixer):
                  eps: float = 1e-12, backend: str = "auto"):
         super().__init__(dim, num_heads, check_bool("qkv_bias", qkv_bias), check_bool("proj_bias", proj_bias))
         self.eps = check_float("eps", eps, min=0.0)
-        resolve_backend(backend)
-        self.backend = backend
+        self.backend = check_choice("backend", backend, BACKENDS)
         check_bool("feature_bias", feature_bias)
         self.feature_map_q = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
         self.feature_map_k = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)

@@ -21,7 +21,8 @@ are the official ones (nn.Linear defaults, ``A_log = log U(1, 16)``, ``dt_bias =
 ``dt`` log-uniform in [0.001, 0.1], norm weight 1).
 
 Prefix tokens lead the order (:mod:`.orders`). Deviations: bidirectional form and orders (none upstream); no
-grouped value heads (``num_v_heads``), ``safe_gate`` / ``lower_bound`` gates, caches or variable-length packing; states and the norm in fp32.
+grouped value heads (``num_v_heads``), ``safe_gate`` / ``lower_bound`` gates, caches or variable-length packing;
+states, gates, the norm and the output gate in fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.backend import accumulation_dtype
 from ..kernels.gated_recurrence import check_backend, gated_scan
-from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import TokenMixer
-from .gla import rms_norm_fp32
+from .gla import rms_norm_wide
 from .orders import ORDERS, scan_in_orders
 from .short_conv import bidirectional_conv, causal_conv, short_conv
 
@@ -73,7 +75,7 @@ class KimiDeltaAttention(TokenMixer):
         norm_eps = check_float("norm_eps", norm_eps, min=0, min_open=True)
         self.causal = check_bool("causal", causal)
         self.order = check_choice("order", order, ORDERS)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
+        self.chunk_size = check_optional(check_int, "chunk_size", chunk_size, min=1)
         self.backend = check_backend(backend)
         self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
         self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
@@ -107,13 +109,15 @@ class KimiDeltaAttention(TokenMixer):
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         H = self.num_heads
+        acc = accumulation_dtype(x.dtype)  # gates, scan, norm and output gate: fp32 (fp64 for fp64)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        g = -self.A_log.float().exp()[:, None] * F.softplus(
-            (self.f_proj(x).float() + self.dt_bias.float()).unflatten(-1, (H, -1)))
-        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.to(acc).exp()[:, None] * F.softplus(
+            (self.f_proj(x).to(acc) + self.dt_bias.to(acc)).unflatten(-1, (H, -1)))
+        beta = torch.sigmoid(self.b_proj(x).to(acc))
 
         def scan(q, k, v, g, beta):
-            q, k, v = (self._conv(t, n).unflatten(-1, (H, -1)) for t, n in ((q, "q_conv1d"), (k, "k_conv1d"), (v, "v_conv1d")))
+            q, k, v = (self._conv(t.to(acc), n).unflatten(-1, (H, -1))
+                       for t, n in ((q, "q_conv1d"), (k, "k_conv1d"), (v, "v_conv1d")))
             return gated_scan(q, k, v, g, beta, delta=True, qk_l2norm=True, allow_neg_eigval=self.allow_neg_eigval,
                               direction="forward" if self.causal else "bidirectional", chunk_size=self.chunk_size,
                               backend=self.backend)
@@ -122,7 +126,7 @@ class KimiDeltaAttention(TokenMixer):
             o = scan(q, k, v, g, beta)
         else:
             o = scan_in_orders(scan, (q, k, v, g, beta), hw, num_prefix_tokens, self.order)
-        o = rms_norm_fp32(o, self.o_norm) * torch.sigmoid(self.g_proj(x).float()).unflatten(-1, (H, -1))
+        o = rms_norm_wide(o, self.o_norm) * torch.sigmoid(self.g_proj(x).to(acc)).unflatten(-1, (H, -1))
         return self.o_proj(o.flatten(2).to(x.dtype))
 
     def extra_repr(self) -> str:

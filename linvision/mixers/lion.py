@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.backend import accumulation_dtype
 from ..kernels.gated_recurrence import check_backend, gated_scan
-from ..kernels.validation import check_bool, check_choice, check_float, check_int
+from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
 from .orders import ORDERS, scan_in_orders
 
@@ -73,7 +74,7 @@ class LionAttention(QKVMixer):
         self.scale = self.head_dim ** -0.5 if qk_scale is None else check_float("qk_scale", qk_scale, min=0, min_open=True)
         self.eps = check_float("eps", eps, min=0)
         self.order = check_choice("order", order, ORDERS)
-        self.chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, min=1)
+        self.chunk_size = check_optional(check_int, "chunk_size", chunk_size, min=1)
         self.backend = check_backend(backend)
         if mask_type == "Decay":
             self.a_i = nn.Parameter(torch.randn(num_heads))
@@ -82,14 +83,15 @@ class LionAttention(QKVMixer):
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         B, N, C = x.shape
-        q, k, v = self.project_qkv(x)
+        acc = accumulation_dtype(x.dtype)  # gates, scan output and ratio: fp32 (fp64 for fp64)
+        q, k, v = (t.to(acc) for t in self.project_qkv(x))
         phi = (lambda t: F.elu(t) + 1) if self.mask_type == "Lit" else silu_shifted
         q, k = phi(q), phi(k)
         v1 = torch.cat([v, v.new_ones(B, N, self.num_heads, 1)], -1)
         if self.mask_type == "Selective":
-            log_a = F.logsigmoid(-self.a_i(x).float())  # log(1 − σ(z)), fp32 as the official
+            log_a = F.logsigmoid(-self.a_i(x).to(acc))  # log(1 − σ(z)), fp32 as the official (fp64 for fp64)
         elif self.mask_type == "Decay":
-            log_a = F.logsigmoid(self.a_i.float()).expand(B, N, -1)
+            log_a = F.logsigmoid(self.a_i.to(acc)).expand(B, N, -1)
         else:
             log_a = None
 
@@ -100,7 +102,7 @@ class LionAttention(QKVMixer):
             elif self.mask_type == "Decay":
                 g = gb = log_a[0]
             out = gated_scan(q, k, v1, g, direction="bidirectional", g_backward=gb, scale=self.scale,
-                             chunk_size=self.chunk_size, backend=self.backend).float()
+                             chunk_size=self.chunk_size, backend=self.backend)
             return out[..., :-1] / (out[..., -1:] + self.eps)
 
         tensors = (q, k, v1) + (() if log_a is None else (log_a,))

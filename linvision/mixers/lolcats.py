@@ -66,7 +66,7 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw
     lf = linear_factor.to(acc) if isinstance(linear_factor, Tensor) else linear_factor  # [H] or a number
     lf_v = lf[:, None] if isinstance(lf, Tensor) else lf  # against [..., H, K] and [..., H, Dv]
     qg = q[:, T:].reshape(B, h, w, H, D)
-    fqg = fq[:, T:].reshape(B, h, w, H, -1)
+    fqg = fq[:, T:].reshape(B, h, w, H, fq.shape[-1])  # sizes given: B may be 0
     scores, lin = [], []
     for (k_o, valid), (fk_o, _) in zip(shifted(k[:, T:], hw, offsets), shifted(fk[:, T:], hw, offsets)):
         inside = valid[None, :, :, None]
@@ -90,7 +90,7 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw
     if T:
         num = num + torch.einsum("byxht,bthv->byxhv", e_pre, v[:, :T])
         den = den + e_pre.sum(-1)
-    out_img = (num / den[..., None]).reshape(B, h * w, H, -1)
+    out_img = (num / den[..., None]).reshape(B, h * w, H, v.shape[-1])
     if not T:
         return out_img
     s = torch.einsum("bthd,bnhd->bhtn", q[:, :T], k) * scale
@@ -132,8 +132,9 @@ class LolcatsAttention(QKVMixer):
         self.feature_map_k = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
 
     def factors(self) -> Tuple[Tensor, object]:
-        """``(σ(window_factors) [H], linear factor)``: the linear factor is 1, or ``1 − σ`` when affine."""
-        wf = torch.sigmoid(self.window_factors.float())
+        """``(σ(window_factors) [H], linear factor)``: the linear factor is 1, or ``1 − σ`` when affine; fp32
+        (fp64 in an fp64 module)."""
+        wf = torch.sigmoid(self.window_factors.to(_acc(self.window_factors)))
         return wf, (1 - wf if self.affine_factors else 1.0)
 
     def _features(self, x: Tensor):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import BACKENDS, accumulation_dtype
 from ..kernels.linear_attn import linear_attention
 from ..kernels.validation import check_bool, check_choice
 from .base import TokenMixer
@@ -46,8 +46,10 @@ class NormAttention(TokenMixer):
     - ``backend``: the kernel's backend.
 
     Numerics: the sums are unbounded (they grow with N), so the kernel evaluates ``O/N`` (its ``mean``
-    convention, bounded in fp16) and the norm receives ``N·(O/N)`` in fp32; the result equals the official
-    ``Norm(O)`` up to fp32 rounding, and fp16/bf16 inputs stay finite at 64K tokens.
+    convention, independent of N) and the norm receives ``N·(O/N)`` in fp32; the result equals the official
+    ``Norm(O)`` up to fp32 rounding. ``O/N = φ(Q)·mean(φ(K)ᵀV)`` still grows with the cube of the input
+    scale (past 65504 for fp16 inputs of scale 100), so fp16 inputs run the kernel in fp32 (bf16 has fp32's
+    range and keeps its dtype); fp16/bf16 inputs stay finite at 64K tokens.
 
     Parameters as the official module (``q_proj``, ``k_proj``, ``v_proj``, ``layer_norm``, ``out_proj``), so
     its state dict loads with ``strict=True``; init as its ``reset_parameters`` (Xavier-uniform, gain 2^-½ on
@@ -91,11 +93,14 @@ class NormAttention(TokenMixer):
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         fused, pre = ACT_FUNS[self.act_fun]
-        q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # O/N is cubic in the input scale (no denominator): past fp16's range at inputs of scale 100, so
+        # fp16 runs the kernel in fp32. bf16 shares fp32's exponent range and stays as it is.
+        work = torch.float32 if x.dtype == torch.float16 else x.dtype
+        q, k, v = (self.split_heads(p(x)).to(work) for p in (self.q_proj, self.k_proj, self.v_proj))
         if pre is not None:
             q, k = pre(q), pre(k)
         o = linear_attention(q, k, v, normalize="none", mean=True, feature_map=fused, backend=self.backend)
-        total = o.flatten(2).to(torch.float64 if x.dtype == torch.float64 else torch.float32) * x.shape[1]
+        total = o.flatten(2).to(accumulation_dtype(x.dtype)) * x.shape[1]
         return self.out_proj(self.layer_norm(total).to(x.dtype))
 
     def extra_repr(self) -> str:

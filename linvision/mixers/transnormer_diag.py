@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.backend import accumulation_dtype
 from ..kernels.validation import check_bool, check_choice, check_int
 from .base import TokenMixer
 from .grid_blocks import block_local
@@ -24,12 +25,12 @@ LOCAL_ACT_FUNS = ("relu",)
 
 
 def _block_attention(q: Tensor, k: Tensor, v: Tensor, use_softmax: bool) -> Tensor:
-    """``(S, H, L, D)`` blocks → ``(S, H, L, Dv)``: ``softmax(q·kᵀ/√D) v`` or ``relu(q·kᵀ/√D) v``."""
+    """``(S, H, L, D)`` blocks → ``(S, H, L, Dv)``: ``softmax(q·kᵀ/√D) v`` or ``relu(q·kᵀ/√D) v`` (in the
+    dtype of the inputs: the caller passes fp32 or fp64 for the unbounded ReLU sums)."""
     if use_softmax:
         return F.scaled_dot_product_attention(q, k, v)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return torch.matmul(F.relu(scores), v.to(acc)).to(q.dtype)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(F.relu(scores), v)
 
 
 class DiagAttention(TokenMixer):
@@ -108,6 +109,8 @@ class DiagAttention(TokenMixer):
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         T = num_prefix_tokens
         q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if not self.use_softmax:  # unbounded ReLU sums: fp32 (fp64 for fp64) up to and through the norm
+            q, k, v = (t.to(accumulation_dtype(x.dtype)) for t in (q, k, v))
         attend = lambda a, b, c: _block_attention(a, b, c, self.use_softmax)  # noqa: E731
         o = block_local(q[:, T:], k[:, T:], v[:, T:], hw, self.block_size, attend)
         if T:
@@ -115,8 +118,8 @@ class DiagAttention(TokenMixer):
             o = torch.cat([pre, o], dim=1)
         o = o.flatten(2)
         if not self.use_softmax:
-            o = self.norm(o).to(x.dtype)
-        return self.out_proj(o)
+            o = self.norm(o)
+        return self.out_proj(o.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, block_size={self.block_size}, use_softmax={self.use_softmax}, "

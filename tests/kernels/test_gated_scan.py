@@ -114,6 +114,17 @@ def test_gradcheck_float64(method, per_channel, delta):
     assert torch.autograd.gradcheck(f, args, fast_mode=True)
 
 
+@pytest.mark.parametrize("method", ["naive", "chunked"])
+@pytest.mark.parametrize("per_channel,delta", [(False, False), (True, True)])
+def test_empty_batch(method, per_channel, delta):
+    q, k, v, g, beta = problem(7, per_channel, delta, B=0, dtype=torch.float32)
+    q.requires_grad_()
+    out = run(method, q, k, v, g, beta, "bidirectional", chunk_size=4)
+    assert out.shape == (0, 7, 2, 4)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
 def test_bad_inputs_raise_value_errors():
     q, k, v, g, beta = problem(10, False, True)
     with pytest.raises(ValueError, match="direction"):

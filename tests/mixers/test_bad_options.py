@@ -71,6 +71,33 @@ BAD = {
         "dwc_shared_across_heads": bools(),
         "eps": floats(-1e-6),
     },
+    "gated_delta": {
+        "use_output_gate": bools(),
+        "conv_kernel_size": ints(-1),  # 0: no convolution
+        "eps": floats(-1e-15),
+        "key_norm": choices(),
+        "order": choices(),
+        "chunk_size": ints(0, -1, optional=True),
+    },
+    "gla": {
+        "expand_k": floats(0.0, -0.5, 0.01),  # dim·expand_k a positive multiple of num_heads
+        "expand_v": floats(0.5, 2.0),  # 1 only
+        "gate_low_rank_dim": ints(0, -1),
+        "gate_logit_normalizer": floats(0.0, -1.0),
+        "clamp_min": floats(0.5, optional=True),  # a log decay: <= 0
+        "layernorm_eps": floats(0.0, -1.0),
+        "use_act_in_conv": bools(),
+        "use_bias_in_dwconv": bools(),
+        "use_out_act": bools(),
+        "order": choices(),
+        "chunk_size": ints(0, -1, optional=True),
+    },
+    "hedgehog": {
+        "feature_dim": ints(0, -1, optional=True),
+        "form": choices(),
+        "feature_bias": bools(),
+        "eps": floats(-1e-12),
+    },
     "infsa": {
         "mode": choices(),
         "rho_init": floats(0.0, 1.0, -0.5, 1.5),
@@ -78,6 +105,18 @@ BAD = {
         "per_token": bools(),
         "attn_drop": floats(-0.1, 1.0),
         "eps": floats(-1e-6),
+    },
+    "kda": {
+        "head_dim": ints(0, -1, optional=True),
+        "expand_v": floats(0.0, -1.0, 0.3),  # head_dim·expand_v a positive int
+        "use_short_conv": bools(),
+        "conv_size": ints(0, -1),
+        "conv_bias": bools(),
+        "allow_neg_eigval": bools(),
+        "norm_eps": floats(0.0, -1.0),
+        "causal": bools(),
+        "order": choices(),
+        "chunk_size": ints(0, -1, optional=True),
     },
     "lightnet": {
         "causal": bools(),
@@ -94,6 +133,12 @@ BAD = {
         "use_tpe": bools(),
         "tpe_mode": choices(),
         "tpe_direction": choices(optional=True),
+    },
+    "liger": {
+        "radius": ints(0, -1),
+        "window_mix": floats(-0.1, 1.5),
+        "gate_normalizer": floats(0.0, -1.0),
+        "eps": floats(-1e-6),
     },
     "lina": {
         "normalization": choices(),
@@ -118,10 +163,26 @@ BAD = {
         "out_bias": bools(),
         "dropout": floats(-0.1, 1.0),
     },
+    "lion": {
+        "mask_type": choices(),
+        "qk_scale": floats(0.0, -1.0, optional=True),
+        "eps": floats(-1e-6),
+        "order": choices(),
+        "chunk_size": ints(0, -1, optional=True),
+    },
     "lit": {
         "dwc_kernel_size": ints(0, 4),
         "dwc_shared_across_heads": bools(),
         "eps": floats(-1.0),
+    },
+    "lolcats": {
+        "window": choices(),
+        "radius": ints(0, -1),
+        "init_window_factor": floats(),
+        "affine_factors": bools(),
+        "feature_dim": ints(0, -1, optional=True),
+        "form": choices(),
+        "feature_bias": bools(),
     },
     "nala": {
         "norm_eps": floats(-1.0),
@@ -146,7 +207,26 @@ BAD = {
         "method": choices(),
         "chunk_size": ints(0, 3, optional=True),  # a power of two
     },
+    "sana": {
+        "out_bias": bools(),
+        "qk_norm": bools(),
+        "norm_eps": floats(0.0, -1.0),
+        "eps": floats(-1e-15),
+        "dropout": floats(-0.1, 1.0),
+    },
     "softmax": {},
+    "transnormer": {
+        "act_fun": choices(),
+        "norm_type": choices(),
+        "bias": bools(),
+    },
+    "transnormer_diag": {
+        "block_size": ints(0, -1) + [(8.0, 8), ("8", "8"), "8", (8,), (8, 8, 8), (0, 8), (True, 8)],
+        "use_softmax": bools(),
+        "act_fun": choices(),
+        "norm_type": choices(),
+        "bias": bools(),
+    },
 }
 
 

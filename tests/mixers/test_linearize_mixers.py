@@ -180,3 +180,11 @@ def test_liger_causal_gla_matches_official():
 def test_bad_options_raise(name, bad):
     with pytest.raises(ValueError):
         linvision.create_mixer(name, 16, 2, **bad)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_lolcats_window_factors_are_fp64_in_an_fp64_module(affine):
+    """σ(window_factors) was taken in fp32 whatever the module's dtype."""
+    m = linvision.create_mixer("lolcats", 8, 2, affine_factors=affine).double()
+    wf, lf = m.factors()
+    assert wf.dtype == torch.float64 and (not affine or lf.dtype == torch.float64)

@@ -110,6 +110,20 @@ def test_norm_attention_half_precision_large_sums(norm_type):
     assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
 
 
+def test_diag_relu_branch_half_precision_large_sums():
+    """ReLU(q·kᵀ/√D)·v summed over a 64-token tile overflows fp16 at inputs of scale 100 (the fp16 result
+    was all NaN): it stays fp32 up to and through the norm."""
+    torch.manual_seed(0)
+    m = create_mixer("transnormer_diag", dim=32, num_heads=2, use_softmax=False)
+    x = 100 * torch.randn(1, 1 + 16 * 16, 32)
+    ref = m(x, (16, 16), 1)
+    xh = x.half().requires_grad_()
+    out = m.half()(xh, (16, 16), 1)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
+    out.float().square().mean().backward()
+    assert torch.isfinite(xh.grad).all()
+
+
 def test_norms_are_fp32_and_official_formulas():
     x = torch.randn(3, 8, dtype=torch.float16) * 1000
     rms = x.float().norm(dim=-1, keepdim=True) * 8 ** -0.5
