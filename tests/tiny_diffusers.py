@@ -199,7 +199,8 @@ def build_sana(text_encoder: bool = False) -> SanaPipeline:
                                            max_position_embeddings=4096))
         tokenizer = tiny_gemma_tokenizer()
     scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    return SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    return in_eval_mode(SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
+                                     scheduler=scheduler))
 
 
 BUILDERS = {"unet": build_sd, "dit": build_dit, "pixart": build_pixart, "sd3": build_sd3, "flux": build_flux,

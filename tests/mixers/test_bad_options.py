@@ -138,7 +138,7 @@ BAD = {
         "radius": ints(0, -1),
         "window_mix": floats(-0.1, 1.5),
         "gate_normalizer": floats(0.0, -1.0),
-        "eps": floats(-1e-6),
+        "order": choices(),
     },
     "lina": {
         "normalization": choices(),
