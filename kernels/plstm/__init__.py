@@ -39,7 +39,7 @@ from .naive import (
 )
 
 METHODS = ("naive", "full", "chunked")
-DEFAULT_CHUNK = {"torch": 8, "triton": 16}  # Triton: C >= 16 puts every product on tl.dot
+DEFAULT_CHUNK = {"torch": 4, "triton": 16}  # CPU: inter-chunk work grows with C (C·Dk·Dv per node); Triton: C >= 16 puts every product on tl.dot
 GATE_NAMES = ("s_r", "s_d", "t_rl", "t_du", "t_dl", "t_ru", "m_l", "m_u")
 
 
@@ -77,7 +77,7 @@ def plstm2d(
     ``t_dl``/``t_ru`` may be ``None`` (no such edge: D-mode's chirality). ``d``: ``[B, N, H]`` or ``None``.
 
     Any grid works: the doubling pads internally with zero gates (which never changes a real output).
-    ``chunk_size`` (a power of two; ``method="chunked"``): default 8 on the PyTorch path, 16 on Triton.
+    ``chunk_size`` (a power of two; ``method="chunked"``): default 4 on the PyTorch path, 16 on Triton.
     States and sums are fp32 (fp64 for fp64 inputs); the output has the dtype of q.
     ``backend``: ``"auto"`` (Triton for CUDA tensors with ``method="chunked"``), ``"torch"``, ``"triton"``.
     """
