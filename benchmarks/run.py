@@ -13,6 +13,8 @@ Examples:
   linvision bench                                  # all mixers, 32² to 128² tokens
   linvision bench --mixers softmax linear --sizes 64 128 --dim 256 --heads 4
   linvision bench --quick                          # a few seconds, small sizes
+  linvision bench --growth                         # time(4N)/time(N) per mixer at 64², 128², 256²;
+                                                   # exits 1 when a linear-cost mixer grows faster
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import torch
 
 from ..cli_text import PlainHelpFormatter
 from ..mixers import create_mixer, list_mixers
+from .growth import CLOCKS, GROWTH_LIMIT, GROWTH_SIZES, growth_failures, growth_ratios, measure_growth, print_growth
+from .linfusion_official import compare_official_linfusion
 from .memory import peak_bytes
 from .timing import median_seconds
 
@@ -34,7 +38,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixers", nargs="+", default=None, help="mixers to run (default: all registered)")
-    parser.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128], help="grid side h = w (default: 32 64 128)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=None,
+                        help="grid side h = w (default: 32 64 128; with --growth 64 128 256)")
     parser.add_argument("--dim", type=int, default=256, help="channels C (default: 256)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
@@ -44,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per case; the median is reported (default: 3)")
     parser.add_argument("--quick", action="store_true", help="sizes 16 and 32, one timed run: a smoke run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
+    parser.add_argument("--growth", action="store_true",
+                        help="forward time and peak-memory growth per size step, side by side; exit 1 when a "
+                             "linear-cost mixer exceeds --growth-limit")
+    parser.add_argument("--growth-limit", type=float, default=GROWTH_LIMIT,
+                        help=f"allowed time(4N)/time(N) of a linear-cost mixer (default: {GROWTH_LIMIT})")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared machine; default: wall)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,17 +144,26 @@ def main(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"linvision bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    if args.sizes is None:
+        args.sizes = GROWTH_SIZES if args.growth else [32, 64, 128]
     if args.quick:
         args.sizes, args.repeat = [16, 32], 1
     names = args.mixers or list_mixers()
     unknown = sorted(set(names) - set(list_mixers()))
     if unknown:
         raise SystemExit(f"unknown mixer(s) {unknown}; available: {', '.join(list_mixers())}")
-    names = ["softmax"] + [n for n in names if n != "softmax"]
     print(
         f"device={device} dtype={str(dtype).replace('torch.', '')} mode={args.mode} dim={args.dim} "
         f"heads={args.heads} batch={args.batch} threads={torch.get_num_threads()}"
     )
+    if args.growth:
+        return growth_main(names, args, device, dtype)
+    names = ["softmax"] + [n for n in names if n != "softmax"]
     rows = []
     cases = [(size, name) for size in args.sizes for name in names]
     # a progress bar on a terminal only: redirected to a log, its carriage-return redraws would be residue
@@ -149,11 +171,30 @@ def main(args: argparse.Namespace) -> int:
         rows.append(bench_mixer(name, size, args, device, dtype))
     print_table(rows)
     kernel_rows = bench_kernel(args, device, dtype) if device.type == "cuda" else []
+    official_rows = compare_official_linfusion(args.sizes, args, device, dtype) if "linfusion" in names else []
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"mixers": rows, "kernel": kernel_rows}, f, indent=1)
+            json.dump({"mixers": rows, "kernel": kernel_rows, "linfusion_official": official_rows}, f, indent=1)
     ok = all(math.isfinite(r["ms"]) for r in rows)
     return 0 if ok else 1
+
+
+def growth_main(names: List[str], args, device: torch.device, dtype: torch.dtype) -> int:
+    """``--growth``: the growth table, the official LinFusion comparison, exit 1 on a failed linear mixer."""
+    sizes = sorted(args.sizes)
+    print(f"growth: sizes {sizes}, median of {args.repeat} side-by-side rounds, {args.clock} clock, forward, no_grad")
+    rows = measure_growth(names, sizes, args, device, dtype)
+    ratios = growth_ratios(rows)
+    print_growth(rows, ratios, args.growth_limit)
+    official_rows = compare_official_linfusion(sizes, args, device, dtype) if "linfusion" in names else []
+    failures = growth_failures(ratios, args.growth_limit)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"growth": rows, "ratios": ratios, "failures": failures, "linfusion_official": official_rows}, f, indent=1)
+    for line in failures:
+        print(f"FAIL {line}")
+    print("growth: every linear-cost mixer within the limit" if not failures else f"growth: {len(failures)} failure(s)")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

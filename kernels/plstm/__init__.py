@@ -49,7 +49,7 @@ from .naive import (
 )
 
 METHODS = ("naive", "full", "chunked")
-DEFAULT_CHUNK = {"torch": 8, "triton": 16}  # Triton: C >= 16 puts every product on tl.dot
+DEFAULT_CHUNK = {"torch": 4, "triton": 16}  # CPU: inter-chunk work grows with C (C·Dk·Dv per node); Triton: C >= 16 puts every product on tl.dot
 GATE_NAMES = ("s_r", "s_d", "t_rl", "t_du", "t_dl", "t_ru", "m_l", "m_u")
 
 
@@ -88,7 +88,7 @@ def plstm2d(
     ``t_dl``/``t_ru`` may be ``None`` (no such edge: D-mode's chirality). ``d``: ``[B, N, H]`` or ``None``.
 
     Any grid works: the doubling pads internally with zero gates (which never changes a real output).
-    ``chunk_size`` (a power of two; ``method="chunked"``): default 8 on the PyTorch path, 16 on Triton.
+    ``chunk_size`` (a power of two; ``method="chunked"``): default 4 on the PyTorch path, 16 on Triton.
     States and sums are fp32 (fp64 for fp64 inputs); the output has ``out_dtype``, default the dtype of q
     (``torch.float32`` keeps an fp16 result that a norm follows from overflowing).
     ``backend``: ``"auto"`` (Triton for CUDA tensors with ``method="chunked"``), ``"torch"``, ``"triton"``.

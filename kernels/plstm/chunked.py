@@ -28,15 +28,14 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def to_frames(t: Tensor, hw: Tuple[int, int], O: int, padded: Tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """``[B, N, H, *rest]`` (or ``[B, N, H, O]`` when ``rest`` is the orientation axis handled by caller)
-    → ``[B, H, O, Xp, Yp, *rest]``: one flipped, zero-padded copy per orientation."""
+def _frames(per_orientation, hw: Tuple[int, int], O: int, padded: Tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """``per_orientation(o)`` ``[B, N, H, *rest]`` for each ``o < O`` → ``[B, H, O, Xp, Yp, *rest]``:
+    orientation ``o``'s tensor flipped by ``ORIENTATION_FLIPS[o]``, zero-padded at the high ends."""
     X, Y = hw
     Xp, Yp = padded
-    g = t.to(dtype).unflatten(1, (X, Y))  # [B, X, Y, H, *rest]
-    g = g.movedim(3, 1)  # [B, H, X, Y, *rest]
     frames = []
     for o in range(O):
+        g = per_orientation(o).to(dtype).unflatten(1, (X, Y)).movedim(3, 1)  # [B, H, X, Y, *rest]
         fx, fy = ORIENTATION_FLIPS[o]
         dims = [d for d, f in ((2, fx), (3, fy)) if f]
         frames.append(g.flip(dims) if dims else g)
@@ -45,13 +44,16 @@ def to_frames(t: Tensor, hw: Tuple[int, int], O: int, padded: Tuple[int, int], d
     return torch.nn.functional.pad(f, pad) if (Xp > X or Yp > Y) else f
 
 
+def to_frames(t: Tensor, hw: Tuple[int, int], O: int, padded: Tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """``[B, N, H, *rest]`` → ``[B, H, O, Xp, Yp, *rest]``: one flipped, zero-padded copy per orientation."""
+    return _frames(lambda o: t, hw, O, padded, dtype)
+
+
 def gate_frames(t: Optional[Tensor], hw, padded, dtype) -> Optional[Tensor]:
     """Gates ``[B, N, H, O]`` → ``[B, H, O, Xp, Yp]``, orientation ``o`` flipped by its own flips."""
     if t is None:
         return None
-    O = t.shape[-1]
-    per = [to_frames(t[..., o], hw, O, padded, dtype)[:, :, o] for o in range(O)]
-    return torch.stack(per, dim=2)
+    return _frames(lambda o: t[..., o], hw, t.shape[-1], padded, dtype)
 
 
 def from_frames(f: Tensor, hw: Tuple[int, int]) -> Tensor:
@@ -87,16 +89,34 @@ def _unchunk_nodes(f: Tensor, C: int) -> Tensor:
 
 def _diagonal_order(NX: int, NY: int):
     """Chunks ordered by anti-diagonal ``cx + cy`` (then ``cx``): the order list, each diagonal's
-    ``(start, xs)``, and the permutation back to raster order."""
+    ``(start, lo, hi)`` (position of its first chunk in the order, first and last ``cx``), and the
+    permutation back to raster order."""
     order, diags = [], []
     for s in range(NX + NY - 1):
-        xs = list(range(max(0, s - NY + 1), min(NX, s + 1)))
-        diags.append((len(order), xs))
-        order.extend(cx * NY + (s - cx) for cx in xs)
+        lo, hi = max(0, s - NY + 1), min(NX - 1, s)
+        diags.append((len(order), lo, hi))
+        order.extend(cx * NY + (s - cx) for cx in range(lo, hi + 1))
     back = [0] * len(order)
     for pos, cell in enumerate(order):
         back[cell] = pos
     return order, diags, back
+
+
+def _border_inputs(r_prev: Tensor, b_prev: Tensor, s: int, lo: int, hi: int, lo_prev: int) -> Tensor:
+    """Input borders of the chunks ``cx = lo..hi`` of anti-diagonal ``s`` from the previous one's outputs.
+
+    ``r_prev``/``b_prev``: right/bottom border states ``[n_prev, L, C, Dk·Dv]`` of diagonal ``s − 1``
+    (chunks ``cx = lo_prev..``). Chunk ``(cx, cy)`` takes its left border from ``(cx − 1, cy)`` (zero at
+    ``cx = 0``) and its top border from ``(cx, cy − 1)`` (zero at ``cy = 0``); every source is a contiguous
+    slice. Returns ``[n, L, 2C, Dk·Dv]``: left border first, then top.
+    """
+    n, C = hi - lo + 1, r_prev.shape[2]
+    x_in = r_prev.new_zeros(n, r_prev.shape[1], 2 * C, r_prev.shape[3])
+    first = 1 if lo == 0 else 0
+    x_in[first:, :, :C] = r_prev[lo + first - 1 - lo_prev : hi - lo_prev]
+    last = n - 1 if hi == s else n
+    x_in[:last, :, C:] = b_prev[lo - lo_prev : lo - lo_prev + last]
+    return x_in
 
 
 def chunk_scan(qf: Tensor, kf: Tensor, vf: Tensor, cm: CellMatrices, scale: float) -> Tensor:
@@ -104,62 +124,54 @@ def chunk_scan(qf: Tensor, kf: Tensor, vf: Tensor, cm: CellMatrices, scale: floa
 
     Returns ``[..., Xp, Yp, Dv]`` in the dtype of ``qf``: ``s·q (M^l L + M^u U)`` from the chunk's input
     borders ``L, U`` plus the intra-chunk ``s·Σ G (q·k′) v′``. Border states cross the chunks along a
-    wavefront over anti-diagonals, every anti-diagonal one batched step.
+    wavefront over anti-diagonals, every anti-diagonal one batched step; a diagonal's states are read by
+    its own queries at once and only the latest diagonal's states are alive (memory ``O(√N)`` for them).
+
+    Per anti-diagonal of ``n`` chunks (``L`` = flattened leading dims; the ``2C`` border states of a chunk
+    laid out ``[2C·Dk, Dv]``, so transitions, sources and reads are each one batched matmul)::
+
+        X   = [L; U]                                       [n, L, 2C, Dk·Dv] input borders
+        out = [T^rl T^ru; T^dl T^du] X + (S ⊗ k) v         [n, L, 2C, Dk·Dv] right / bottom borders
+        h   = ([M^l M^u] ⊗ q) X                            [n, L, C², Dv]
+
+    with ``(S ⊗ k)[(a, i), p] = S[a, p] k_p[i]`` and ``(M ⊗ q)[p, (a, i)] = M[p, a] q_p[i]``.
     """
     C = cm.size
     q, k, v = (_chunk_nodes(t, C) for t in (qf, kf, vf))  # [..., NX, NY, C², D]
+    lead = q.shape[:-4]
     NX, NY = q.shape[-4], q.shape[-3]
     Dk, Dv = k.shape[-1], v.shape[-1]
     intra = (cm.g * (q @ k.transpose(-1, -2))) @ v
     order, diags, back = _diagonal_order(NX, NY)
     order_t = torch.tensor(order, device=q.device)
 
-    def diag_major(t):  # [..., NX, NY, r, c] -> [..., NX·NY (diagonal order), r, c]
-        return t.flatten(-4, -3).index_select(-3, order_t)
+    def diag_major(t):  # [..., NX, NY, r, c] -> [NX·NY (diagonal order), L, r, c]
+        t = t.flatten(-4, -3).flatten(0, -4) if t.dim() > 4 else t.flatten(-4, -3)[None]
+        return t.movedim(1, 0).index_select(0, order_t)
 
-    trl, tru, tdl, tdu, sr, sd = (diag_major(t) for t in (cm.trl, cm.tru, cm.tdl, cm.tdu, cm.sr, cm.sd))
-    kd, vd = diag_major(k), diag_major(v)
-
-    def sources(smat, a, b):  # Σ_n S[a_, n] k_n v_nᵀ → [..., n_cells, C, Dk·Dv]
-        kk = smat[..., a:b, :, :, None] * kd[..., a:b, None, :, :]  # [..., n, C, C², Dk]
-        return (kk.transpose(-1, -2) @ vd[..., a:b, None, :, :]).flatten(-2)
-
-    lead = q.shape[:-4]
-    zero = q.new_zeros(*lead, 1, C, Dk * Dv)
-    Ls, Us = [], []
+    trans = diag_major(torch.cat([torch.cat([cm.trl, cm.tru], -1), torch.cat([cm.tdl, cm.tdu], -1)], -2))
+    src = diag_major(torch.cat([cm.sr, cm.sd], -2))  # [cells, L, 2C, C²]
+    mark = diag_major(torch.cat([cm.ml, cm.mu], -1))  # [cells, L, C², 2C]
+    qd, kd, vd = diag_major(q), diag_major(k), diag_major(v)
+    reads = []
     r_prev = b_prev = None
     lo_prev = 0
-    for diag, (start, xs) in enumerate(diags):
-        n = len(xs)
-        a, b = start, start + n
-        if r_prev is None:
-            L = U = zero
+    for s, (start, lo, hi) in enumerate(diags):
+        a, b = start, start + hi - lo + 1
+        sk = (src[a:b, :, :, None] * kd[a:b, :, None].transpose(-1, -2)).flatten(-3, -2)  # [n, L, 2C·Dk, C²]
+        out = (sk @ vd[a:b]).unflatten(-2, (2 * C, Dk)).flatten(-2)  # [n, L, 2C, Dk·Dv]
+        if r_prev is not None:
+            x_in = _border_inputs(r_prev, b_prev, s, lo, hi, lo_prev)
+            out = out + trans[a:b] @ x_in
+            mq = (mark[a:b, ..., None] * qd[a:b, :, :, None]).flatten(-2)  # [n, L, C², 2C·Dk]
+            reads.append(mq @ x_in.view(*x_in.shape[:2], 2 * C * Dk, Dv))
         else:
-            xs_t = torch.tensor(xs, device=q.device)
-            ys_t = diag - xs_t
-            idx_l = torch.where(xs_t > 0, xs_t - lo_prev, 0)  # cell (x-1, y) of the previous diagonal, +1 for zero
-            idx_u = torch.where(ys_t > 0, xs_t - lo_prev + 1, 0)  # cell (x, y-1)
-            L = torch.cat([zero, r_prev], dim=-3).index_select(-3, idx_l)
-            U = torch.cat([zero, b_prev], dim=-3).index_select(-3, idx_u)
-        L = L.expand(*lead, n, C, Dk * Dv)
-        U = U.expand(*lead, n, C, Dk * Dv)
-        r_prev = trl[..., a:b, :, :] @ L + tru[..., a:b, :, :] @ U + sources(sr, a, b)
-        b_prev = tdl[..., a:b, :, :] @ L + tdu[..., a:b, :, :] @ U + sources(sd, a, b)
-        lo_prev = xs[0]
-        Ls.append(L)
-        Us.append(U)
+            reads.append(qd.new_zeros(b - a, *qd.shape[1:-1], Dv))
+        r_prev, b_prev = out[:, :, :C], out[:, :, C:]
+        lo_prev = lo
     back_t = torch.tensor(back, device=q.device)
-
-    def raster(parts):  # diagonal order → [..., NX, NY, C, Dk, Dv]
-        return torch.cat(parts, dim=-3).index_select(-3, back_t).unflatten(-3, (NX, NY)).unflatten(-1, (Dk, Dv))
-
-    L_in, U_in = raster(Ls), raster(Us)
-
-    def read(m, S):  # Σ_a m[n, a] q_n S[a] → [..., NX, NY, C², Dv]
-        qs = q[..., None, :, :] @ S  # [..., NX, NY, C, C², Dv]
-        return (m.transpose(-1, -2)[..., None] * qs).sum(-3)
-
-    inter = read(cm.ml, L_in) + read(cm.mu, U_in)
+    inter = torch.cat(reads).index_select(0, back_t).movedim(0, 1)  # [L, NX·NY, C², Dv]
+    inter = inter.reshape(*lead, NX, NY, C * C, Dv)
     return _unchunk_nodes((inter + intra) * scale, C)
 
 

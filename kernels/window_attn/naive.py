@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SCORE_ELEMENTS = 1 << 24  # score elements of one chunk of the blocked reference (64 MB in fp32)
+SCORE_ELEMENTS = 1 << 24  # score elements of one chunk of prefix queries (64 MB in fp32)
+BLOCK_SCORE_ELEMENTS = 1 << 20  # score elements of one chunk of image-query blocks (4 MB in fp32: stays in cache)
 MAX_BLOCK = 32
 
 
@@ -86,17 +87,29 @@ def _image_blocks(t: Tensor, hw: Tuple[int, int], block: Tuple[int, int]) -> Ten
     return t.reshape(B, nby, by, nbx, bx, H, D).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, nby, nbx, H, by * bx, D)
 
 
-def _key_windows(t: Tensor, hw: Tuple[int, int], block: Tuple[int, int], pad: Tuple[int, int]) -> Tensor:
-    """``[B, h·w, H, D]`` → overlapping windows ``[B, H, D, nby, nbx, wy, wx]`` (a strided view of a padded copy).
-
-    Window ``(i, j)`` covers rows ``[i·by − py, i·by + by − 1 + py]`` and the matching columns.
-    """
+def _padded_image(t: Tensor, hw: Tuple[int, int], padded: Tuple[int, int], pad: Tuple[int, int]) -> Tensor:
+    """Image tokens ``[B, h·w, H, D]`` → ``[B, H, Hp·Wp, D]``: zero-padded by ``pad = (py, px)`` before and up
+    to ``padded = (Hp, Wp)`` after, raster order (so a key row gather is one contiguous ``D`` vector)."""
     B, _, H, D = t.shape
-    (h, w), (by, bx), (py, px) = hw, block, pad
-    nby, nbx = -(-h // by), -(-w // bx)
-    t = t.reshape(B, h, w, H, D).permute(0, 3, 4, 1, 2)
-    t = F.pad(t, (px, px + nbx * bx - w, py, py + nby * by - h))
-    return t.unfold(3, by + 2 * py, by).unfold(4, bx + 2 * px, bx)
+    (h, w), (Hp, Wp), (py, px) = hw, padded, pad
+    t = t.reshape(B, h, w, H, D).permute(0, 3, 1, 2, 4)
+    return F.pad(t, (0, 0, px, Wp - w - px, py, Hp - h - py)).reshape(B, H, Hp * Wp, D)
+
+
+def _block_disc(block: Tuple[int, int], pad: Tuple[int, int], radius: int, device) -> Tensor:
+    """``[by·bx, wy·wx]``: query ``(qy, qx)`` of a block meets window position ``(ky, kx)`` (``dy² + dx² < r²``)."""
+    (by, bx), (py, px) = block, pad
+    qy, qx = torch.arange(by, device=device), torch.arange(bx, device=device)
+    ky, kx = torch.arange(by + 2 * py, device=device) - py, torch.arange(bx + 2 * px, device=device) - px
+    dy2 = (ky[None, :] - qy[:, None]).square()  # [by, wy]
+    dx2 = (kx[None, :] - qx[:, None]).square()  # [bx, wx]
+    return (dy2[:, None, :, None] + dx2[None, :, None, :] < radius * radius).reshape(by * bx, -1)
+
+
+def _window_keys(block: Tuple[int, int], pad: Tuple[int, int], radius: int, device) -> Tensor:
+    """Positions (raster, in the ``wy × wx`` window) of the keys some query of the block can attend:
+    the window with its corners cut, the key tiles the Triton kernel visits at one-token granularity."""
+    return _block_disc(block, pad, radius, device).any(0).nonzero().flatten()
 
 
 def window_attention_blocked(
@@ -142,39 +155,47 @@ def window_attention_blocked(
             s = torch.einsum("bqhd,bmhd->bhqm", qf[:, a : min(a + step, T)], kf) * scale
             pieces.append(torch.einsum("bhqm,bmhd->bqhd", s.softmax(-1), vf))
 
-    # Image queries: 2-D blocks against their key windows, plus all prefix and pooled keys.
-    qb = _image_blocks(qf[:, T:], hw, (by, bx))  # [B, nby, nbx, H, by·bx, Dk]
-    kw = _key_windows(kf[:, T:], hw, (by, bx), (py, px))  # [B, H, Dk, nby, nbx, wy, wx]
-    vw = _key_windows(vf[:, T:], hw, (by, bx), (py, px))
-    ones = torch.ones(1, 1, h, w, dtype=acc, device=device)
-    k_ok = F.pad(ones, (px, px + nbx * bx - w, py, py + nby * by - h)).unfold(2, wy, by).unfold(3, wx, bx)
-    k_ok = k_ok.reshape(nby, nbx, 1, wy * wx) > 0  # key window positions inside the image
-    q_ok = F.pad(ones, (0, nbx * bx - w, 0, nby * by - h)).reshape(nby, by, nbx, bx).permute(0, 2, 1, 3)
-    q_ok = q_ok.reshape(nby, nbx, by * bx, 1) > 0
-    qy, qx = torch.arange(by, device=device), torch.arange(bx, device=device)
-    ky, kx = torch.arange(wy, device=device) - py, torch.arange(wx, device=device) - px
-    dy2 = (ky[None, :] - qy[:, None]).square()  # [by, wy]
-    dx2 = (kx[None, :] - qx[:, None]).square()  # [bx, wx]
-    disc = (dy2[:, None, :, None] + dx2[None, :, None, :] < r * r).reshape(by * bx, wy * wx)
+    # Image queries: 2-D blocks against the keys of their window that meet some query's disc, gathered
+    # from the padded image by a fixed offset pattern (the same for every block).
+    Hp, Wp = nby * by + 2 * py, nbx * bx + 2 * px
+    qb = _image_blocks(qf[:, T:], hw, (by, bx)).permute(0, 3, 1, 2, 4, 5)  # [B, H, nby, nbx, by·bx, Dk]
+    kp = _padded_image(kf[:, T:], hw, (Hp, Wp), (py, px))  # [B, H, Hp·Wp, Dk]
+    vp = _padded_image(vf[:, T:], hw, (Hp, Wp), (py, px))
+    keep = _window_keys((by, bx), (py, px), r, device)  # [W] window positions that meet the block's discs
+    W = keep.numel()
+    offsets = (keep // wx) * Wp + keep % wx  # [W] in the padded image, from a block's window origin
+    origin = (torch.arange(nby, device=device) * by * Wp)[:, None] + torch.arange(nbx, device=device) * bx
+    key_idx = origin[:, :, None] + offsets  # [nby, nbx, W]
+    inside = F.pad(torch.ones(h, w, dtype=torch.bool, device=device), (px, Wp - w - px, py, Hp - h - py))
+    k_ok = inside.flatten()[key_idx].unsqueeze(2)  # [nby, nbx, 1, W] kept keys inside the image
+    q_ok = F.pad(torch.ones(h, w, dtype=torch.bool, device=device), (0, nbx * bx - w, 0, nby * by - h))
+    q_ok = q_ok.reshape(nby, by, nbx, bx).permute(0, 2, 1, 3).reshape(nby, nbx, by * bx, 1)
+    disc = _block_disc((by, bx), (py, px), r, device).index_select(-1, keep)  # [by·bx, W]
     # Padded query rows get an all-True row: finite (and then discarded) instead of NaN.
-    allowed = (disc & k_ok) | ~q_ok  # [nby, nbx, by·bx, wy·wx]
+    allowed = (disc & k_ok) | ~q_ok  # [nby, nbx, by·bx, W]
 
-    rows_per_chunk = max(1, SCORE_ELEMENTS // max(1, B * nbx * H * by * bx * (wy * wx + T + P)))
+    rows_per_chunk = max(1, BLOCK_SCORE_ELEMENTS // max(1, B * nbx * H * by * bx * (W + T + P)))
     out_img = []
     for a in range(0, nby, rows_per_chunk):
         c = slice(a, a + rows_per_chunk)
-        qc = qb[:, c]  # [B, n, nbx, H, Q, Dk]
-        n = qc.shape[1]
-        kc = kw[:, :, :, c].reshape(B, H, Dk, n, nbx, wy * wx).permute(0, 3, 4, 1, 5, 2)  # [B, n, nbx, H, W, Dk]
-        vc = vw[:, :, :, c].reshape(B, H, Dv, n, nbx, wy * wx).permute(0, 3, 4, 1, 5, 2)
-        s_loc = (qc @ kc.transpose(-1, -2)) * scale
-        s_loc = s_loc.masked_fill(~allowed[c].unsqueeze(2), float("-inf"))
-        s_pre = torch.einsum("byxhqd,bthd->byxhqt", qc, k_pre) * scale
-        s_pool = torch.einsum("byxhqd,bthd->byxhqt", qc, pk) * scale
-        p = torch.cat((s_pre, s_loc, s_pool), -1).softmax(-1)
-        p_pre, p_loc, p_pool = p.split((T, wy * wx, P), -1)
-        o = p_loc @ vc + torch.einsum("byxhqt,bthd->byxhqd", p_pre, v_pre) + torch.einsum("byxhqt,bthd->byxhqd", p_pool, pv)
-        out_img.append(o.reshape(B, n, nbx, H, by, bx, Dv).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, n * by, nbx * bx, H, Dv))
+        qc = qb[:, :, c]  # [B, H, n, nbx, Q, Dk]
+        n = qc.shape[2]
+        idx = key_idx[c].flatten()
+        kc = kp.index_select(2, idx).view(B, H, n, nbx, W, Dk)
+        vc = vp.index_select(2, idx).view(B, H, n, nbx, W, Dv)
+        s_loc = (qc @ kc.transpose(-1, -2)) * scale  # [B, H, n, nbx, Q, W]
+        s_loc = s_loc.masked_fill_(~allowed[c], float("-inf"))
+        if T or P:
+            s_pre = torch.einsum("bhyxqd,bthd->bhyxqt", qc, k_pre) * scale
+            s_pool = torch.einsum("bhyxqd,bthd->bhyxqt", qc, pk) * scale
+            p = torch.cat((s_pre, s_loc, s_pool), -1).softmax(-1)
+            p_pre, p_loc, p_pool = p.split((T, W, P), -1)
+            o = p_loc @ vc + torch.einsum("bhyxqt,bthd->bhyxqd", p_pre, v_pre)
+            o = o + torch.einsum("bhyxqt,bthd->bhyxqd", p_pool, pv)
+        else:
+            o = s_loc.softmax(-1) @ vc
+        o = o.reshape(B, H, n, nbx, by, bx, Dv).permute(0, 2, 4, 3, 5, 1, 6)
+        out_img.append(o.reshape(B, n * by, nbx * bx, H, Dv))
     img = torch.cat(out_img, 1)[:, :h, :w].reshape(B, h * w, H, Dv)
     pieces.append(img)
     return torch.cat(pieces, 1).to(q.dtype)

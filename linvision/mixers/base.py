@@ -36,7 +36,12 @@ class TokenMixer(nn.Module):
     Tokens are ``num_prefix_tokens`` prefix tokens (class, registers, text) followed by ``h*w`` image
     tokens in raster order. Subclasses implement :meth:`mix`; the base validates the input first.
     Resolution is an argument of every call, never state.
+
+    ``linear_cost``: whether the mixer's cost grows linearly with the tokens (checked by
+    ``linvision bench --growth``); a quadratic mixer sets it to False.
     """
+
+    linear_cost: bool = True
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()

@@ -263,6 +263,8 @@ class VanillaSelfAttention(_NaLaWrapper):
     Follows ``NALA.py::VanillaSelfAttention``; deviations as listed in the module docstring.
     """
 
+    linear_cost = False
+
     def __init__(
         self,
         dim: int,

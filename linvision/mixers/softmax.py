@@ -16,6 +16,8 @@ class SoftmaxAttention(QKVMixer):
     weights load as they are. Quadratic in the token count.
     """
 
+    linear_cost = False
+
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
 

@@ -1,0 +1,113 @@
+"""Growth of time and peak memory with the token count: ``linvision bench --growth``.
+
+Every ``(mixer, size)`` case is built first, then timed side by side: each of ``repeat`` rounds runs
+every case once (after one warm-up round), and the median per case is reported, so a load that
+changes during the run touches every case alike. For each pair of consecutive sizes the table gives
+``time(N₂)/time(N₁)`` and ``peak(N₂)/peak(N₁)``; with sizes doubling (64, 128, 256) that is
+``time(4N)/time(N)``, 4 for exactly linear cost. A mixer class declares ``linear_cost``
+(:class:`linvision.mixers.TokenMixer`); a linear-cost mixer fails when a ratio exceeds the limit
+scaled to the token ratio (``limit · (N₂/N₁)/4``; 4.5 by default).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from ..mixers import create_mixer, mixer_class
+from .memory import peak_bytes
+
+GROWTH_LIMIT = 4.5  # allowed time(4N)/time(N) (and peak(4N)/peak(N)) of a linear-cost mixer
+GROWTH_SIZES = [64, 128, 256]
+CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure_growth(names: Sequence[str], sizes: Sequence[int], args, device, dtype) -> List[Dict]:
+    """Median seconds (side by side, ``args.repeat`` rounds on ``args.clock``) and extra peak bytes of every
+    mixer's forward (no autograd) at every size; rows ``{mixer, size, tokens, ms, peak_mib}``."""
+    clock = CLOCKS[args.clock]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    cases: List[Tuple[str, int, Callable[[], object], list]] = []
+    for name in names:
+        torch.manual_seed(0)
+        mixer = create_mixer(name, dim=args.dim, num_heads=args.heads).to(device=device, dtype=dtype).eval()
+        for size in sizes:
+            x = torch.randn(args.batch, size * size, args.dim, device=device, dtype=dtype)
+
+            def run(mixer=mixer, x=x, hw=(size, size)):
+                with torch.no_grad():
+                    mixer(x, hw)
+
+            cases.append((name, size, run, [x, *mixer.parameters()]))
+    times: List[List[float]] = [[] for _ in cases]
+    for round_ in range(args.repeat + 1):  # round 0 warms up
+        for i, (_, _, run, _) in enumerate(cases):
+            sync()
+            start = clock()
+            run()
+            sync()
+            if round_:
+                times[i].append(clock() - start)
+    return [
+        {"mixer": name, "size": size, "tokens": size * size, "ms": statistics.median(t) * 1e3,
+         "peak_mib": peak_bytes(run, existing, device) / 2**20}
+        for (name, size, run, existing), t in zip(cases, times)
+    ]
+
+
+def growth_ratios(rows: List[Dict]) -> Dict[str, List[Dict]]:
+    """Per mixer, for consecutive sizes: ``{tokens, to_tokens, time, memory}`` ratios (memory None if 0)."""
+    by_mixer: Dict[str, List[Dict]] = {}
+    for r in rows:
+        by_mixer.setdefault(r["mixer"], []).append(r)
+    out = {}
+    for name, rs in by_mixer.items():
+        rs = sorted(rs, key=lambda r: r["tokens"])
+        out[name] = [
+            {"tokens": a["tokens"], "to_tokens": b["tokens"], "time": b["ms"] / a["ms"],
+             "memory": b["peak_mib"] / a["peak_mib"] if a["peak_mib"] > 0 else None}
+            for a, b in zip(rs, rs[1:])
+        ]
+    return out
+
+
+def growth_failures(ratios: Dict[str, List[Dict]], limit: float = GROWTH_LIMIT) -> List[str]:
+    """One line per ratio of a linear-cost mixer above ``limit · (N₂/N₁)/4``; empty when all hold."""
+    failures = []
+    for name, steps in ratios.items():
+        if not mixer_class(name).linear_cost:
+            continue
+        for s in steps:
+            allowed = limit * s["to_tokens"] / s["tokens"] / 4
+            for kind in ("time", "memory"):
+                if s[kind] is not None and s[kind] > allowed:
+                    failures.append(
+                        f"{name}: {kind} grows {s[kind]:.2f}x from {s['tokens']} to {s['to_tokens']} tokens "
+                        f"(linear-cost limit {allowed:.2f}x)"
+                    )
+    return failures
+
+
+def print_growth(rows: List[Dict], ratios: Dict[str, List[Dict]], limit: float) -> None:
+    sizes = sorted({r["size"] for r in rows})
+    ms = {(r["mixer"], r["size"]): r for r in rows}
+    steps = [f"{a}²→{b}²" for a, b in zip(sizes, sizes[1:])]
+    header = (f"{'mixer':>12} {'linear':>6} " + " ".join(f"{f'ms {s}²':>10}" for s in sizes) + " "
+              + " ".join(f"{'time ' + s:>16}" for s in steps) + " " + " ".join(f"{'mem ' + s:>15}" for s in steps))
+    print(header)
+    print("-" * len(header))
+    for name, st in ratios.items():
+        linear = mixer_class(name).linear_cost
+        times = " ".join(f"{ms[(name, s)]['ms']:>10.1f}" for s in sizes)
+
+        def mark(value, step):
+            if value is None:
+                return "-"
+            bad = linear and value > limit * step["to_tokens"] / step["tokens"] / 4
+            return f"{value:.2f}x" + (" !" if bad else "")
+
+        tr = " ".join(f"{mark(s['time'], s):>16}" for s in st)
+        mr = " ".join(f"{mark(s['memory'], s):>15}" for s in st)
+        print(f"{name:>12} {'yes' if linear else 'no':>6} {times} {tr} {mr}")
