@@ -46,6 +46,42 @@ def hybrid_rows(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, hw: Tuple[int, int
     return a / a.sum(-1, keepdim=True)
 
 
+BAND_TOKENS = 1024  # image queries per band of grid rows: keeps the per-offset temporaries cache-sized
+
+
+def _image_band(qg: Tensor, fqg: Tensor, k_pre: Tensor, v_pre: Tensor, state: Tensor, z: Tensor, views, wf: Tensor,
+                lf, scale: float) -> Tensor:
+    """Outputs ``[B, r, w, H, Dv]`` of a band of ``r`` grid rows of image queries ``qg [B, r, w, H, D]``.
+
+    ``views``: per window offset ``(k, valid [r, w], φ(k), v)`` of the band's shifted keys and values;
+    ``k_pre, v_pre [B, T, H, *]`` the prefix keys and values; ``state [B, H, F, Dv]``, ``z [B, H, F]`` the global
+    linear state and normaliser of the image keys.
+    """
+    T = k_pre.shape[1]
+    lf_v = lf[:, None] if isinstance(lf, Tensor) else lf  # against [..., H, K] and [..., H, Dv]
+    scores, lin = [], []
+    for k_o, valid, fk_o, _ in views:
+        inside = valid[None, :, :, None]
+        scores.append(((qg * k_o).sum(-1) * scale).masked_fill(~inside, float("-inf")))
+        lin.append((fqg * fk_o).sum(-1).masked_fill(~inside, 0.0))
+    scores, lin = torch.stack(scores, -1), torch.stack(lin, -1)  # [B, r, w, H, K]
+    m = scores.amax(-1)
+    if T:
+        s_pre = torch.einsum("byxhd,bthd->byxht", qg, k_pre) * scale
+        m = torch.maximum(m, s_pre.amax(-1))
+        e_pre = wf[:, None] * torch.exp(s_pre - m[..., None])
+    e_win = wf[:, None] * torch.exp(scores - m[..., None])
+    coef = e_win - lf_v * lin
+    num = lf_v * torch.einsum("byxhf,bhfv->byxhv", fqg, state)
+    den = e_win.sum(-1) + lf * (torch.einsum("byxhf,bhf->byxh", fqg, z) - lin.sum(-1))
+    for i, (_, _, _, v_o) in enumerate(views):
+        num = num + coef[..., i, None] * v_o
+    if T:
+        num = num + torch.einsum("byxht,bthv->byxhv", e_pre, v_pre)
+        den = den + e_pre.sum(-1)
+    return num / den[..., None]
+
+
 def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw: Tuple[int, int],
                      num_prefix_tokens: int, window_factor: Tensor, linear_factor, shape: str, radius: int) -> Tensor:
     """``o [B, N, H, Dv]`` of the weights of :func:`hybrid_rows`, in ``O(N·(|W| + T)·D + N·F·Dv)``.
@@ -64,33 +100,21 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw
     offsets = window_offsets(shape, radius)
     wf = window_factor.to(acc)  # [H]
     lf = linear_factor.to(acc) if isinstance(linear_factor, Tensor) else linear_factor  # [H] or a number
-    lf_v = lf[:, None] if isinstance(lf, Tensor) else lf  # against [..., H, K] and [..., H, Dv]
     qg = q[:, T:].reshape(B, h, w, H, D)
     fqg = fq[:, T:].reshape(B, h, w, H, fq.shape[-1])  # sizes given: B may be 0
-    scores, lin = [], []
-    for (k_o, valid), (fk_o, _) in zip(shifted(k[:, T:], hw, offsets), shifted(fk[:, T:], hw, offsets)):
-        inside = valid[None, :, :, None]
-        scores.append(((qg * k_o).sum(-1) * scale).masked_fill(~inside, float("-inf")))
-        lin.append((fqg * fk_o).sum(-1).masked_fill(~inside, 0.0))
-    scores, lin = torch.stack(scores, -1), torch.stack(lin, -1)  # [B, h, w, H, K]
-    m = scores.amax(-1)
-    if T:
-        s_pre = torch.einsum("byxhd,bthd->byxht", qg, k[:, :T]) * scale
-        m = torch.maximum(m, s_pre.amax(-1))
-        e_pre = wf[:, None] * torch.exp(s_pre - m[..., None])
-    e_win = wf[:, None] * torch.exp(scores - m[..., None])
     fk_img, v_img = fk[:, T:], v[:, T:]
     state = torch.einsum("bnhf,bnhv->bhfv", fk_img, v_img)
     z = fk_img.sum(1)  # [B, H, F]
-    coef = e_win - lf_v * lin
-    num = lf_v * torch.einsum("byxhf,bhfv->byxhv", fqg, state)
-    den = e_win.sum(-1) + lf * (torch.einsum("byxhf,bhf->byxh", fqg, z) - lin.sum(-1))
-    for i, (v_o, _) in enumerate(shifted(v_img, hw, offsets)):
-        num = num + coef[..., i, None] * v_o
-    if T:
-        num = num + torch.einsum("byxht,bthv->byxhv", e_pre, v[:, :T])
-        den = den + e_pre.sum(-1)
-    out_img = (num / den[..., None]).reshape(B, h * w, H, v.shape[-1])
+    views = [(k_o, valid, fk_o, v_o) for (k_o, valid), (fk_o, _), (v_o, _) in
+             zip(shifted(k[:, T:], hw, offsets), shifted(fk[:, T:], hw, offsets), shifted(v_img, hw, offsets))]
+    rows = max(1, BAND_TOKENS // w)
+    bands = []
+    for a in range(0, h, rows):
+        band = slice(a, a + rows)
+        band_views = [(k_o[:, band], valid[band], fk_o[:, band], v_o[:, band]) for k_o, valid, fk_o, v_o in views]
+        bands.append(_image_band(qg[:, band], fqg[:, band], k[:, :T], v[:, :T], state, z, band_views, wf, lf, scale))
+    out_img = torch.cat(bands, 1)
+    out_img = out_img.reshape(B, h * w, H, v.shape[-1])
     if not T:
         return out_img
     s = torch.einsum("bthd,bnhd->bhtn", q[:, :T], k) * scale
