@@ -12,8 +12,9 @@ cumulative log decay inside the chunk (per key channel) and ``Γ_t = diag(exp b_
   exclusive), next state ``S_C = Γ_C S_0 + ΔS − M S_0`` with ``ΔS = Σ_s (k_s ⊙ e^{b_C − b_s}) u₀_sᵀ`` and
   ``M = Σ_s (k_s ⊙ e^{b_C − b_s}) w_sᵀ``.
 
-Everything but the state recursion is computed for many chunks at once, in groups whose pairwise-decay tensor
-stays under ``PAIRWISE_ELEMENTS``; the recursion itself is two or three small ops per chunk. Pairwise decays
+Chunks are processed in groups whose pairwise-decay tensor stays under ``PAIRWISE_ELEMENTS``, each group end to
+end (intra-chunk products, its part of the state recursion, its outputs) with the state carried to the next, so
+no temporary is sized by the whole sequence; the recursion itself is two or three small ops per chunk. Pairwise decays
 are masked before ``exp`` (no overflow for ``g ≤ 0``). Gradients come from autograd through these tensors.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PAIRWISE_ELEMENTS = 1 << 23  # cap on the [B, H, chunks, C, C, Dk] per-channel decay tensor of one group
+PAIRWISE_ELEMENTS = 1 << 20  # cap on the [B, H, chunks, C, C, Dk] per-channel decay tensor of one group (cache-sized)
 
 
 def _chunks(t: Tensor, C: int) -> Tensor:
@@ -61,37 +62,34 @@ def gated_scan_chunked(
     strict = lower.tril(-1)
     eye = torch.eye(C, dtype=dt, device=q.device)
     group = max(1, PAIRWISE_ELEMENTS // max(1, B * H * C * C * b.shape[-1]))  # B = 0: one group
-    qk_parts: List[Tensor] = []
-    u0_parts: List[Tensor] = []
-    w_parts: List[Tensor] = []
-    for a in range(0, n, group):
+    S = q.new_zeros(B, H, K, V)
+    outs: List[Tensor] = []
+    for a in range(0, n, group):  # each group end to end, the state carried: temporaries stay group-sized
         sl = slice(a, a + group)
-        qg, kg, bg = qc[:, :, sl], kc[:, :, sl], b[:, :, sl]
+        qg, kg, vg, bg = qc[:, :, sl], kc[:, :, sl], vc[:, :, sl], b[:, :, sl]
         qk = _pairwise(qg, kg, bg, lower)
-        qk_parts.append(qk.masked_fill(~strict, 0.0) if exclusive else qk)
+        if exclusive:
+            qk = qk.masked_fill(~strict, 0.0)
+        u0, w = vg, None
         if bc is not None:
             betag = bc[:, :, sl]
             A = (betag * _pairwise(kg, kg, bg, lower)).masked_fill(~strict, 0.0) + eye
-            rhs = torch.cat([betag * vc[:, :, sl], betag * kg * bg.exp()], -1)
+            rhs = torch.cat([betag * vg, betag * kg * bg.exp()], -1)
             sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-            u0_parts.append(sol[..., :V])
-            w_parts.append(sol[..., V:])
-    qk = torch.cat(qk_parts, 2)
-    u0 = vc if bc is None else torch.cat(u0_parts, 2)
-    w = None if bc is None else torch.cat(w_parts, 2)
-    eb = b.exp()
-    k_tail = (kc * (b[..., -1:, :] - b).exp()).transpose(-1, -2)  # [B, H, n, K, C]: (k_s ⊙ e^{b_C − b_s})ᵀ
-    dS = k_tail @ u0  # [B, H, n, K, V]
-    M = None if w is None else k_tail @ w  # [B, H, n, K, K]
-    last = eb[:, :, :, -1][..., None]  # [B, H, n, 1 or K, 1]
-    S = q.new_zeros(B, H, K, V)
-    starts = []
-    for i in range(n):
-        starts.append(S)
-        S = last[:, :, i] * S + dS[:, :, i] if M is None else last[:, :, i] * S + dS[:, :, i] - M[:, :, i] @ S
-    S0 = torch.stack(starts, 2)  # [B, H, n, K, V]
-    u = u0 if w is None else u0 - w @ S0
-    o = scale * ((qc * eb) @ S0 + qk @ u)  # [B, H, n, C, V]
+            u0, w = sol[..., :V], sol[..., V:]
+        eb = bg.exp()
+        k_tail = (kg * (bg[..., -1:, :] - bg).exp()).transpose(-1, -2)  # [B, H, g, K, C]: (k_s ⊙ e^{b_C − b_s})ᵀ
+        dS = k_tail @ u0  # [B, H, g, K, V]
+        M = None if w is None else k_tail @ w  # [B, H, g, K, K]
+        last = eb[:, :, :, -1][..., None]  # [B, H, g, 1 or K, 1]
+        starts = []
+        for i in range(qg.shape[2]):
+            starts.append(S)
+            S = last[:, :, i] * S + dS[:, :, i] if M is None else last[:, :, i] * S + dS[:, :, i] - M[:, :, i] @ S
+        S0 = torch.stack(starts, 2)  # [B, H, g, K, V]
+        u = u0 if w is None else u0 - w @ S0
+        outs.append(scale * ((qg * eb) @ S0 + qk @ u))  # [B, H, g, C, V]
+    o = torch.cat(outs, 2)
     return o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :N]
 
 
