@@ -55,18 +55,18 @@ def gated_scan_chunked(
     q, k, v = (F.pad(t.to(dt), (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
     g = q.new_zeros(B, N + pad, H, 1) if g is None else F.pad(g.to(dt), (0, 0, 0, 0, 0, pad))
     qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)  # [B, H, n, C, D]
-    b = _chunks(g, C).cumsum(3)  # [B, H, n, C, 1 or K]
+    gc = _chunks(g, C)  # [B, H, n, C, 1 or K]; its cumulative sum is taken per group
     bc = None if beta is None else _chunks(F.pad(beta.to(dt), (0, 0, 0, pad))[..., None], C)  # [B, H, n, C, 1]
     n = qc.shape[2]
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = lower.tril(-1)
     eye = torch.eye(C, dtype=dt, device=q.device)
-    group = max(1, PAIRWISE_ELEMENTS // max(1, B * H * C * C * b.shape[-1]))  # B = 0: one group
+    group = max(1, PAIRWISE_ELEMENTS // max(1, B * H * C * C * gc.shape[-1]))  # B = 0: one group
     S = q.new_zeros(B, H, K, V)
     outs: List[Tensor] = []
     for a in range(0, n, group):  # each group end to end, the state carried: temporaries stay group-sized
         sl = slice(a, a + group)
-        qg, kg, vg, bg = qc[:, :, sl], kc[:, :, sl], vc[:, :, sl], b[:, :, sl]
+        qg, kg, vg, bg = qc[:, :, sl], kc[:, :, sl], vc[:, :, sl], gc[:, :, sl].cumsum(3)
         qk = _pairwise(qg, kg, bg, lower)
         if exclusive:
             qk = qk.masked_fill(~strict, 0.0)
