@@ -2,13 +2,11 @@
 the overflow guard, and loading a ``SanaTransformerBlock``'s ``attn1`` as it is."""
 import pytest
 import torch
+from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 
 import linvision
 from linvision.mixers.sana import GUARD_EXPONENT, power_of_two_guard
 from tests.helpers import rel_err
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers.models.transformers.sana_transformer import SanaTransformerBlock  # noqa: E402
 
 DIM, HEADS = 48, 3
 
