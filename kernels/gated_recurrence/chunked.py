@@ -19,7 +19,7 @@ are masked before ``exp`` (no overflow for ``g ≤ 0``). Gradients come from aut
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +44,12 @@ def _pairwise(x: Tensor, y: Tensor, b: Tensor, lower: Tensor) -> Tensor:
 
 def gated_scan_chunked(
     q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], scale: float,
-    exclusive: bool = False, chunk_size: int = 64,
-) -> Tensor:
-    """Forward-direction scan, same contract as :func:`.naive.gated_scan_naive`; ``g [B, N, H, 1 or Dk]``."""
+    exclusive: bool = False, chunk_size: int = 64, initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Forward-direction scan, same contract as :func:`.naive.gated_scan_naive` (``initial_state``,
+    ``output_final_state`` included); ``g [B, N, H, 1 or Dk]``. Padded tail tokens have ``k = 0, g = 0``, so they
+    leave the final state as it is."""
     B, N, H, K = q.shape
     V = v.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -62,7 +65,7 @@ def gated_scan_chunked(
     strict = lower.tril(-1)
     eye = torch.eye(C, dtype=dt, device=q.device)
     group = max(1, PAIRWISE_ELEMENTS // max(1, B * H * C * C * gc.shape[-1]))  # B = 0: one group
-    S = q.new_zeros(B, H, K, V)
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
     outs: List[Tensor] = []
     for a in range(0, n, group):  # each group end to end, the state carried: temporaries stay group-sized
         sl = slice(a, a + group)
@@ -90,7 +93,8 @@ def gated_scan_chunked(
         u = u0 if w is None else u0 - w @ S0
         outs.append(scale * ((qg * eb) @ S0 + qk @ u))  # [B, H, g, C, V]
     o = torch.cat(outs, 2)
-    return o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :N]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :N]
+    return (o, S) if output_final_state else o
 
 
 __all__ = ["PAIRWISE_ELEMENTS", "gated_scan_chunked"]
