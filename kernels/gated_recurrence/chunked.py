@@ -12,7 +12,8 @@ cumulative log decay inside the chunk (per key channel) and ``Γ_t = diag(exp b_
   exclusive), next state ``S_C = Γ_C S_0 + ΔS − M S_0`` with ``ΔS = Σ_s (k_s ⊙ e^{b_C − b_s}) u₀_sᵀ`` and
   ``M = Σ_s (k_s ⊙ e^{b_C − b_s}) w_sᵀ``.
 
-Chunks are processed in groups whose pairwise-decay tensor stays under ``PAIRWISE_ELEMENTS``, each group end to
+Chunks are processed in groups whose temporaries (the pairwise-decay tensor and the q, k, v, u tiles) stay under
+``GROUP_ELEMENTS`` (about half a core's L2 in fp32, so the cost per token does not grow with N), each group end to
 end (intra-chunk products, its part of the state recursion, its outputs) with the state carried to the next, so
 no temporary is sized by the whole sequence; the recursion itself is two or three small ops per chunk. Pairwise decays
 are masked before ``exp`` (no overflow for ``g ≤ 0``). Gradients come from autograd through these tensors.
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PAIRWISE_ELEMENTS = 1 << 20  # cap on the [B, H, chunks, C, C, Dk] per-channel decay tensor of one group (cache-sized)
+GROUP_ELEMENTS = 1 << 18  # cap on one group's [B, H, chunks, C, C·(1 or Dk) + 2·Dk + Dv] temporaries (L2-sized)
 
 
 def _chunks(t: Tensor, C: int) -> Tensor:
@@ -64,7 +65,8 @@ def gated_scan_chunked(
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = lower.tril(-1)
     eye = torch.eye(C, dtype=dt, device=q.device)
-    group = max(1, PAIRWISE_ELEMENTS // max(1, B * H * C * C * gc.shape[-1]))  # B = 0: one group
+    per_chunk = B * H * C * (C * gc.shape[-1] + 2 * K + V)
+    group = max(1, GROUP_ELEMENTS // max(1, per_chunk))  # B = 0: one group
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
     outs: List[Tensor] = []
     for a in range(0, n, group):  # each group end to end, the state carried: temporaries stay group-sized
@@ -97,4 +99,4 @@ def gated_scan_chunked(
     return (o, S) if output_final_state else o
 
 
-__all__ = ["PAIRWISE_ELEMENTS", "gated_scan_chunked"]
+__all__ = ["GROUP_ELEMENTS", "gated_scan_chunked"]
