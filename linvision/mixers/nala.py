@@ -61,16 +61,17 @@ zeros in ``q``) give finite gradients. A Triton port must keep ``where(x > 0, x^
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS, accumulation_dtype
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float
 from .base import TokenMixer
+from .token_chunks import map_token_chunks
 
 LEPE_KERNEL = 5  # official: Conv2d(dim, dim, 5, 1, 2, groups=dim)
 NALA_EPS = 1e-6  # official: z = 1 / (q · mean(k) + 1e-6)
@@ -184,10 +185,13 @@ class _NaLaWrapper(TokenMixer):
         heads = (self.num_heads, self.head_dim)
         o = self.attend(q.to(acc).unflatten(-1, heads), k.to(acc).unflatten(-1, heads),
                         v.to(acc).unflatten(-1, heads), hw, num_prefix_tokens)
-        o = o.flatten(2) + lepe.to(acc)
-        o = F.layer_norm(o, (C,), self.ln.weight.to(acc), self.ln.bias.to(acc), self.ln.eps)
-        o = o * self.act(g.to(acc))
-        return self.out_proj(o.to(x.dtype))
+        ln_weight, ln_bias = self.ln.weight.to(acc), self.ln.bias.to(acc)
+
+        def output(o: Tensor, lepe: Tensor, g: Tensor) -> Tensor:
+            o = F.layer_norm(o.flatten(2) + lepe.to(acc), (C,), ln_weight, ln_bias, self.ln.eps)
+            return self.out_proj((o * self.act(g.to(acc))).to(x.dtype))
+
+        return map_token_chunks(output, o, lepe, g)  # token-wise: chunks keep the temporaries cache-sized
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rope={self.rope}, rope_base={self.rope_base:g}"
@@ -221,34 +225,39 @@ class NormAwareLinearAttn(_NaLaWrapper):
         super().__init__(dim, num_heads, qkv_bias, proj_bias, rope, rope_base, backend)
         self.norm_eps = check_float("norm_eps", norm_eps, min=0.0)
 
-    def features(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
-        """fp32 ``[B, N, H, d]`` q, k → φq, φk as ``[B, N, H, 2, d]`` (positive half, negative half)."""
+    def query_features(self, q: Tensor) -> Tensor:
+        """fp32 ``[B, N, H, d]`` q → φq ``[B, N, H, 2, d]`` (positive half, negative half)."""
         n = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
         if self.norm_eps:
             n = n.clamp_min(self.norm_eps)
         power = (3.0 * (0.5 + torch.tanh(n))).unsqueeze(-1)  # (B, N, H, 1, 1)
-        phi_q = (torch.stack((F.relu(q), F.relu(-q)), dim=-2) / n.unsqueeze(-1)) ** power
+        return (torch.stack((F.relu(q), F.relu(-q)), dim=-2) / n.unsqueeze(-1)) ** power
+
+    @staticmethod
+    def key_features(k: Tensor) -> Tensor:
+        """fp32 ``[B, N, H, d]`` k → φk ``[B, N, H, 2, d]``."""
         k = k**3
-        phi_k = torch.stack((F.relu(k), F.relu(-k)), dim=-2)
-        return phi_q, phi_k
+        return torch.stack((F.relu(k), F.relu(-k)), dim=-2)
+
+    def features(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """fp32 ``[B, N, H, d]`` q, k → φq, φk as ``[B, N, H, 2, d]`` (positive half, negative half)."""
+        return self.query_features(q), self.key_features(k)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        phi_q, phi_k = self.features(q, k)
-        if not self.rope:
-            return linear_attention(
-                phi_q.flatten(-2), phi_k.flatten(-2), v, mean=True, eps=NALA_EPS, backend=self.backend
-            )
-        sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
-        sin, cos = sin.unsqueeze(-2), cos.unsqueeze(-2)  # (N, 1, 1, r) over [B, N, H, 2, d]
-        return linear_attention(
-            apply_rope(phi_q, sin, cos).flatten(-2),
-            apply_rope(phi_k, sin, cos).flatten(-2),
-            v,
-            q_den=phi_q.flatten(-2),
-            k_den=phi_k.flatten(-2),
-            mean=True,
-            eps=NALA_EPS,
-            backend=self.backend,
+        # Features chunk by chunk of tokens (linear_attention_streamed): never a full [B, N, H, 2d] temporary.
+        if self.rope:
+            sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
+            sin, cos = sin.unsqueeze(-2), cos.unsqueeze(-2)  # (N, 1, 1, r) over [B, N, H, 2, d]
+
+        def mapped(phi: Tensor, a: int, b: int) -> Tuple[Tensor, Optional[Tensor]]:
+            if not self.rope:
+                return phi.flatten(-2), None
+            return apply_rope(phi, sin[a:b], cos[a:b]).flatten(-2), phi.flatten(-2)  # RoPE in the numerator only
+
+        return linear_attention_streamed(
+            lambda a, b: mapped(self.query_features(q[:, a:b]), a, b),
+            lambda a, b: mapped(self.key_features(k[:, a:b]), a, b),
+            v, q.shape[1], mean=True, eps=NALA_EPS, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

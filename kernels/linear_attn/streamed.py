@@ -1,0 +1,68 @@
+"""Linear attention whose feature maps are computed by the caller one chunk of tokens at a time.
+
+A mixer whose features are a chain of elementwise ops (NaLaFormer's power kernel and RoPE, DyDiLA's
+routed power kernel and differential, Hedgehog's softmax maps) would otherwise hold several full
+``[B, N, H, D]`` temporaries: past the cache, and past the allocator's reuse threshold (every fresh
+block is page-faulted again on every call), they make the cost per token grow with ``N``. Here the
+caller passes functions of a token range ``[a, b)``; on the PyTorch path they are evaluated per chunk
+of :func:`~linvision.kernels.linear_attn.naive.chunk_tokens` tokens, the chunking
+``linear_attention_naive`` uses, so the key state is summed in the same order and the outputs are
+bit-identical to ``linear_attention`` on the full features. On the Triton path the features are built
+once over all tokens and passed to :func:`~linvision.kernels.linear_attn.linear_attention`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+from torch import Tensor
+
+from ..backend import resolve_backend
+from ..validation import check_bool, check_float
+from . import _validated, linear_attention
+from .naive import chunk_tokens
+from .state import apply_state, state_of
+
+# (a, b) → (features of tokens a:b [B, b − a, H, Dk], denominator features [B, b − a, H, Dd] or None)
+Features = Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]
+
+
+def linear_attention_streamed(
+    queries: Features,
+    keys: Features,
+    v: Tensor,
+    num_queries: int,
+    *,
+    normalize: str = "div",
+    mean: bool = False,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> Tensor:
+    """``linear_attention(q, k, v, q_den=, k_den=, ...)`` with ``q, q_den = queries(0, N)`` and
+    ``k, k_den = keys(0, M)``, never holding more than one chunk of features on the PyTorch path.
+
+    ``v [B, M, H, Dv]``; returns ``[B, N, H, Dv]`` (``N = num_queries``) in the dtype of the query
+    features. ``queries``/``keys`` must return the same tensors for a range as for the whole
+    sequence sliced to it (features computed token by token).
+    """
+    if resolve_backend(backend, v) == "triton":
+        q, q_den = queries(0, num_queries)
+        k, k_den = keys(0, v.shape[1])
+        return linear_attention(
+            q, k, v, q_den=q_den, k_den=k_den, normalize=normalize, mean=mean, eps=eps, backend=backend
+        )
+    check_bool("mean", mean)
+    eps = check_float("eps", eps, min=0.0)
+    step = chunk_tokens(v)
+    first_q, first_qd = queries(0, min(step, num_queries))
+    state = None
+    for a in range(0, v.shape[1], step):
+        k, k_den = keys(a, a + step)
+        if a == 0:  # linear_attention's checks, once, on the first chunk of each side
+            _validated(first_q, k, v[:, : k.shape[1]], first_qd, k_den, None, None, normalize, None)
+        part = state_of(k, v[:, a : a + step], k_den)
+        state = part if state is None else state + part
+    out = first_q.new_empty(first_q.shape[0], num_queries, first_q.shape[2], v.shape[-1])
+    for a in range(0, num_queries, step):
+        q, q_den = (first_q, first_qd) if a == 0 else queries(a, a + step)
+        out[:, a : a + step] = apply_state(q, state, q_den, normalize, mean, eps)
+    return out
