@@ -77,7 +77,7 @@ from ..kernels.linear_attn import linear_attention
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .lit import FEATURE_OFFSET, LiTAttention
-from .token_chunks import map_token_chunks
+from .token_chunks import map_token_ranges
 
 DENOMINATORS = ("kernel", "differential", "none")
 ROUTER_GRADS = ("ste", "none")
@@ -270,11 +270,14 @@ class DyDiLA(LiTAttention):
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         q, k, v = self.project_qkv(x)  # (B, N, H, d) views
         o = self.attention(x, q, k, v)
-        if self.dwc is None:
-            return map_token_chunks(lambda o: self.proj(o.flatten(2).to(x.dtype)), o)
-        local = self.local_term(v, hw, num_prefix_tokens)
-        # token-wise: in chunks, so the temporaries stay cache-sized
-        return map_token_chunks(lambda o, local: self.proj((o.flatten(2) + local.to(o.dtype)).to(x.dtype)), o, local)
+
+        def output(a: int, b: int) -> Tensor:  # token-wise, in chunks of tokens: cache-sized temporaries
+            o_ab = o[:, a:b].flatten(2)
+            if self.dwc is not None:
+                o_ab = o_ab + self.local_term(v, hw, num_prefix_tokens, a, b).to(o_ab.dtype)
+            return self.proj(o_ab.to(x.dtype))
+
+        return map_token_ranges(output, x.shape[0], x.shape[1], self.dim)
 
     def extra_repr(self) -> str:
         return (

@@ -71,7 +71,8 @@ from ..kernels.backend import BACKENDS, accumulation_dtype
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float
 from .base import TokenMixer
-from .token_chunks import map_token_chunks
+from .token_chunks import map_token_ranges
+from .token_conv import depthwise_conv_tokens
 
 LEPE_KERNEL = 5  # official: Conv2d(dim, dim, 5, 1, 2, groups=dim)
 NALA_EPS = 1e-6  # official: z = 1 / (q · mean(k) + 1e-6)
@@ -155,16 +156,13 @@ class _NaLaWrapper(TokenMixer):
         self.out_proj = nn.Linear(dim, dim, bias=check_bool("proj_bias", proj_bias))
         self.ln = nn.LayerNorm(dim)
 
-    def local_term(self, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        """``lepe``: (B, N, C) → (B, N, C) in ``v``'s dtype; zero rows for the prefix tokens."""
-        B, N, C = v.shape
-        h, w = hw
-        img = v[:, num_prefix_tokens:].transpose(1, 2).reshape(B, C, h, w)
+    def local_term(
+        self, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, start: int = 0, stop: Optional[int] = None
+    ) -> Tensor:
+        """``lepe`` of tokens ``start:stop``: ``v (B, N, C)`` → ``(B, stop − start, C)`` in ``v``'s dtype; zero
+        rows for the prefix tokens. Only the grid rows around the range are convolved."""
         weight, bias = self.lepe.weight.to(v.dtype), self.lepe.bias.to(v.dtype)
-        out = F.conv2d(img, weight, bias, padding=LEPE_KERNEL // 2, groups=C).flatten(2).transpose(1, 2)
-        if num_prefix_tokens:
-            out = torch.cat((out.new_zeros(B, num_prefix_tokens, C), out), dim=1)
-        return out
+        return depthwise_conv_tokens(v, hw, num_prefix_tokens, weight, bias, start, stop)
 
     def rope_tables(
         self, hw: Tuple[int, int], num_prefix_tokens: int, device, dtype: torch.dtype = torch.float32
@@ -181,17 +179,18 @@ class _NaLaWrapper(TokenMixer):
         B, N, C = x.shape
         acc = accumulation_dtype(x.dtype)  # fp32, fp64 for fp64 x
         q, k, v, g = self.qkvg(x).unflatten(-1, (4, C)).unbind(2)  # each (B, N, C)
-        lepe = self.local_term(v.to(acc) if self.lepe_fp32 else v, hw, num_prefix_tokens)
+        lepe_in = v.to(acc) if self.lepe_fp32 else v
         heads = (self.num_heads, self.head_dim)
         o = self.attend(q.to(acc).unflatten(-1, heads), k.to(acc).unflatten(-1, heads),
                         v.to(acc).unflatten(-1, heads), hw, num_prefix_tokens)
         ln_weight, ln_bias = self.ln.weight.to(acc), self.ln.bias.to(acc)
 
-        def output(o: Tensor, lepe: Tensor, g: Tensor) -> Tensor:
-            o = F.layer_norm(o.flatten(2) + lepe.to(acc), (C,), ln_weight, ln_bias, self.ln.eps)
-            return self.out_proj((o * self.act(g.to(acc))).to(x.dtype))
+        def output(a: int, b: int) -> Tensor:
+            lepe = self.local_term(lepe_in, hw, num_prefix_tokens, a, b)
+            o_ab = F.layer_norm(o[:, a:b].flatten(2) + lepe.to(acc), (C,), ln_weight, ln_bias, self.ln.eps)
+            return self.out_proj((o_ab * self.act(g[:, a:b].to(acc))).to(x.dtype))
 
-        return map_token_chunks(output, o, lepe, g)  # token-wise: chunks keep the temporaries cache-sized
+        return map_token_ranges(output, B, N, C)  # token-wise: chunks keep the temporaries cache-sized
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rope={self.rope}, rope_base={self.rope_base:g}"

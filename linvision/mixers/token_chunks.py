@@ -36,12 +36,18 @@ def map_token_chunks(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
     """
     B, N = tensors[0].shape[:2]
     row = max(math.prod(t.shape[2:]) for t in tensors)
-    step = chunk_tokens(B, row)
-    if N <= step:
-        return fn(*tensors)
-    first = fn(*(t[:, :step] for t in tensors))
-    out = first.new_empty(first.shape[0], N, *first.shape[2:])
+    return map_token_ranges(lambda a, b: fn(*(t[:, a:b] for t in tensors)), B, N, row)
+
+
+def map_token_ranges(fn: Callable[[int, int], Tensor], batch: int, num_tokens: int, row: int) -> Tensor:
+    """``out[:, a:b] = fn(a, b)`` over chunks ``[a, b)`` of ``num_tokens`` tokens, sized for rows of ``row``
+    elements (:func:`chunk_tokens`); ``fn`` returns ``[batch, b − a, ...]`` and must act token by token."""
+    step = chunk_tokens(batch, row)
+    if num_tokens <= step:
+        return fn(0, num_tokens)
+    first = fn(0, step)
+    out = first.new_empty(first.shape[0], num_tokens, *first.shape[2:])
     out[:, :step] = first
-    for a in range(step, N, step):
-        out[:, a : a + step] = fn(*(t[:, a : a + step] for t in tensors))
+    for a in range(step, num_tokens, step):
+        out[:, a : a + step] = fn(a, min(a + step, num_tokens))
     return out
