@@ -17,8 +17,9 @@ from typing import Callable, Optional, Tuple
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..validation import check_bool, check_float
+from ..validation import check_bool, check_choice, check_float, check_optional
 from . import _validated, linear_attention
+from .feature_maps import FEATURE_MAPS
 from .naive import chunk_tokens
 from .state import apply_state, state_of
 
@@ -35,6 +36,7 @@ def linear_attention_streamed(
     normalize: str = "div",
     mean: bool = False,
     eps: float = 1e-6,
+    feature_map: Optional[str] = None,
     backend: str = "auto",
 ) -> Tensor:
     """``linear_attention(q, k, v, q_den=, k_den=, ...)`` with ``q, q_den = queries(0, N)`` and
@@ -42,16 +44,19 @@ def linear_attention_streamed(
 
     ``v [B, M, H, Dv]``; returns ``[B, N, H, Dv]`` (``N = num_queries``) in the dtype of the query
     features. ``queries``/``keys`` must return the same tensors for a range as for the whole
-    sequence sliced to it (features computed token by token).
+    sequence sliced to it (features computed token by token). ``feature_map`` (``"relu"``, ``"elu+1"``
+    or None) is applied to what they return, as in ``linear_attention``.
     """
     if resolve_backend(backend, v) == "triton":
         q, q_den = queries(0, num_queries)
         k, k_den = keys(0, v.shape[1])
         return linear_attention(
-            q, k, v, q_den=q_den, k_den=k_den, normalize=normalize, mean=mean, eps=eps, backend=backend
+            q, k, v, q_den=q_den, k_den=k_den, normalize=normalize, mean=mean, eps=eps, feature_map=feature_map,
+            backend=backend,
         )
     check_bool("mean", mean)
     eps = check_float("eps", eps, min=0.0)
+    feature_map = check_optional(check_choice, "feature_map", feature_map, tuple(FEATURE_MAPS))
     step = chunk_tokens(v)
     first_q, first_qd = queries(0, min(step, num_queries))
     state = None
@@ -59,10 +64,10 @@ def linear_attention_streamed(
         k, k_den = keys(a, a + step)
         if a == 0:  # linear_attention's checks, once, on the first chunk of each side
             _validated(first_q, k, v[:, : k.shape[1]], first_qd, k_den, None, None, normalize, None)
-        part = state_of(k, v[:, a : a + step], k_den)
+        part = state_of(k, v[:, a : a + step], k_den, feature_map=feature_map)
         state = part if state is None else state + part
     out = first_q.new_empty(first_q.shape[0], num_queries, first_q.shape[2], v.shape[-1])
     for a in range(0, num_queries, step):
         q, q_den = (first_q, first_qd) if a == 0 else queries(a, a + step)
-        out[:, a : a + step] = apply_state(q, state, q_den, normalize, mean, eps)
+        out[:, a : a + step] = apply_state(q, state, q_den, normalize, mean, eps, feature_map=feature_map)
     return out

@@ -19,6 +19,7 @@ from ..kernels.backend import accumulation_dtype
 from ..kernels.validation import check_bool, check_choice, check_int
 from .base import TokenMixer
 from .grid_blocks import block_local
+from .token_chunks import map_token_chunks
 from .transnormer_norms import NORM_TYPES, build_norm, has_parameters
 
 LOCAL_ACT_FUNS = ("relu",)
@@ -116,10 +117,13 @@ class DiagAttention(TokenMixer):
         if T:
             pre = attend(q[:, :T].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
             o = torch.cat([pre, o], dim=1)
-        o = o.flatten(2)
-        if not self.use_softmax:
-            o = self.norm(o)
-        return self.out_proj(o.to(x.dtype))
+
+
+        def output(o: Tensor) -> Tensor:  # token-wise, in chunks of tokens: cache-sized temporaries
+            o = o.flatten(2)
+            return self.out_proj((o if self.use_softmax else self.norm(o)).to(x.dtype))
+
+        return map_token_chunks(output, o)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, block_size={self.block_size}, use_softmax={self.use_softmax}, "
