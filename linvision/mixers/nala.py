@@ -39,7 +39,9 @@ Deviations from the official code (outputs equal for fp32 inputs, up to rounding
 - Input/output are tokens ``(B, N, C)`` with ``hw`` instead of ``(B, C, H, W)``; RoPE sin/cos are built
   from ``hw`` in each call, instead of once per stage in ``BasicLayer`` and passed in. Same values.
 - The attention core runs on :func:`linvision.kernels.linear_attn.linear_attention` (fp32 states,
-  ``mean=True``, ``eps=1e-6`` added where the official adds it), not on explicit matmuls.
+  ``mean=True``, ``eps=1e-6`` added where the official adds it), not on explicit matmuls; on the PyTorch
+  path through its chunked form ``linear_attention_streamed``: features, RoPE, LePE, LayerNorm, gate and
+  ``out_proj`` are evaluated one chunk of tokens at a time (same values; cache-sized temporaries).
 - Prefix tokens, as described above (an extension).
 - ``head_dim`` not a multiple of 4: the official RoPE crashes with a shape mismatch (a crash, so fixed):
   here the first ``4·(head_dim // 4)`` dims are laid out as officially (rows then columns) and the
