@@ -17,6 +17,7 @@ from typing import Callable, Optional, Tuple
 from torch import Tensor
 
 from ..backend import resolve_backend
+from ..chunks import stack_chunks
 from ..validation import check_bool, check_choice, check_float, check_optional
 from . import _validated, linear_attention
 from .feature_maps import FEATURE_MAPS
@@ -37,6 +38,8 @@ def linear_attention_streamed(
     mean: bool = False,
     eps: float = 1e-6,
     feature_map: Optional[str] = None,
+    feature_offset: float = 0.0,
+    output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
     backend: str = "auto",
 ) -> Tensor:
     """``linear_attention(q, k, v, q_den=, k_den=, ...)`` with ``q, q_den = queries(0, N)`` and
@@ -45,18 +48,25 @@ def linear_attention_streamed(
     ``v [B, M, H, Dv]``; returns ``[B, N, H, Dv]`` (``N = num_queries``) in the dtype of the query
     features. ``queries``/``keys`` must return the same tensors for a range as for the whole
     sequence sliced to it (features computed token by token). ``feature_map`` (``"relu"``, ``"elu+1"``
-    or None) is applied to what they return, as in ``linear_attention``.
+    or None) and ``feature_offset`` are applied to what they return, as in ``linear_attention``.
+
+    ``output(a, b, o)``: applied to each chunk ``o [B, b − a, H, Dv]`` of the attention output (token-wise:
+    the caller's epilogue, e.g. local term and projection), so that the attention output is never held
+    whole; the result is then the stacked ``output`` chunks ``[B, N, ...]``.
     """
+    epilogue = (lambda a, b, o: o) if output is None else output  # noqa: E731
     if resolve_backend(backend, v) == "triton":
         q, q_den = queries(0, num_queries)
         k, k_den = keys(0, v.shape[1])
-        return linear_attention(
+        o = linear_attention(
             q, k, v, q_den=q_den, k_den=k_den, normalize=normalize, mean=mean, eps=eps, feature_map=feature_map,
-            backend=backend,
+            feature_offset=feature_offset, backend=backend,
         )
+        return o if output is None else stack_chunks(lambda a, b: output(a, b, o[:, a:b]), num_queries, chunk_tokens(v))
     check_bool("mean", mean)
     eps = check_float("eps", eps, min=0.0)
     feature_map = check_optional(check_choice, "feature_map", feature_map, tuple(FEATURE_MAPS))
+    maps = dict(feature_map=feature_map, feature_offset=check_float("feature_offset", feature_offset, min=0.0))
     step = chunk_tokens(v)
     first_q, first_qd = queries(0, min(step, num_queries))
     state = None
@@ -64,10 +74,11 @@ def linear_attention_streamed(
         k, k_den = keys(a, a + step)
         if a == 0:  # linear_attention's checks, once, on the first chunk of each side
             _validated(first_q, k, v[:, : k.shape[1]], first_qd, k_den, None, None, normalize, None)
-        part = state_of(k, v[:, a : a + step], k_den, feature_map=feature_map)
+        part = state_of(k, v[:, a : a + step], k_den, **maps)
         state = part if state is None else state + part
-    out = first_q.new_empty(first_q.shape[0], num_queries, first_q.shape[2], v.shape[-1])
-    for a in range(0, num_queries, step):
-        q, q_den = (first_q, first_qd) if a == 0 else queries(a, a + step)
-        out[:, a : a + step] = apply_state(q, state, q_den, normalize, mean, eps, feature_map=feature_map)
-    return out
+
+    def chunk(a: int, b: int) -> Tensor:
+        q, q_den = (first_q, first_qd) if a == 0 else queries(a, b)
+        return epilogue(a, b, apply_state(q, state, q_den, normalize, mean, eps, **maps))
+
+    return stack_chunks(chunk, num_queries, step)

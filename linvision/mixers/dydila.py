@@ -221,14 +221,17 @@ class DyDiLA(LiTAttention):
         return y.unflatten(-1, (self.num_heads, self.head_dim))
 
     # -- forward ---------------------------------------------------------------------------------
-    def attention(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Core: ``x (B, N, C)`` (router input), q, k, v ``[B, N, H, d]`` → ``[B, N, H, d]``."""
-        offset = FEATURE_OFFSET
+    def attention(
+        self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, output: Optional[Callable[[int, int, Tensor], Tensor]] = None
+    ) -> Tensor:
+        """Core: ``x (B, N, C)`` (router input), q, k, v ``[B, N, H, d]`` → ``o [B, N, H, d]``; with ``output``,
+        the stacked ``output(a, b, o[:, a:b])`` over chunks of tokens instead (token-wise epilogue)."""
         plain = "none" if self.denominator == "none" else "div"
         if not (self.dynamic_kernel or self.differential):  # the LiT baseline, features fused in the kernel
-            return linear_attention(
-                q, k, v, feature_map="relu", feature_offset=offset, normalize=plain, mean=True,
-                eps=self.eps, backend=self.backend,
+            return linear_attention_streamed(
+                lambda a, b: (q[:, a:b], None), lambda a, b: (k[:, a:b], None), v, q.shape[1], normalize=plain,
+                mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET, output=output,
+                backend=self.backend,
             )
         acc = accumulation_dtype(x.dtype)
         v = v.to(acc)
@@ -236,12 +239,14 @@ class DyDiLA(LiTAttention):
         if not (self.differential and self.denominator == "differential"):
             # features chunk by chunk of tokens: no full [B, N, H, d] temporary (linear_attention_streamed)
             return linear_attention_streamed(
-                queries, keys, v, q.shape[1], normalize=plain, mean=True, eps=self.eps, backend=self.backend
+                queries, keys, v, q.shape[1], normalize=plain, mean=True, eps=self.eps, output=output,
+                backend=self.backend,
             )
         (q_diff, _), (k_diff, _) = queries(0, q.shape[1]), keys(0, k.shape[1])
         num = linear_attention(q_diff, k_diff, v, normalize="none", mean=True, backend=self.backend)
         den = torch.einsum("bnhd,bhd->bnh", q_diff, k_diff.mean(1)).clamp_min(self.den_min) + self.eps
-        return num / den.unsqueeze(-1)
+        o = num / den.unsqueeze(-1)
+        return o if output is None else map_token_ranges(lambda a, b: output(a, b, o[:, a:b]), *o.shape[:2], self.dim)
 
     def features(self, side: str, t: Tensor, x: Tensor) -> Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]:
         """Features of tokens ``a:b`` of one side (``side`` ``"q"`` or ``"k"``, ``t [B, N, H, d]``, router input
@@ -269,15 +274,14 @@ class DyDiLA(LiTAttention):
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         q, k, v = self.project_qkv(x)  # (B, N, H, d) views
-        o = self.attention(x, q, k, v)
 
-        def output(a: int, b: int) -> Tensor:  # token-wise, in chunks of tokens: cache-sized temporaries
-            o_ab = o[:, a:b].flatten(2)
+        def output(a: int, b: int, o: Tensor) -> Tensor:  # token-wise, in chunks of tokens: cache-sized temporaries
+            o = o.flatten(2)
             if self.dwc is not None:
-                o_ab = o_ab + self.local_term(v, hw, num_prefix_tokens, a, b).to(o_ab.dtype)
-            return self.proj(o_ab.to(x.dtype))
+                o = o + self.local_term(v, hw, num_prefix_tokens, a, b).to(o.dtype)
+            return self.proj(o.to(x.dtype))
 
-        return map_token_ranges(output, x.shape[0], x.shape[1], self.dim)
+        return self.attention(x, q, k, v, output)
 
     def extra_repr(self) -> str:
         return (

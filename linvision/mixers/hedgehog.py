@@ -16,7 +16,6 @@ from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from ..kernels.backend import BACKENDS, accumulation_dtype
 from .base import QKVMixer
-from .token_chunks import map_token_chunks
 
 FORMS = ("softmax", "joint", "exp")
 
@@ -106,11 +105,11 @@ class HedgehogAttention(QKVMixer):
         q, k, v = self.project_qkv(x)
         acc = accumulation_dtype(x.dtype)
         # feature maps chunk by chunk of tokens, and the projection in token chunks: cache-sized temporaries
-        o = linear_attention_streamed(
+        return linear_attention_streamed(
             lambda a, b: (self.feature_map_q(q[:, a:b]), None), lambda a, b: (self.feature_map_k(k[:, a:b]), None),
             v.to(acc), q.shape[1], eps=self.eps, backend=self.backend,
+            output=lambda a, b, o: self.proj(o.to(x.dtype).flatten(2)),
         )
-        return map_token_chunks(lambda o: self.proj(o.to(x.dtype).flatten(2)), o)
 
     def attention_rows(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int
                        ) -> Tuple[Tensor, Tensor, Callable[[int, int], Tensor]]:

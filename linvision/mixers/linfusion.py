@@ -18,7 +18,6 @@ from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import TokenMixer
 from .inherit import softmax_attention_weights
-from .token_chunks import map_token_chunks
 
 
 def feature_mlp(dim: int, mid_dim: Optional[int]) -> nn.Module:
@@ -104,10 +103,10 @@ class LinFusionAttention(TokenMixer):
         # q, k (and their feature MLPs) and the output projection chunk by chunk of tokens: cache-sized temporaries
         queries = lambda a, b: (self.split_heads(self.to_q(x[:, a:b] + self.to_q_(x[:, a:b]))), None)  # noqa: E731
         keys = lambda a, b: (self.split_heads(self.to_k(x[:, a:b] + self.to_k_(x[:, a:b]))), None)  # noqa: E731
-        o = linear_attention_streamed(
-            queries, keys, v, x.shape[1], mean=True, eps=self.eps, feature_map="elu+1", backend=self.backend
+        return linear_attention_streamed(
+            queries, keys, v, x.shape[1], mean=True, eps=self.eps, feature_map="elu+1", backend=self.backend,
+            output=lambda a, b, o: self.to_out[1](self.to_out[0](o.flatten(2))),
         )
-        return map_token_chunks(lambda o: self.to_out[1](self.to_out[0](o.flatten(2))), o)
 
     @classmethod
     def from_softmax(cls, attn: nn.Module, *, copy_weights: bool = True, **options) -> "LinFusionAttention":

@@ -17,10 +17,9 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_odd_int
 from .base import QKVMixer
-from .token_chunks import map_token_ranges
 from .token_conv import depthwise_conv_tokens
 from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
@@ -89,13 +88,12 @@ class LiTAttention(QKVMixer):
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         q, k, v = self.project_qkv(x)  # (B, N, H, d) views
-        o = linear_attention(
-            q, k, v, mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET, backend=self.backend
-        )
-        # token-wise, in chunks of tokens (the DWC of the rows around each): cache-sized temporaries
-        return map_token_ranges(
-            lambda a, b: self.proj(o[:, a:b].flatten(2) + self.local_term(v, hw, num_prefix_tokens, a, b)),
-            x.shape[0], x.shape[1], self.dim,
+        # token-wise, in chunks of tokens: the outputs of each query chunk, the DWC of the rows around it and
+        # the projection; cache-sized temporaries, and no full-size attention output or local term
+        return linear_attention_streamed(
+            lambda a, b: (q[:, a:b], None), lambda a, b: (k[:, a:b], None), v, x.shape[1], mean=True, eps=self.eps,
+            feature_map="relu", feature_offset=FEATURE_OFFSET, backend=self.backend,
+            output=lambda a, b, o: self.proj(o.flatten(2) + self.local_term(v, hw, num_prefix_tokens, a, b)),
         )
 
     def local_term(

@@ -63,7 +63,7 @@ zeros in ``q``) give finite gradients. A Triton port must keep ``where(x > 0, x^
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -173,26 +173,29 @@ class _NaLaWrapper(TokenMixer):
         sin, cos = rope_2d(self.head_dim, hw, num_prefix_tokens, self.rope_base, device, dtype)
         return sin[:, None, :], cos[:, None, :]
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        """fp32 (fp64) ``[B, N, H, d]`` q, k, v → ``[B, N, H, d]`` in their dtype."""
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int,
+        output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
+    ) -> Tensor:
+        """fp32 (fp64) ``[B, N, H, d]`` q, k, v → ``o [B, N, H, d]`` in their dtype; with ``output``, the stacked
+        ``output(a, b, o[:, a:b])`` over chunks of tokens instead (token-wise epilogue)."""
         raise NotImplementedError
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        B, N, C = x.shape
+        C = x.shape[-1]
         acc = accumulation_dtype(x.dtype)  # fp32, fp64 for fp64 x
         q, k, v, g = self.qkvg(x).unflatten(-1, (4, C)).unbind(2)  # each (B, N, C)
         lepe_in = v.to(acc) if self.lepe_fp32 else v
         heads = (self.num_heads, self.head_dim)
-        o = self.attend(q.to(acc).unflatten(-1, heads), k.to(acc).unflatten(-1, heads),
-                        v.to(acc).unflatten(-1, heads), hw, num_prefix_tokens)
+        q, k, v = (t.to(acc).unflatten(-1, heads) for t in (q, k, v))
         ln_weight, ln_bias = self.ln.weight.to(acc), self.ln.bias.to(acc)
 
-        def output(a: int, b: int) -> Tensor:
+        def output(a: int, b: int, o: Tensor) -> Tensor:  # attention output chunk [B, b − a, H, d] → (B, b − a, C)
             lepe = self.local_term(lepe_in, hw, num_prefix_tokens, a, b)
-            o_ab = F.layer_norm(o[:, a:b].flatten(2) + lepe.to(acc), (C,), ln_weight, ln_bias, self.ln.eps)
-            return self.out_proj((o_ab * self.act(g[:, a:b].to(acc))).to(x.dtype))
+            o = F.layer_norm(o.flatten(2) + lepe.to(acc), (C,), ln_weight, ln_bias, self.ln.eps)
+            return self.out_proj((o * self.act(g[:, a:b].to(acc))).to(x.dtype))
 
-        return map_token_ranges(output, B, N, C)  # token-wise: chunks keep the temporaries cache-sized
+        return self.attend(q, k, v, hw, num_prefix_tokens, output)  # token-wise: cache-sized temporaries
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rope={self.rope}, rope_base={self.rope_base:g}"
@@ -244,7 +247,7 @@ class NormAwareLinearAttn(_NaLaWrapper):
         """fp32 ``[B, N, H, d]`` q, k → φq, φk as ``[B, N, H, 2, d]`` (positive half, negative half)."""
         return self.query_features(q), self.key_features(k)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+    def attend(self, q, k, v, hw, num_prefix_tokens, output=None):
         # Features chunk by chunk of tokens (linear_attention_streamed): never a full [B, N, H, 2d] temporary.
         if self.rope:
             sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
@@ -258,7 +261,7 @@ class NormAwareLinearAttn(_NaLaWrapper):
         return linear_attention_streamed(
             lambda a, b: mapped(self.query_features(q[:, a:b]), a, b),
             lambda a, b: mapped(self.key_features(k[:, a:b]), a, b),
-            v, q.shape[1], mean=True, eps=NALA_EPS, backend=self.backend,
+            v, q.shape[1], mean=True, eps=NALA_EPS, output=output, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -287,12 +290,14 @@ class VanillaSelfAttention(_NaLaWrapper):
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias, rope, rope_base, backend)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+    def attend(self, q, k, v, hw, num_prefix_tokens, output=None):
         if self.rope:
             sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
             q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return o.transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        if output is None:
+            return o
+        return map_token_ranges(lambda a, b: output(a, b, o[:, a:b]), o.shape[0], o.shape[1], self.dim)
 
 
 __all__ = ["NormAwareLinearAttn", "VanillaSelfAttention", "apply_rope", "rope_2d", "rope_angles", "rotate_pairs"]

@@ -15,6 +15,8 @@ from typing import Callable
 
 from torch import Tensor
 
+from ..kernels.chunks import stack_chunks
+
 CHUNK_ELEMENTS = 1 << 18  # elements of one [B, chunk, C] temporary (1 MiB in fp32)
 
 
@@ -42,12 +44,4 @@ def map_token_chunks(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
 def map_token_ranges(fn: Callable[[int, int], Tensor], batch: int, num_tokens: int, row: int) -> Tensor:
     """``out[:, a:b] = fn(a, b)`` over chunks ``[a, b)`` of ``num_tokens`` tokens, sized for rows of ``row``
     elements (:func:`chunk_tokens`); ``fn`` returns ``[batch, b − a, ...]`` and must act token by token."""
-    step = chunk_tokens(batch, row)
-    if num_tokens <= step:
-        return fn(0, num_tokens)
-    first = fn(0, step)
-    out = first.new_empty(first.shape[0], num_tokens, *first.shape[2:])
-    out[:, :step] = first
-    for a in range(step, num_tokens, step):
-        out[:, a : a + step] = fn(a, min(a + step, num_tokens))
-    return out
+    return stack_chunks(fn, num_tokens, chunk_tokens(batch, row))
