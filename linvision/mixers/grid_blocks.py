@@ -52,7 +52,7 @@ def block_local(q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], block: Tup
     grid = [t.reshape(B, h, w, H, t.shape[-1]) for t in (q, k, v)]
     out = v.new_empty(B, h, w, H, v.shape[-1])
     row_elements = max(1, w * H * max(t.shape[-1] for t in (q, k, v)))
-    band = max(1, CHUNK_ELEMENTS // (B * row_elements))  # grid rows per call, rounded to whole blocks below
+    band = max(1, CHUNK_ELEMENTS // max(1, B * row_elements))  # grid rows per call, rounded to whole blocks below
     for r0, r1, th in _spans(h, bh):
         step = max(1, band // th) * th
         for a in range(r0, r1, step):  # bands of block rows: the block copies stay cache-sized

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS, accumulation_dtype
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import (
     check_bool,
     check_choice,
@@ -30,7 +30,6 @@ from ..kernels.validation import (
     check_optional,
 )
 from .base import QKVMixer
-from .token_chunks import map_token_ranges
 from .token_conv import depthwise_conv_tokens
 from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
@@ -211,29 +210,19 @@ class LinaAttention(QKVMixer):
         k_weight = v_weight = None
         if self.kv_gate:
             k_weight, v_weight = self.kv_gate_weights(hw, num_prefix_tokens)
-        o = linear_attention(
-            q,
-            k,
-            v,
-            k_weight=k_weight,
-            v_weight=v_weight,
-            normalize=self.normalization,
-            mean=True,
-            eps=self.eps,
-            scale=self.scale,
-            feature_map="relu",
-            feature_offset=self.feature_offset,
-            backend=self.backend,
-        )
 
-        def output(a: int, b: int) -> Tensor:  # token-wise, in chunks of tokens: cache-sized temporaries
-            o_ab = o[:, a:b].flatten(2)
+        def output(a: int, b: int, o: Tensor) -> Tensor:  # token-wise, in chunks of tokens: cache-sized temporaries
+            o = o.flatten(2)
             if self.dw_conv is not None:
-                o_ab = o_ab + self.local_term(x, hw, num_prefix_tokens, a, b)
-            y = self.proj(o_ab)
+                o = o + self.local_term(x, hw, num_prefix_tokens, a, b)
+            y = self.proj(o)
             return y if self.norm is None else self.norm(y)
 
-        return map_token_ranges(output, x.shape[0], x.shape[1], self.dim)
+        return linear_attention_streamed(
+            lambda a, b: (q[:, a:b], None), lambda a, b: (k[:, a:b], None), v, x.shape[1], k_weight=k_weight,
+            v_weight=v_weight, normalize=self.normalization, mean=True, eps=self.eps, scale=self.scale,
+            feature_map="relu", feature_offset=self.feature_offset, output=output, backend=self.backend,
+        )
 
     def local_term(
         self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, start: int = 0, stop: Optional[int] = None
