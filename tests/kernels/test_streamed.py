@@ -75,3 +75,24 @@ def test_additive_scan_streamed_is_bit_identical(small_chunks, dtype, modulated,
     assert torch.equal(got, ref) and got.dtype == torch.float64
     with pytest.raises(ValueError):
         additive_scan_streamed(lambda a, b: q[:, a:b, :1], keys, v, N)  # head counts differ
+
+
+@pytest.mark.parametrize("normalize", ["sub", "div"])
+def test_linear_attention_streamed_weights_scale_offset_and_epilogue(small_chunks, normalize):
+    torch.manual_seed(2)
+    B, N, H = 2, 150, 2
+    q, k, v = torch.randn(B, N, H, 4), torch.randn(B, N, H, 4), torch.randn(B, N, H, 3)
+    kw, vw = torch.rand(N, H), torch.rand(1, N, H)  # broadcast views, as LINA's KV gate
+    scale = 0.7 if normalize == "sub" else None
+    opts = dict(k_weight=kw, v_weight=vw, normalize=normalize, mean=True, scale=scale, feature_map="relu",
+                feature_offset=1e-6)
+    ref = linear_attention(q, k, v, backend="torch", **opts)
+    feats = lambda t: (lambda a, b: (t[:, a:b], None))  # noqa: E731
+    got = linear_attention_streamed(feats(q), feats(k), v, N, backend="torch", **opts)
+    assert torch.equal(got, ref)
+    spans = []
+    out = linear_attention_streamed(feats(q), feats(k), v, N, backend="torch",
+                                    output=lambda a, b, o: (spans.append((a, b)), o.flatten(2) * 2)[1], **opts)
+    assert torch.equal(out, ref.flatten(2) * 2) and spans == [(0, 64), (64, 128), (128, 150)]
+    with pytest.raises(ValueError, match="scale"):
+        linear_attention_streamed(feats(q), feats(k), v, N, normalize="div", scale=0.5)
