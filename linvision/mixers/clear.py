@@ -67,6 +67,7 @@ from ..kernels.backend import BACKENDS, accumulation_dtype
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from ..kernels.window_attn import pool_tokens, window_attention
 from .base import QKVMixer
+from .token_chunks import map_token_chunks
 
 FLUX_TRAIN_SEQ_LEN = 64**2 + 512  # official train_seq_len: 1024 px → 64×64 latent tokens + 512 text tokens
 FLUX_RADIUS = 16  # official distill.py --window_size default
@@ -232,7 +233,7 @@ class ClearAttention(QKVMixer):
             q, k, v, hw, radius=self.radius, num_prefix_tokens=T, pool_factor=f,
             spatial_weight=self.spatial_weight, scale=scale, backend=self.backend,
         )
-        return self.proj(o.flatten(2))
+        return map_token_chunks(lambda o: self.proj(o.flatten(2)), o)  # in token chunks: cache-sized temporaries
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, radius={self.radius}, pool_factor={self.pool_factor}, rope={self.rope}"

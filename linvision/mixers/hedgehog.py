@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import BACKENDS, accumulation_dtype
 from .base import QKVMixer
 
 FORMS = ("softmax", "joint", "exp")
@@ -102,9 +102,14 @@ class HedgehogAttention(QKVMixer):
         return q, k, v, self.feature_map_q(q), self.feature_map_k(k)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        _, _, v, fq, fk = self.features(x)
-        o = linear_attention(fq, fk, v.to(fq.dtype), eps=self.eps, backend=self.backend)
-        return self.proj(o.to(x.dtype).flatten(2))
+        q, k, v = self.project_qkv(x)
+        acc = accumulation_dtype(x.dtype)
+        # feature maps chunk by chunk of tokens, and the projection in token chunks: cache-sized temporaries
+        return linear_attention_streamed(
+            lambda a, b: (self.feature_map_q(q[:, a:b]), None), lambda a, b: (self.feature_map_k(k[:, a:b]), None),
+            v.to(acc), q.shape[1], eps=self.eps, backend=self.backend,
+            output=lambda a, b, o: self.proj(o.to(x.dtype).flatten(2)),
+        )
 
     def attention_rows(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int
                        ) -> Tuple[Tensor, Tensor, Callable[[int, int], Tensor]]:
