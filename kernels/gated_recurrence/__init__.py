@@ -112,6 +112,8 @@ def gated_scan(
         if backend == "triton":
             raise ValueError("method='naive' is the PyTorch oracle; use backend='torch' (or 'auto') with it")
         chosen = "torch"
+    if chosen == "triton" and q.numel() == 0:  # B = 0 or H = 0: no program to launch
+        chosen = "torch"
     out_dtype = q.dtype
     if qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)

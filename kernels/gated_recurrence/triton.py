@@ -36,7 +36,10 @@ from ..triton_support import check_head_dims, pow2_block, strides, sum_splits
 from .triton_recurrent import _scan_bwd, _scan_fwd
 
 CHECKPOINT_TOKENS = 64  # steps between stored states (tests lower it to exercise several intervals)
-STATE_TILE_ELEMENTS = {"fwd": 128 * 64, "bwd": 64 * 64}  # fp32 elements of one program's state tile
+# One program's fp32 state tile: at most this many elements and this Dv width. Chosen from ptxas -v of the
+# sm_90 builds (4 warps): no register spills for Dk ≤ 256 (forward 128×32: 215 registers; backward 128×16: 255).
+STATE_TILE_ELEMENTS = {"fwd": 128 * 32, "bwd": 128 * 16}
+MAX_BLOCK_V = {"fwd": 32, "bwd": 16}
 
 
 class Tiles(NamedTuple):
@@ -49,11 +52,12 @@ class Tiles(NamedTuple):
 
 
 def tiles(dk: int, dv: int, which: str) -> Tiles:
-    """Whole Dk (padded to a power of two); a Dv tile holding at most ``STATE_TILE_ELEMENTS[which]`` fp32 elements."""
+    """Whole Dk (padded to a power of two); a Dv tile of at most ``MAX_BLOCK_V[which]`` columns holding at most
+    ``STATE_TILE_ELEMENTS[which]`` fp32 elements; ``which``: ``"fwd"`` or ``"bwd"``."""
     check_head_dims("Dk and Dv", Dk=dk, Dv=dv)
     block_k = pow2_block(dk, 4)  # no tl.dot: no minimum of 16
-    block_v = min(pow2_block(dv, 4), max(2, STATE_TILE_ELEMENTS[which] // block_k))
-    return Tiles(block_k, block_v, triton.cdiv(dv, block_v), 4 if block_k * block_v <= 64 * 64 else 8)
+    block_v = min(pow2_block(dv, 4), MAX_BLOCK_V[which], max(2, STATE_TILE_ELEMENTS[which] // block_k))
+    return Tiles(block_k, block_v, triton.cdiv(dv, block_v), 4)
 
 
 class Scan(NamedTuple):

@@ -88,14 +88,24 @@ def test_value_tiles_and_padding(monkeypatch):
     check(errors("fwd-channel-delta-kda", N=21), 1e-5)
 
 
-def test_strided_inputs_and_routing():
+def test_strided_inputs_and_routing(monkeypatch):
     """q, k, v as views of one packed projection (read through their strides); backend='auto' stays on the
-    PyTorch path for CPU tensors; the oracle and fp64 are refused with backend='triton'."""
+    PyTorch path for CPU tensors, and so does an empty batch; the oracle and fp64 are refused with
+    backend='triton'."""
     qkv = torch.randn(1, 20, 3, 2, 6)
     q, k, v = qkv.unbind(2)
     g = torch.nn.functional.logsigmoid(torch.randn(1, 20, 2))
     out = gated_scan(q, k, v, g, direction="bidirectional", backend="triton")
     assert rel_err(out, gated_scan(q, k, v, g, direction="bidirectional", backend="torch")) < 1e-5
+
+    def no_kernel(*args):
+        raise AssertionError("the Triton kernel ran")
+
+    monkeypatch.setattr(gst, "gated_scan_triton", no_kernel)
+    torch.testing.assert_close(gated_scan(q, k, v, g, direction="bidirectional"), out, rtol=1e-5, atol=1e-6)
+    empty = q[:0].detach().requires_grad_()
+    gated_scan(empty, k[:0], v[:0], g[:0], direction="bidirectional", backend="triton").sum().backward()
+    assert empty.grad.shape == empty.shape
     with pytest.raises(ValueError, match="oracle"):
         gated_scan(q, k, v, g, method="naive", backend="triton")
     with pytest.raises(ValueError, match="fp64"):
