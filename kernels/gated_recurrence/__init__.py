@@ -9,8 +9,10 @@ LION, SANA's BidirectionalGDN). Conventions follow fla (``fla-org/flash-linear-a
 Implementations: ``method="naive"`` (:mod:`.naive`, token by token: the oracle) and ``method="chunked"``
 (:mod:`.chunked`, the default: intra-chunk quadratic, inter-chunk fp32 state, WY/UT form for the delta rule).
 DeltaProduct's ``num_householder`` steps per token run as one scan over the interleaved sub-steps
-(:mod:`.householder`). Gradients of both come from autograd. There is no Triton kernel for this op yet: ``backend="auto"`` runs the
-chunked PyTorch path on every device and ``backend="triton"`` is a ``ValueError``.
+(:mod:`.householder`). Gradients of both come from autograd. ``backend="triton"`` (:mod:`.triton`, fused
+recurrent kernels, forward and backward, fp32 state, states recomputed from checkpoints in the backward) runs
+every direction in one call; ``backend="auto"`` picks it for CUDA tensors when Triton is importable, else the
+PyTorch ``method``. DeltaProduct, ``initial_state`` and ``output_final_state`` run on the PyTorch path only.
 """
 from __future__ import annotations
 
@@ -19,14 +21,15 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..validation import check_bool, check_choice, check_float, check_int, check_qkv
+from ..backend import resolve_backend
+from ..validation import check_bool, check_choice, check_float, check_int, check_qkv, check_triton_dtype
 from .chunked import gated_scan_chunked
 from .householder import flip_tokens, interleave, reads
 from .naive import gated_scan_naive
 
 DIRECTIONS = ("forward", "backward", "bidirectional")
 METHODS = ("chunked", "naive")
-BACKENDS = ("auto", "torch")  # no Triton kernel yet: "auto" runs the chunked PyTorch path on every device
+BACKENDS = ("auto", "torch", "triton")
 DEFAULT_CHUNK = {"scalar": 32, "channel": 16}  # per-channel decays build a [C, C, Dk] pairwise tensor
 
 
@@ -85,6 +88,12 @@ def gated_scan(
     token of the scan (token 0 forward, token ``N − 1`` backward); ``output_final_state=True`` returns
     ``(out, final_state)``, the state after the scan's last token, fp32 (fp64), as fla's ops. Both are refused
     with ``"bidirectional"`` (two scans, no single state).
+
+    ``backend``: ``"auto"`` (Triton for CUDA tensors when importable, else PyTorch), ``"torch"``, ``"triton"``
+    (CPU tensors need ``TRITON_INTERPRET=1``; fp16, bf16, fp32; ``Dk, Dv ≤ 256``). ``method`` and
+    ``chunk_size`` choose the PyTorch implementation; ``method="naive"`` always runs the oracle, and with
+    ``backend="triton"`` it is an error, as are ``num_householder > 1``, ``initial_state`` and
+    ``output_final_state`` (the kernels carry no state in or out; ``"auto"`` takes the PyTorch path for them).
     """
     check_qkv(q, k, v, cross=True)
     direction = check_choice("direction", direction, DIRECTIONS)
@@ -133,10 +142,26 @@ def gated_scan(
         per_channel = any(t is not None and t.shape[-1] != 1 for t in (g, g_backward))
         chunk_size = DEFAULT_CHUNK["channel" if per_channel else "scalar"]
     chunk_size = check_int("chunk_size", chunk_size, min=1)
-    check_backend(backend)
+    chosen = resolve_backend(check_backend(backend), q, k, v)
+    if chosen == "triton" and method == "naive":
+        if backend == "triton":
+            raise ValueError("method='naive' is the PyTorch oracle; use backend='torch' (or 'auto') with it")
+        chosen = "torch"
+    if chosen == "triton" and (num_householder > 1 or initial_state is not None or output_final_state):
+        if backend == "triton":
+            raise ValueError("the Triton gated_scan has no num_householder > 1, initial_state or output_final_state; "
+                             "use backend='torch' (or 'auto') with them")
+        chosen = "torch"
+    if chosen == "triton" and q.numel() == 0:  # B = 0 or H = 0: no program to launch
+        chosen = "torch"
     out_dtype = q.dtype
     if qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
+    if chosen == "triton":
+        check_triton_dtype(q)
+        from .triton import gated_scan_triton
+
+        return gated_scan_triton(q, k, v, g, beta, g_backward, scale, direction).to(out_dtype)
 
     nh = num_householder
     state = dict(initial_state=initial_state, output_final_state=True) if direction != "bidirectional" else {}
@@ -167,9 +192,7 @@ def gated_scan(
 
 
 def check_backend(backend: str) -> str:
-    """``backend`` is ``"auto"`` or ``"torch"``; ``"triton"`` is refused (no Triton kernel for this op yet)."""
-    if backend == "triton":
-        raise ValueError("gated_scan has no Triton kernel yet; use backend='auto' or 'torch'")
+    """``backend`` is one of :data:`BACKENDS` (``"auto"``, ``"torch"``, ``"triton"``); returned as is."""
     return check_choice("backend", backend, BACKENDS)
 
 
