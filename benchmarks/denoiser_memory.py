@@ -80,7 +80,7 @@ def denoiser_step_memory(family: str = "dit", sizes=(16, 32, 64), adapters=None,
     kind = family_of(model)
     joint = kind.kind == "joint"
     adapters = list(adapters or FAMILY_ADAPTERS.get(family) or (JOINT_ADAPTERS if joint else SELF_ADAPTERS))
-    teacher = "sana-own" if family == "sana" else "softmax"
+    teacher = kind.native_attention
     options = options or {}
     rows = []
     for size in sizes:

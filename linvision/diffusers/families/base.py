@@ -82,6 +82,7 @@ class Family:
     rule: str = "patch"  # LatentGeometry rule
     text: bool = True  # conditioned on prompts (False: class labels)
     square_only: bool = False  # its sampler draws square images only
+    native_attention: str = "softmax"  # what its own attention is called in benchmark tables
 
     def __str__(self) -> str:
         return self.name

@@ -50,6 +50,7 @@ class SanaConditioner(Conditioner):
 class SanaFamily(Family):
     name = "sana"
     class_names = ("SanaTransformer2DModel",)
+    native_attention = "sana-own"  # SanaLinearAttnProcessor2_0, ReLU linear attention
 
     def classes(self):
         from diffusers import SanaTransformer2DModel
