@@ -86,9 +86,9 @@ def attach_adapter(pipe, adapter: Optional[str]):
     install it in ``pipe``; None: nothing."""
     if not adapter:
         return None
-    from linvision.diffusers import family_of
+    from linvision.diffusers.students import load_student
 
-    return family_of(pipe).load_student(adapter).install(pipe)
+    return load_student(pipe, adapter).install(pipe)
 
 
 def latent_stride(pipe) -> int:

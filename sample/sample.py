@@ -70,6 +70,7 @@ class Sampler:
 
     def __init__(self, config: SampleConfig, progress):
         from linvision.diffusers import denoiser_of, family_of, load_clear
+        from linvision.diffusers.students import load_student
 
         self.config = config
         self.progress = progress
@@ -83,7 +84,7 @@ class Sampler:
         t0 = time.perf_counter()
         self.adapter = None
         if p.adapter:
-            self.adapter = _loading("pipeline.adapter", family_of(self.pipe).load_student, p.adapter)
+            self.adapter = _loading("pipeline.adapter", load_student, self.pipe, p.adapter)
             _loading("pipeline.adapter", self.adapter.install, self.pipe)
         elif p.clear_checkpoint:
             self.adapter = _loading("pipeline.clear_checkpoint", load_clear, p.clear_checkpoint, self.pipe,

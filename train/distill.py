@@ -193,9 +193,9 @@ def build(cfg: DistillConfig) -> Job:
     try:
         adapter = None
         if s.adapter is not None:
-            from linvision.diffusers import family_of
+            from linvision.diffusers.students import load_student
 
-            adapter = family_of(pipe).load_student(s.adapter)
+            adapter = load_student(pipe, s.adapter)
             if adapter.config.mechanism != s.mechanism:
                 raise ValueError(f"student.adapter is a {adapter.config.mechanism!r} adapter, not {s.mechanism!r}")
         pair = DistillPair.build(pipe, s.mechanism, s.options, s.inherit, s.trainable, s.feature_layers, adapter=adapter)

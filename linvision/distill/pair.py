@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..diffusers import DiffusersAdapter, denoiser_of, family_of
+from ..diffusers import DiffusersAdapter, denoiser_of
+from ..diffusers.students import build_student
 from .hooks import FeatureHooks, resolve_layers
 from .loss import LossWeights, distill_loss
 from .transfer import AttentionTransfer
@@ -89,7 +90,7 @@ class DistillPair:
         """
         teacher = copy.deepcopy(denoiser_of(pipe))
         if adapter is None:
-            adapter = family_of(pipe).build_student(pipe, mechanism, inherit, options)
+            adapter = build_student(pipe, mechanism, inherit, options)
         else:
             adapter.install(pipe)
         valid = [e["module_name"] for e in adapter.config.modules_list]

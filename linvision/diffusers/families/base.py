@@ -11,6 +11,8 @@ A family owns:
   latent stride in pixels, FLUX's packing (:meth:`Family.unpack_latents`), and whether it samples squares only;
 - its conditioning: text (prompts) or class labels, and the :class:`~.conditioner.Conditioner` that encodes and
   calls it during distillation;
+- its student part: a ``DiffusersAdapter`` unless ``student_class`` names another (``linvision_dit``'s
+  ``MixerStudent``), built and loaded through :mod:`linvision.diffusers.students`;
 - its tiny random test pipeline (:meth:`Family.tiny_pipeline`, built from configs, no download) and the
   random-weight denoiser of a named size the benchmarks measure (:meth:`Family.random_denoiser`,
   :meth:`Family.example_inputs`).
@@ -83,6 +85,7 @@ class Family:
     text: bool = True  # conditioned on prompts (False: class labels)
     square_only: bool = False  # its sampler draws square images only
     native_attention: str = "softmax"  # what its own attention is called in benchmark tables
+    student_class: Optional[type] = None  # its student part's class; None: a DiffusersAdapter (linvision.diffusers.students)
 
     def __str__(self) -> str:
         return self.name
@@ -137,20 +140,6 @@ class Family:
     def conditioner(self, pipe, max_sequence_length: Optional[int] = None):
         """The :class:`~.conditioner.Conditioner` that encodes conditions for ``pipe`` and calls its denoiser."""
         raise NotImplementedError
-
-    # --- students ------------------------------------------------------------------------------------
-    def build_student(self, pipe, mechanism: str, inherit: Optional[str] = None,
-                      options: Optional[Dict[str, Any]] = None):
-        """The student's new part for ``pipe``'s denoiser, installed: a ``DiffusersAdapter`` (``construct_for``)."""
-        from ..adapter import DiffusersAdapter
-
-        return DiffusersAdapter.construct_for(pipe, mechanism, inherit=inherit, **dict(options or {}))
-
-    def load_student(self, path: str):
-        """A student part saved by ``save_pretrained`` (not installed): a ``DiffusersAdapter`` folder or hub id."""
-        from ..adapter import DiffusersAdapter
-
-        return DiffusersAdapter.from_pretrained(path)
 
     # --- builders for tests and benchmarks ---------------------------------------------------------------
     def tiny_pipeline(self, **options: Any):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from types import SimpleNamespace
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -167,6 +167,7 @@ class LinVisionDiTFamily(Family):
     kind = "model"
     text = False
     square_only = True
+    student_class = MixerStudent
 
     def classes(self):
         from ...models.dit import LinVisionDiT
@@ -179,12 +180,6 @@ class LinVisionDiTFamily(Family):
 
     def conditioner(self, pipe, max_sequence_length=None):
         return LabelConditioner(self, pipe, max_sequence_length)
-
-    def build_student(self, pipe, mechanism, inherit=None, options: Optional[Mapping[str, Any]] = None):
-        return MixerStudent.construct_for(pipe, mechanism, inherit=inherit, **dict(options or {}))
-
-    def load_student(self, path):
-        return MixerStudent.from_pretrained(path)
 
     def tiny_pipeline(self, mixer: str = "softmax", mixer_kwargs=None, mlp_layer: str = "mlp",
                       pos_embed: str = "sincos", seed: int = 0):
