@@ -88,14 +88,13 @@ class Conditioner:
 
 class LabelConditioner(Conditioner):
     """Class-conditional DiTs (diffusers' and linvision's): ``class_labels (B,)`` int64; the null class, for CFG,
-    is ``num_embeds_ada_norm`` (diffusers' ``LabelEmbedding`` keeps that row) or ``num_classes``."""
+    is the family's ``null_class(denoiser)``."""
 
     def labels(self, labels, device=None) -> Condition:
         return {"class_labels": torch.as_tensor(list(labels), dtype=torch.int64, device=device)}
 
     def null_label(self) -> int:
-        config = self.pipe.transformer.config
-        return int(getattr(config, "num_embeds_ada_norm", None) or config.num_classes)
+        return self.family.null_class(self.pipe.transformer)
 
     def call(self, denoiser, x, t, cond):
         return denoiser(x, timestep=t, class_labels=cond["class_labels"]).sample

@@ -27,6 +27,10 @@ class DiTFamily(Family):
     def conditioner(self, pipe, max_sequence_length=None):
         return LabelConditioner(self, pipe, max_sequence_length)
 
+    def null_class(self, denoiser) -> int:
+        """DiT's unconditional class id (diffusers' ``LabelEmbedding`` keeps row ``num_classes`` for it)."""
+        return int(denoiser.config.num_embeds_ada_norm)
+
     def tiny_pipeline(self, seed: int = 0):
         """A ``DiTPipeline``: 2 blocks of 16 channels (patch 2, learned sigma), a 4-level 4…8-channel VAE
         (factor 8, as DiTPipeline assumes), DDIM; latent stride 16, "training" resolution 32 px."""

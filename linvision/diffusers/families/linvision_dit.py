@@ -181,6 +181,10 @@ class LinVisionDiTFamily(Family):
     def conditioner(self, pipe, max_sequence_length=None):
         return LabelConditioner(self, pipe, max_sequence_length)
 
+    def null_class(self, denoiser) -> int:
+        """``LinVisionDiT``'s unconditional class id: ``num_classes``."""
+        return int(denoiser.config.num_classes)
+
     def tiny_pipeline(self, mixer: str = "softmax", mixer_kwargs=None, mlp_layer: str = "mlp",
                       pos_embed: str = "sincos", seed: int = 0):
         """A ``DiTPipeline`` around a tiny random ``LinVisionDiT``: 2 blocks of 16 channels, patch 2 on 8×8
