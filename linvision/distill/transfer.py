@@ -68,18 +68,24 @@ def attention_weight_ce(q: Tensor, k: Tensor, rows: Rows, chunk: int = 64) -> Te
     return total / (B * H * N)
 
 
-def teacher_attention(mixer: nn.Module, x: Tensor) -> Tensor:
-    """The softmax attention that ``mixer`` replaced, from its own (inherited) ``qkv``/``proj``: ``(B, N, C)``."""
-    q, k, v = (t.transpose(1, 2) for t in mixer.project_qkv(x))
+def teacher_attention(mixer: nn.Module, x: Tensor, rope=None, num_prefix_tokens: int = 0) -> Tensor:
+    """The softmax attention that ``mixer`` replaced, from its own (inherited) ``qkv``/``proj`` (and q/k norms):
+    ``(B, N, C)``; with ``rope`` (a :class:`linvision.mixers.rotary.Rotation`) q and k of the image tokens
+    rotated, as the teacher's."""
+    q, k, v = mixer.project_qkv(x)
+    if rope is not None:
+        q, k = rope.apply(q, num_prefix_tokens), rope.apply(k, num_prefix_tokens)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     return mixer.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
-def _call_args(args: tuple, kwargs: dict) -> Tuple[Tensor, Tuple[int, int], int]:
-    """``(x, hw, num_prefix_tokens)`` of a mixer call ``mixer(x, hw, num_prefix_tokens=0)``."""
+def _call_args(args: tuple, kwargs: dict) -> Tuple[Tensor, Tuple[int, int], int, object]:
+    """``(x, hw, num_prefix_tokens, rope)`` of a mixer call ``mixer(x, hw, num_prefix_tokens=0, rope=None)``."""
     x = args[0] if args else kwargs["x"]
     hw = args[1] if len(args) > 1 else kwargs["hw"]
     prefix = args[2] if len(args) > 2 else kwargs.get("num_prefix_tokens", 0)
-    return x, hw, int(prefix)
+    rope = args[3] if len(args) > 3 else kwargs.get("rope")
+    return x, hw, int(prefix), rope
 
 
 def transfer_mixers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -116,12 +122,12 @@ class AttentionTransfer:
         def hook(mixer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Optional[Tensor]:
             if not self.enabled:
                 return None
-            x, hw, prefix = _call_args(args, kwargs)
+            x, hw, prefix, rope = _call_args(args, kwargs)
             with torch.no_grad():
-                teacher = teacher_attention(mixer, x)
+                teacher = teacher_attention(mixer, x, rope, prefix)
             terms = {}
             if self.weights:
-                q, k, rows = mixer.attention_rows(x, hw, prefix)
+                q, k, rows = mixer.attention_rows(x, hw, prefix, **({} if rope is None else {"rope": rope}))
                 terms["weights"] = attention_weight_ce(q, k, rows, self.chunk)
             if self.outputs:
                 terms["outputs"] = F.mse_loss(output.float(), teacher.float())
