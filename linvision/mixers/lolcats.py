@@ -7,6 +7,7 @@ Official code: HazyResearch/lolcats ``src/model/linear_attention/linear_window_a
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -56,17 +57,18 @@ def hybrid_rows(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, hw: Tuple[int, int
 BAND_TOKENS = 1024  # image queries per band of grid rows: keeps the per-offset temporaries cache-sized
 
 
-def _image_band(qg: Tensor, fqg: Tensor, rfqg: Tensor, k_pre: Tensor, v_pre: Tensor, state: Tensor, z: Tensor,
+def _image_band(qg: Tensor, fqg: Tensor, rfqg: Optional[Tensor], k_pre: Tensor, v_pre: Tensor, state: Tensor, z: Tensor,
                 views, wf: Tensor, lf, scale: float) -> Tensor:
     """Outputs ``[B, r, w, H, Dv]`` of a band of ``r`` grid rows of image queries ``qg [B, r, w, H, D]``.
 
     ``views``: per window offset ``(k, valid [r, w], φ(k), v, rφ(k))`` of the band's shifted keys and values;
-    ``rfqg``, ``rφ(k)``: the features of the numerator (rotated with RoPE; else the same tensors as
-    ``fqg``, ``φ(k)``); ``k_pre, v_pre [B, T, H, *]`` the prefix keys and values; ``state [B, H, F, Dv]``
+    ``rfqg``, ``rφ(k)``: the features of the numerator (rotated with RoPE; else ``rfqg = None`` and
+    ``rφ(k)`` is ``φ(k)``); ``k_pre, v_pre [B, T, H, *]`` the prefix keys and values; ``state [B, H, F, Dv]``
     (of the numerator's features), ``z [B, H, F]`` the global linear state and normaliser of the image keys.
     """
     T = k_pre.shape[1]
-    rotated = rfqg is not fqg
+    rotated = rfqg is not None
+    rfqg = rfqg if rotated else fqg
     lf_v = lf[:, None] if isinstance(lf, Tensor) else lf  # against [..., H, K] and [..., H, Dv]
     scores, lin, rlin = [], [], []
     for k_o, valid, fk_o, _, rfk_o in views:
@@ -117,21 +119,23 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw
     lf = linear_factor.to(acc) if isinstance(linear_factor, Tensor) else linear_factor  # [H] or a number
     qg = q[:, T:].reshape(B, h, w, H, D)
     fqg = fq[:, T:].reshape(B, h, w, H, fq.shape[-1])  # sizes given: B may be 0
-    rfqg = fqg if rfq is fq else rfq[:, T:].reshape(B, h, w, H, fq.shape[-1])
+    rfqg = None if rfq is fq else rfq[:, T:].reshape(B, h, w, H, fq.shape[-1])
     fk_img, v_img = fk[:, T:], v[:, T:]
-    state = torch.einsum("bnhf,bnhv->bhfv", rfk[:, T:], v_img)
+    state = torch.einsum("bnhf,bnhv->bhfv", fk_img if rfk is fk else rfk[:, T:], v_img)
     z = fk_img.sum(1)  # [B, H, F]
-    fk_views = list(shifted(fk_img, hw, offsets))
-    rfk_views = fk_views if rfk is fk else list(shifted(rfk[:, T:], hw, offsets))
-    views = [(k_o, valid, fk_o, v_o, rfk_o) for (k_o, valid), (fk_o, _), (v_o, _), (rfk_o, _) in
-             zip(shifted(k[:, T:], hw, offsets), fk_views, shifted(v_img, hw, offsets), rfk_views)]
+    rfk_views = repeat((None, None)) if rfk is fk else shifted(rfk[:, T:], hw, offsets)
+    views = [(k_o, valid, fk_o, v_o, fk_o if rfk_o is None else rfk_o)
+             for (k_o, valid), (fk_o, _), (v_o, _), (rfk_o, _) in
+             zip(shifted(k[:, T:], hw, offsets), shifted(fk[:, T:], hw, offsets), shifted(v_img, hw, offsets),
+                 rfk_views)]
     rows = max(1, BAND_TOKENS // w)
     bands = []
     for a in range(0, h, rows):
         band = slice(a, a + rows)
         band_views = [(k_o[:, band], valid[band], fk_o[:, band], v_o[:, band], rfk_o[:, band])
                       for k_o, valid, fk_o, v_o, rfk_o in views]
-        bands.append(_image_band(qg[:, band], fqg[:, band], rfqg[:, band], k[:, :T], v[:, :T], state, z, band_views,
+        rfq_band = None if rfqg is None else rfqg[:, band]
+        bands.append(_image_band(qg[:, band], fqg[:, band], rfq_band, k[:, :T], v[:, :T], state, z, band_views,
                                  wf, lf, scale))
     out_img = torch.cat(bands, 1)
     out_img = out_img.reshape(B, h * w, H, v.shape[-1])
