@@ -206,3 +206,21 @@ def test_supported_mixers_are_declared():
     assert {"softmax", "clear", "linear", "hedgehog", "lolcats"} <= set(mixers_supporting("supports_rope"))
     assert {"softmax", "clear", "linear", "hedgehog", "lolcats"} <= set(mixers_supporting("supports_qk_norm"))
     assert "liger" not in mixers_supporting("supports_rope")
+
+
+@pytest.mark.parametrize("family", ["eva02_qk_norm_unfused", "rope_mixed"])
+def test_attention_transfer_teacher_is_the_teachers_attention(family):
+    """Teacher forcing returns each layer's softmax teacher, built from the mixer's q/k norms and RoPE: the
+    student then computes exactly the teacher model, and the transfer losses are finite."""
+    from linvision.distill import AttentionTransfer
+
+    ref = teacher(family)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(x)
+    for mixer in ("hedgehog", "lolcats"):
+        student = linearize(copy.deepcopy(ref), mixer, **LINEAR[mixer]).eval()
+        transfer = AttentionTransfer(student, chunk=5)
+        assert rel(student(x), expected) <= 1e-6, mixer
+        assert torch.isfinite(transfer.loss()["loss"]), mixer
+        transfer.remove()
