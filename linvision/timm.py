@@ -73,8 +73,8 @@ class TimmAttention(nn.Module):
             raise ValueError("linvision mixers attend bidirectionally over all tokens: attn_mask/is_causal unsupported")
         if rope is None or self.rope_half is None:
             return self.proj_drop(self.mixer(x, self.hw, self.num_prefix_tokens))
-        rotation = Rotation.from_timm(rope, self.rope_half)
-        return self.proj_drop(self.mixer(x, self.hw, self.num_prefix_tokens, rope=rotation))
+        with self.mixer.rotation(Rotation.from_timm(rope, self.rope_half)):
+            return self.proj_drop(self.mixer(x, self.hw, self.num_prefix_tokens))
 
     def extra_repr(self) -> str:
         rope = "" if self.rope_half is None else f", rope_half={self.rope_half}"

@@ -79,13 +79,12 @@ def teacher_attention(mixer: nn.Module, x: Tensor, rope=None, num_prefix_tokens:
     return mixer.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
-def _call_args(args: tuple, kwargs: dict) -> Tuple[Tensor, Tuple[int, int], int, object]:
-    """``(x, hw, num_prefix_tokens, rope)`` of a mixer call ``mixer(x, hw, num_prefix_tokens=0, rope=None)``."""
+def _call_args(args: tuple, kwargs: dict) -> Tuple[Tensor, Tuple[int, int], int]:
+    """``(x, hw, num_prefix_tokens)`` of a mixer call ``mixer(x, hw, num_prefix_tokens=0)``."""
     x = args[0] if args else kwargs["x"]
     hw = args[1] if len(args) > 1 else kwargs["hw"]
     prefix = args[2] if len(args) > 2 else kwargs.get("num_prefix_tokens", 0)
-    rope = args[3] if len(args) > 3 else kwargs.get("rope")
-    return x, hw, int(prefix), rope
+    return x, hw, int(prefix)
 
 
 def transfer_mixers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -122,7 +121,8 @@ class AttentionTransfer:
         def hook(mixer: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Optional[Tensor]:
             if not self.enabled:
                 return None
-            x, hw, prefix, rope = _call_args(args, kwargs)
+            x, hw, prefix = _call_args(args, kwargs)
+            rope = getattr(mixer, "current_rope", None)  # the RoPE of this call (EVA02 / RoPE ViT teachers)
             with torch.no_grad():
                 teacher = teacher_attention(mixer, x, rope, prefix)
             terms = {}

@@ -1,11 +1,14 @@
 """The token-mixer contract shared by every mechanism."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from ..kernels.validation import check_bool, check_hw, check_int
+from .tracing import trace_mix
 
 
 def check_tokens(x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, dim: int) -> Tuple[int, int]:
@@ -35,13 +38,16 @@ class TokenMixer(nn.Module):
 
     Tokens are ``num_prefix_tokens`` prefix tokens (class, registers, text) followed by ``h*w`` image
     tokens in raster order. Subclasses implement :meth:`mix`; the base validates the input first.
-    Resolution is an argument of every call, never state.
+    Resolution is an argument of every call, never state. Under ``torch.fx.symbolic_trace`` (a symbolic ``x``)
+    the call goes to :func:`.tracing.trace_mix`: the mixer traces at the concrete ``hw``, or says why it cannot.
 
     ``linear_cost``: whether the mixer's cost grows linearly with the tokens (checked by
     ``linvision bench --growth``); a quadratic mixer sets it to False.
 
-    ``supports_rope``: the mixer takes a teacher's rotary embedding, ``forward(..., rope=Rotation)``
-    (:mod:`linvision.mixers.rotary`; its ``mix`` then has a ``rope`` keyword). ``supports_qk_norm``: it
+    ``supports_rope``: the mixer takes a teacher's rotary embedding for the calls inside
+    ``with mixer.rotation(rope):`` (a :class:`linvision.mixers.rotary.Rotation`; its ``mix`` then gets a
+    ``rope`` keyword). It is not a ``forward`` argument because torch.fx's codegen cannot trace a second
+    defaulted argument beside a tuple ``hw``; outside the block the mixer holds none. ``supports_qk_norm``: it
     applies ``q_norm``/``k_norm`` modules set by :meth:`QKVMixer.carry_qk_norm` to q and k per head.
     Both are declared per class and checked by ``linvision.timm.linearize``.
     """
@@ -60,18 +66,35 @@ class TokenMixer(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
 
-    def forward(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0, rope=None) -> Tensor:
-        """``rope``: an optional :class:`linvision.mixers.rotary.Rotation` for the image tokens (mixers with
-        ``supports_rope``; ``ValueError`` for the others)."""
+    def forward(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx.symbolic_trace of the mixer itself (see .tracing)
+            return trace_mix(self, x, hw, num_prefix_tokens)
         h, w = check_tokens(x, hw, num_prefix_tokens, self.dim)
+        rope = self.current_rope
         if rope is None:
             return self.mix(x, (h, w), int(num_prefix_tokens))
-        if not self.supports_rope:
-            raise ValueError(f"{type(self).__name__} does not take a rotary position embedding (rope)")
         if rope.tokens != h * w or rope.sin.shape[-1] != self.head_dim:
             raise ValueError(f"RoPE for {rope.tokens} image tokens of {rope.sin.shape[-1]} dims; the grid "
                              f"hw={h}x{w} has {h * w} tokens, the heads {self.head_dim} dims")
         return self.mix(x, (h, w), int(num_prefix_tokens), rope=rope)
+
+    @property
+    def current_rope(self):
+        """The :class:`~linvision.mixers.rotary.Rotation` of the enclosing :meth:`rotation` block, or None."""
+        return self.__dict__.get("_rope")
+
+    @contextmanager
+    def rotation(self, rope) -> Iterator["TokenMixer"]:
+        """``with mixer.rotation(rope): mixer(x, hw, T)``: the calls inside rotate q/k (features) of the image
+        tokens with ``rope``; ``ValueError`` for a mixer without ``supports_rope``."""
+        if not self.supports_rope:
+            raise ValueError(f"{type(self).__name__} does not take a rotary position embedding (rope)")
+        previous = self.__dict__.get("_rope")
+        self.__dict__["_rope"] = rope
+        try:
+            yield self
+        finally:
+            self.__dict__["_rope"] = previous
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement mix()")
@@ -95,8 +118,7 @@ class QKVMixer(TokenMixer):
     def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(B, N, C) → three (B, N, H, D) views of one packed projection (no copies); q and k go through
         ``q_norm``/``k_norm`` per head when :meth:`carry_qk_norm` set them."""
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
         q_norm, k_norm = self.qk_norms()
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)

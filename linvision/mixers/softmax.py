@@ -27,9 +27,9 @@ class SoftmaxAttention(QKVMixer):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None) -> Tensor:
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x)  # unpacked, not iterated: torch.fx traces this
         if rope is not None:
             q, k = rope.apply(q, num_prefix_tokens), rope.apply(k, num_prefix_tokens)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D)
         o = F.scaled_dot_product_attention(q, k, v)
         return self.proj(o.transpose(1, 2).flatten(2))

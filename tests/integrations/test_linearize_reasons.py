@@ -36,9 +36,13 @@ def test_a_mixer_without_rope_support_refuses_a_rotation():
     mixer = create_mixer("liger", 8, 2)
     rot = Rotation.from_timm(torch.zeros(4, 8), half=False)
     with pytest.raises(ValueError, match="LigerAttention does not take a rotary position embedding"):
-        mixer(torch.randn(1, 4, 8), (2, 2), 0, rope=rot)
+        with mixer.rotation(rot):
+            mixer(torch.randn(1, 4, 8), (2, 2), 0)
+    linear = create_mixer("linear", 8, 2)
     with pytest.raises(ValueError, match="RoPE for 4 image tokens of 4 dims; the grid hw=3x3 has 9 tokens"):
-        create_mixer("linear", 8, 2)(torch.randn(1, 9, 8), (3, 3), 0, rope=rot)
+        with linear.rotation(rot):
+            linear(torch.randn(1, 9, 8), (3, 3), 0)
+    assert linear.current_rope is None  # only for the block
 
 
 def test_qk_norm_says_why_and_strict_false_drops_it():

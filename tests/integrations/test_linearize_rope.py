@@ -104,19 +104,19 @@ def test_linear_mixers_see_the_teachers_q_and_k(family):
 def _check_student_qk(student, x, q_ref, k_ref):
     seen = {}
     adapter = student.blocks[0].attn
-    hook = adapter.mixer.register_forward_pre_hook(lambda m, a, kw: seen.update(args=a, kw=kw), with_kwargs=True)
+    hook = adapter.mixer.register_forward_pre_hook(lambda m, a: seen.update(args=a, rope=m.current_rope))
     with torch.no_grad():
         student(x)
         hook.remove()
         xin, hw, T = seen["args"]
-        rope = seen["kw"].get("rope")
+        rope = seen["rope"]
         q, k, _ = adapter.mixer.project_qkv(xin)
         if rope is not None:
             q, k = rope.apply(q, T), rope.apply(k, T)
     name = type(adapter.mixer).__name__
     assert rel(q, q_ref) <= 1e-6 and rel(k, k_ref) <= 1e-6, name
     if hasattr(adapter.mixer, "attention_rows"):  # what attention transfer takes as the teacher's q, k
-        q_rows, k_rows, _ = adapter.mixer.attention_rows(xin, hw, T, **seen["kw"])
+        q_rows, k_rows, _ = adapter.mixer.attention_rows(xin, hw, T, rope=rope)
         assert rel(q_rows, q_ref) <= 1e-6 and rel(k_rows, k_ref) <= 1e-6, name
 
 
@@ -156,7 +156,9 @@ def test_linear_rope_is_roformers_form(mixer, half):
             m.feature_map_k.weight.normal_()
     x = torch.randn(2, T + 15, H * D, dtype=torch.float64)
     rot = random_rotation(15, H, D, half)
-    out = m(x, hw, T, rope=rot)
+    with m.rotation(rot):
+        out = m(x, hw, T)
+    assert m.current_rope is None
     q, k, v = m.project_qkv(x)
     if mixer == "linear":
         fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
@@ -177,7 +179,8 @@ def test_lolcats_rope_fast_path_equals_its_dense_rows():
         m.window_factors.normal_()
     x = torch.randn(2, T + 63, H * D, dtype=torch.float64, requires_grad=True)
     rot = random_rotation(63, H, D, False)
-    out = m(x, hw, T, rope=rot)
+    with m.rotation(rot):
+        out = m(x, hw, T)
     _, _, v = m.project_qkv(x)
     q, k, rows = m.attention_rows(x, hw, T, rope=rot)
     ref = m.proj(torch.einsum("bhnm,bmhd->bnhd", rows(0, T + 63), v).flatten(2))
