@@ -174,7 +174,8 @@ def inherit_mixer(attn: nn.Module, name: str, strict: bool = True, rope: bool = 
     """
     cls = mixer_class(name)
     attn = as_plain_attention(attn)
-    norms = [m for m in (attn.q_norm, attn.k_norm) if not isinstance(m, nn.Identity)]
+    norms = [m for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
+             if m is not None and not isinstance(m, nn.Identity)]
     carry_norms = bool(norms) and cls.supports_qk_norm
     lost = unsupported_parts(attn, qk_norm=carry_norms) + (["rope"] if rope and not cls.supports_rope else [])
     from_softmax = getattr(cls, "from_softmax", None)

@@ -40,14 +40,13 @@ def _fused(attn: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
 
 @torch.no_grad()
 def as_plain_attention(attn: nn.Module) -> nn.Module:
-    """``attn`` itself for a ``timm.layers.Attention``; for ``EvaAttention`` / ``AttentionRope`` a new
+    """``attn`` itself unless it is an ``EvaAttention`` / ``AttentionRope`` (``timm.layers.Attention``, a
+    linvision ``SoftmaxAttention`` already have the layout); for those a new
     ``Attention`` (same device and dtype) with their ``qkv``/``proj`` weights fused as above and their
     own ``q_norm``, ``k_norm``, ``norm``, ``attn_drop``, ``proj_drop`` modules (not copies); a gate becomes
     ``gate``. ``ValueError`` for grouped-query attention or heads whose total width is not ``dim``."""
-    if isinstance(attn, Attention):
-        return attn
     if not isinstance(attn, ATTENTIONS[1:]):
-        raise ValueError(f"{type(attn).__name__} is not one of timm's Attention, EvaAttention, AttentionRope")
+        return attn
     name = type(attn).__name__
     kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
     if kv_heads != attn.num_heads:

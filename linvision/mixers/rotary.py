@@ -1,4 +1,4 @@
-"""A teacher's rotary position embedding (RoPE), handed to a mixer with each call, and how mixers apply it.
+"""A teacher's rotary position embedding (RoPE), handed to a mixer for a call, and how mixers apply it.
 
 timm's EVA02 and RoPE ViTs (``timm/models/eva.py``: ``EvaAttention``, ``AttentionRope``) compute one RoPE
 tensor per forward (``rope = model.rope.get_embed()``: ``cat(sin, cos)``, shape ``[N_img, 2·D]``, or
@@ -6,7 +6,8 @@ tensor per forward (``rope = model.rope.get_embed()``: ``cat(sin, cos)``, shape 
 which rotates q and k of the image tokens only (the ``num_prefix_tokens`` class/register tokens are left as
 they are) with ``timm/layers/pos_embed_sincos.py::apply_rot_embed_cat`` (``x·cos + rot(x)·sin``; ``rot``
 pairs ``(x₀, x₁) → (−x₁, x₀)``, or with ``rotate_half`` ``(x_i, x_{i+D/2})``). :class:`Rotation` carries
-that tensor in the mixers' ``[B, N, H, D]`` layout and :meth:`Rotation.apply` reproduces the rotation.
+that tensor in the mixers' ``[B, N, H, D]`` layout (a mixer gets it for the calls inside
+``with mixer.rotation(rope):``) and :meth:`Rotation.apply` reproduces the rotation.
 
 Softmax mixers (``softmax``, ``clear``, the window part of ``lolcats``) rotate q and k as the teacher does.
 Linear mixers follow RoFormer's linear-attention form (Su et al., "RoFormer: Enhanced Transformer with
