@@ -270,32 +270,11 @@ def held_out_digits(resolution: int, s: DemoSettings):
 
 
 def dit_mechanisms() -> List[str]:
-    """Every registered linear mixer that an adapter can install into a DiT (tried on a tiny random one)."""
-    from diffusers import DiTTransformer2DModel
+    """Every registered mixer of linear cost (its class declares ``linear_cost``): each serves a DiT's
+    self-attention, as every mixer takes any ``(h, w)`` grid (the mixer contract)."""
+    from linvision.mixers import list_mixers, mixer_class
 
-    from linvision.diffusers import DiffusersAdapter
-    from linvision.mixers import list_mixers
-
-    model = DiTTransformer2DModel(sample_size=4, num_layers=1, patch_size=2, attention_head_dim=8,
-                                  num_attention_heads=2, in_channels=4, out_channels=8, norm_type="ada_norm_zero")
-    x = torch.zeros(2, 4, 4, 4)
-    fits = []
-    for name in list_mixers():
-        if name.startswith("softmax") or "softmax" in name:
-            continue
-        try:
-            adapter = DiffusersAdapter.construct_for(model, name)
-        except Exception:  # noqa: BLE001 - a mixer that does not fit a DiT is simply left out
-            continue
-        try:
-            with torch.no_grad():
-                model(x, timestep=torch.tensor([1, 1]), class_labels=torch.tensor([0, 1]))
-            fits.append(name)
-        except Exception:  # noqa: BLE001
-            pass
-        finally:
-            adapter.uninstall()
-    return fits
+    return [name for name in list_mixers() if mixer_class(name).linear_cost]
 
 
 def bench_stage(s: DemoSettings, mechanisms: Sequence[str], progress=None) -> List[Dict[str, Any]]:

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import backend as backends
 from ..validation import check_bool, check_choice, check_float, check_int, check_qkv
 from .chunked import gated_scan_chunked
 from .naive import gated_scan_naive
@@ -128,7 +129,7 @@ def check_backend(backend: str) -> str:
     """``backend`` is ``"auto"`` or ``"torch"``; ``"triton"`` is refused (no Triton kernel for this op yet)."""
     if backend == "triton":
         raise ValueError("gated_scan has no Triton kernel yet; use backend='auto' or 'torch'")
-    return check_choice("backend", backend, BACKENDS)
+    return backends.check_backend(backend, BACKENDS)
 
 
 def _check_gate(name: str, g: Optional[Tensor], q: Tensor) -> Optional[Tensor]:

@@ -1,7 +1,7 @@
 """The token-mixer contract shared by every mechanism."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -37,11 +37,26 @@ class TokenMixer(nn.Module):
     tokens in raster order. Subclasses implement :meth:`mix`; the base validates the input first.
     Resolution is an argument of every call, never state.
 
-    ``linear_cost``: whether the mixer's cost grows linearly with the tokens (checked by
-    ``linvision bench --growth``); a quadratic mixer sets it to False.
+    What a mixer supports is declared by class attributes, never probed by trying it (tests/mixers/
+    test_capabilities.py checks each declaration):
+
+    - ``linear_cost``: whether the mixer's cost grows linearly with the tokens (checked by
+      ``linvision bench --growth``); a quadratic mixer sets it to False.
+    - ``prefix_tokens``: whether it takes ``num_prefix_tokens > 0`` (class, register or text tokens).
+    - ``joint_attention``: whether it serves a joint text+image attention (SD3, FLUX) as the core of a
+      :mod:`linvision.diffusers.joint` processor, the text tokens as its prefix tokens.
+    - ``softmax_weights``: the layout in which its projections take a softmax attention's weights (weight
+      inheritance): ``"qkv"`` (fused ``qkv`` + ``proj``, :class:`QKVMixer`), ``"to_qkv"`` (diffusers'
+      ``to_q/to_k/to_v/to_out``), or None (it cannot inherit them).
+    - ``paper_inherit``: the initialisation its paper uses when it replaces a softmax attention:
+      ``"qkv+proj"`` (copy the teacher's projections) or ``"none"``.
     """
 
     linear_cost: bool = True
+    prefix_tokens: bool = True
+    joint_attention: bool = False
+    softmax_weights: Optional[str] = None
+    paper_inherit: str = "none"
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -70,6 +85,9 @@ class TokenMixer(nn.Module):
 
 class QKVMixer(TokenMixer):
     """A mixer with timm-style fused ``qkv`` and ``proj`` linears, so softmax attention weights load as they are."""
+
+    softmax_weights = "qkv"
+    paper_inherit = "qkv+proj"
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
         super().__init__(dim, num_heads)
