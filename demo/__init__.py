@@ -35,10 +35,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .cli_text import PlainHelpFormatter
-from .configs import ROOT as CONFIGS
-from .demo_report import plot_bench, plot_losses, render_report, save_grid, save_pair_grid
-from .train.digits_dit import DigitsDiTSettings
+from linvision.cli_text import PlainHelpFormatter
+from linvision.configs import ROOT as CONFIGS
+from linvision.train.digits_dit import DigitsDiTSettings
+
+from .report import plot_bench, plot_losses, render_report, save_grid, save_pair_grid
 
 TRAINING_RESOLUTION = 16  # the teacher's pixels (latent 8×8 with its factor-2 VAE, patch 1: 64 tokens)
 SCALES = (1, 2, 4)
