@@ -27,13 +27,13 @@ from typing import Dict, List
 import torch
 
 from ..cli_text import PlainHelpFormatter
+from ..dtypes import DTYPES
 from ..mixers import create_mixer, list_mixers
 from .growth import CLOCKS, GROWTH_LIMIT, GROWTH_SIZES, growth_failures, growth_ratios, measure_growth, print_growth
 from .linfusion_official import compare_official_linfusion
 from .memory import peak_bytes
 from .timing import median_seconds
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
