@@ -23,6 +23,7 @@ step, with the same data order, augmentation and random state as an uninterrupte
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -45,7 +46,7 @@ from .build import (build_criterion, build_ema, build_mixup, build_model, build_
 from .checkpoint import atomic_write, export_safetensors, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import Config, ConfigError, describe, load_config
 from .data import EpochSampler, build_datasets, build_loader
-from .job_cli import add_config_arguments, module_cli, run_config_job
+from .job_cli import add_config_arguments, module_cli, run_config_job, say
 from .metrics import MetricsLog, plot_metrics, topk_correct
 from .resume import CHECKPOINT, checkpoint_to_resume, config_change_warning, load_scaler_state, scaler_state
 from .schedule import build_scheduler
@@ -167,9 +168,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
     return record or (log.read()[-1] if accelerator.is_main_process and log.read() else {})
 
 
-def _say(accelerator: Accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        tqdm.write(f"[classify] {message}")
+_say = functools.partial(say, job="classify")  # _say(accelerator, message)
 
 
 def _train_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, scheduler, ema, mixup,

@@ -23,6 +23,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -51,7 +52,7 @@ from .distill_config import DistillConfig, describe, load_distill_config
 from .distill_data import (Conditions, LatentDataset, PixelDataset, encode_all, encode_pixels, encode_texts,
                            fingerprint, list_records, read_cache, split_text_cache, write_cache)
 from .distill_sampling import SampleComparer, draw
-from .job_cli import add_config_arguments, module_cli, run_config_job
+from .job_cli import add_config_arguments, module_cli, run_config_job, say
 from .metrics import MetricsLog, plot_series
 from .resume import checkpoint_to_resume
 from .schedule import build_scheduler
@@ -113,9 +114,7 @@ def run(cfg: DistillConfig) -> Dict[str, Any]:
         return _run(cfg)
 
 
-def _say(accelerator: Accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        tqdm.write(f"[distill] {message}")
+_say = functools.partial(say, job="distill")  # _say(accelerator, message)
 
 
 def _run(cfg: DistillConfig) -> Dict[str, Any]:

@@ -43,6 +43,14 @@ def run_config_job(args: argparse.Namespace, configs: str, load: Callable[[Optio
     return 0
 
 
+def say(accelerator, message: str, job: str) -> None:
+    """``[job] message`` on the main process only, through ``tqdm.write`` (progress bars stay intact)."""
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"[{job}] {message}")
+
+
 def module_cli(prog: str, description: Optional[str], add_arguments: Callable[[argparse.ArgumentParser], None],
                main: Callable[[argparse.Namespace], int], argv: Optional[List[str]] = None,
                formatter_class=PlainHelpFormatter) -> int:
@@ -52,4 +60,4 @@ def module_cli(prog: str, description: Optional[str], add_arguments: Callable[[a
     return main(parser.parse_args(argv))
 
 
-__all__ = ["add_config_arguments", "module_cli", "run_config_job"]
+__all__ = ["add_config_arguments", "module_cli", "run_config_job", "say"]

@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 import time
@@ -49,7 +50,7 @@ from .checkpoint import atomic_write, load_checkpoint, remove_stale_temporaries
 from .classify import Progress, _check_resumable, _restore, _save, _train_epoch, evaluate
 from .config import ConfigError
 from .data import EpochSampler, build_datasets, build_loader
-from .job_cli import add_config_arguments, module_cli, run_config_job
+from .job_cli import add_config_arguments, module_cli, run_config_job, say
 from .linearize_config import LinearizeConfig, describe, load_linearize_config
 from .metrics import MetricsLog, plot_metrics
 from .resume import checkpoint_to_resume
@@ -244,9 +245,7 @@ def run(cfg: LinearizeConfig) -> Dict[str, Any]:
         return _run(cfg)
 
 
-def _say(accelerator: Accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        tqdm.write(f"[linearize] {message}")
+_say = functools.partial(say, job="linearize")  # _say(accelerator, message)
 
 
 def _run(cfg: LinearizeConfig) -> Dict[str, Any]:
