@@ -25,6 +25,7 @@ from .nala import NormAwareLinearAttn, VanillaSelfAttention
 from .plstm import PLSTMMixer
 from .sana import SanaAttention
 from .softmax import SoftmaxAttention
+from .tracing import MixerTraceError, symbolic_trace_at
 from .transnormer import NormAttention
 from .transnormer_diag import DiagAttention
 
@@ -86,4 +87,5 @@ def create_mixer(name: str, dim: int, num_heads: int = 8, **options) -> TokenMix
     return mixer_class(name)(dim=dim, num_heads=num_heads, **options)
 
 
-__all__ = ["MIXERS", "TokenMixer", "check_tokens", "create_mixer", "list_mixers", "mixer_class", "mixer_options"]
+__all__ = ["MIXERS", "MixerTraceError", "TokenMixer", "check_tokens", "create_mixer", "list_mixers", "mixer_class",
+           "mixer_options", "symbolic_trace_at"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from ..kernels.validation import check_bool, check_hw, check_int
+from .tracing import trace_mix
 
 
 def check_tokens(x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, dim: int) -> Tuple[int, int]:
@@ -35,7 +37,8 @@ class TokenMixer(nn.Module):
 
     Tokens are ``num_prefix_tokens`` prefix tokens (class, registers, text) followed by ``h*w`` image
     tokens in raster order. Subclasses implement :meth:`mix`; the base validates the input first.
-    Resolution is an argument of every call, never state.
+    Resolution is an argument of every call, never state. Under ``torch.fx.symbolic_trace`` (a symbolic ``x``)
+    the call goes to :func:`.tracing.trace_mix`: the mixer traces at the concrete ``hw``, or says why it cannot.
 
     What a mixer supports is declared by class attributes, never probed by trying it (tests/mixers/
     test_capabilities.py checks each declaration):
@@ -69,6 +72,8 @@ class TokenMixer(nn.Module):
         self.head_dim = dim // num_heads
 
     def forward(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx.symbolic_trace of the mixer itself (see .tracing)
+            return trace_mix(self, x, hw, num_prefix_tokens)
         h, w = check_tokens(x, hw, num_prefix_tokens, self.dim)
         return self.mix(x, (h, w), int(num_prefix_tokens))
 
@@ -96,5 +101,4 @@ class QKVMixer(TokenMixer):
 
     def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(B, N, C) → three (B, N, H, D) views of one packed projection (no copies)."""
-        B, N, _ = x.shape
-        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        return self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)

@@ -22,6 +22,7 @@ class SoftmaxAttention(QKVMixer):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        q, k, v = (t.transpose(1, 2) for t in self.project_qkv(x))  # (B, H, N, D)
+        q, k, v = self.project_qkv(x)  # unpacked, not iterated: torch.fx traces this
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D)
         o = F.scaled_dot_product_attention(q, k, v)
         return self.proj(o.transpose(1, 2).flatten(2))
