@@ -28,6 +28,7 @@ from typing import Dict, List
 import torch
 
 from ..cli_text import PlainHelpFormatter
+from ..dtypes import DTYPES
 from .memory import peak_bytes
 from .timing import median_seconds
 
@@ -112,9 +113,6 @@ def print_table(rows: List[Dict]) -> None:
         ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}x" if ref["peak_mib"] else "-"
         print(f"{r['size']:>7} {r['tokens']:>7} {r['variant']:>10} {r['peak_mib']:>10.1f} {growth:>7} {r['ms']:>9.1f} {ratio:>11}")
         previous[r["variant"]] = r
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

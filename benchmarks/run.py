@@ -28,6 +28,7 @@ from typing import Dict, List
 import torch
 
 from ..cli_text import PlainHelpFormatter
+from ..dtypes import DTYPES
 from ..mixers import create_mixer, list_mixers
 from .growth import (
     CLOCKS, GROWTH_LIMIT, GROWTH_SIZES, QUADRATIC_MAX_SIZE, growth_failures, growth_ratios, growth_sizes, measure_growth,
@@ -37,7 +38,6 @@ from .linfusion_official import compare_official_linfusion
 from .memory import peak_bytes
 from .timing import median_seconds
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Sequence
 
 import torch
 
@@ -25,14 +26,21 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_backend(backend: str, choices: Sequence[str] = BACKENDS) -> str:
+    """``backend`` is one of ``choices`` (default :data:`BACKENDS`; an op without a Triton kernel passes its
+    own); returned as is, else ``ValueError`` naming the choices. The one backend check of every op and mixer."""
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {tuple(choices)}")
+    return backend
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Return ``"torch"`` or ``"triton"`` for ``backend`` in :data:`BACKENDS`.
 
     ``auto`` picks Triton for CUDA tensors when Triton is importable, else the reference.
     ``triton`` on CPU tensors needs the interpreter; asking for it otherwise is an error.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    check_backend(backend)
     on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
     if backend == "auto":
         return "triton" if on_cuda and triton_importable() else "torch"

@@ -14,10 +14,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from linvision.dtypes import DTYPES
 from linvision.train.config import ConfigError, build_section, doc_field, load_tree, valid_values
 
 _doc = doc_field
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DTYPE_NAMES = tuple(DTYPES)  # ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def make_grid(images: Sequence[Image.Image], columns: int = 0, pad: int = 2) -> Image.Image:
@@ -21,6 +24,23 @@ def make_grid(images: Sequence[Image.Image], columns: int = 0, pad: int = 2) -> 
         r, c = divmod(k, cols)
         grid.paste(img.convert("RGB"), (pad + c * (cw + pad), pad + r * (ch + pad)))
     return grid
+
+
+def tensor_images(images: "Tensor", upscale: int = 1) -> List[Image.Image]:
+    """``images (B, 3, H, W)`` in [0, 1] (clamped) → RGB PIL images, enlarged ``upscale`` times (nearest)."""
+    array = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    out = [Image.fromarray(a) for a in array]
+    return [i.resize((i.width * upscale, i.height * upscale), Image.NEAREST) for i in out] if upscale > 1 else out
+
+
+def pair_grid(teacher: "Tensor", student: "Tensor", columns: Optional[int] = None, separator: bool = False,
+              upscale: int = 1) -> Image.Image:
+    """Teacher images ``(B, 3, H, W)`` in rows above the student's (``columns`` a row, default ``B``: one row
+    each), with a blank row between them when ``separator``; for side-by-side comparisons from the same noise."""
+    columns = columns or len(teacher)
+    t, s = tensor_images(teacher, upscale), tensor_images(student, upscale)
+    blank = [Image.new("RGB", t[0].size, "white")] * columns if separator else []
+    return make_grid(t + blank + s, columns=columns)
 
 
 def write_outputs(folder: str, prefix: str, images: List[Image.Image], records: List[Dict[str, Any]],
@@ -40,4 +60,4 @@ def write_outputs(folder: str, prefix: str, images: List[Image.Image], records: 
     return report
 
 
-__all__ = ["make_grid", "write_outputs"]
+__all__ = ["make_grid", "pair_grid", "tensor_images", "write_outputs"]

@@ -10,12 +10,10 @@ import contextlib
 import os
 from typing import Optional, Sequence
 
-import torch
 from torch import nn
 
 from linvision.diffusers.families import vae_scale_factor
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from linvision.dtypes import DTYPES
 
 
 def offline(name_or_path: str) -> bool:

@@ -4,7 +4,7 @@ import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDERS = {"linvision": "linvision", "kernels": "linvision.kernels", "train": "linvision.train", "configs": "linvision.configs",
-           "sample": "linvision.sample", "benchmarks": "linvision.benchmarks"}
+           "sample": "linvision.sample", "demo": "linvision.demo", "benchmarks": "linvision.benchmarks"}
 
 
 def test_every_package_folder_is_listed_in_pyproject():

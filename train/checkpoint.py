@@ -20,6 +20,7 @@ import contextlib
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -79,6 +80,26 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
         write(tmp)
 
 
+def atomic_folder(folder: PathLike, write: Callable[[Path], Any]) -> None:
+    """``write(tmp_folder)`` into a new folder beside ``folder``, then swap it in for ``folder`` (an old one is
+    renamed aside first and removed only after the swap; the new one is removed if ``write`` fails)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        tmp.rename(folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> None:
     """``torch.save(state)`` to ``path`` atomically."""
     atomic_write(path, lambda tmp: torch.save(dict(state, format=FORMAT), tmp))
@@ -131,5 +152,5 @@ def export_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike, m
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-__all__ = ["FORMAT", "atomic_path", "atomic_write", "export_safetensors", "load_checkpoint", "remove_stale_temporaries",
+__all__ = ["FORMAT", "atomic_folder", "atomic_path", "atomic_write", "export_safetensors", "load_checkpoint", "remove_stale_temporaries",
            "save_checkpoint"]

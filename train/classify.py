@@ -23,6 +23,7 @@ step, with the same data order, augmentation and random state as an uninterrupte
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -32,12 +33,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import yaml
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..cli_text import PlainHelpFormatter
 from . import rng
 from linvision.errors import reports_user_errors
 from linvision.models.drop_path import per_sample_drop_path
@@ -47,10 +47,11 @@ from .build import (build_criterion, build_ema, build_mixup, build_model, build_
 from .checkpoint import atomic_write, export_safetensors, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import Config, ConfigError, describe, load_config
 from .data import EpochSampler, build_datasets, build_loader
+from .job_cli import add_config_arguments, module_cli, run_config_job, say
 from .metrics import MetricsLog, plot_metrics, topk_correct
+from .resume import CHECKPOINT, checkpoint_to_resume, config_change_warning, load_scaler_state, scaler_state
 from .schedule import build_scheduler
 
-CHECKPOINT = "checkpoint.pt"
 # keys that may differ between a run and its resumption without changing its results
 RESUME_FREE = frozenset({"train.resume", "train.max_steps", "train.checkpoint_every_steps", "train.log_every",
                          "train.threads", "data.num_workers", "data.eval_batch_size"})
@@ -74,35 +75,18 @@ class Progress:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``classify`` options (shared by ``linvision classify`` and ``python -m linvision.train.classify``)."""
-    parser.add_argument("--config", required=False, default=None, metavar="YAML",
-                        help="config file, e.g. configs/classify/digits_linear.yaml")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="continue from output_dir/checkpoint.pt (or the given checkpoint)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="config overrides, YAML values (train.epochs=3 model.mixer=lit optim.lr=1e-3)")
-    parser.epilog = (parser.epilog or "") + "\n" + describe()
+    add_config_arguments(parser, "configs/classify/digits_linear.yaml", "train.epochs=3 model.mixer=lit optim.lr=1e-3", describe())
 
 
 @reports_user_errors("linvision classify")
 def main(args: argparse.Namespace) -> int:
     """Run the job from parsed arguments; a user error (config, data, checkpoint) is one line and exit code 2."""
-    overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"train.resume={args.resume}")
-    if args.config is None and not overrides:
-        raise ConfigError("give --config YAML (see configs/classify/) and/or overrides")
-    result = run(load_config(args.config, overrides))
-    if result and PartialState().is_main_process:
-        print(json.dumps(result))
-    return 0
+    return run_config_job(args, "configs/classify/", load_config, run)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """``python -m linvision.train.classify`` (what ``accelerate launch -m`` runs on every process)."""
-    parser = argparse.ArgumentParser(prog="linvision classify", description=__doc__,
-                                     formatter_class=PlainHelpFormatter)
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
+    return module_cli("linvision classify", __doc__, add_arguments, main, argv)
 
 
 # --- the job ----------------------------------------------------------------------------------------------
@@ -110,13 +94,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
 
 def run(cfg: Config) -> Dict[str, Any]:
     """Train and evaluate as configured; returns the last epoch's metrics (empty if it stopped early)."""
-    threads = torch.get_num_threads()
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    try:
+    with rng.cpu_threads(cfg.train.threads):
         return _run(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: Config) -> Dict[str, Any]:
@@ -142,7 +121,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
                           f"processes x accum_steps {t.accum_steps}")
     total_steps, warmup_steps = steps_and_warmup(cfg, steps_per_epoch)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, lr, t.warmup_lr, t.min_lr)
-    resume_path = _resume_path(cfg, out)
+    resume_path = checkpoint_to_resume(cfg.train.resume, out)
     state = None
     if resume_path is not None:
         state = load_checkpoint(resume_path)
@@ -190,9 +169,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
     return record or (log.read()[-1] if accelerator.is_main_process and log.read() else {})
 
 
-def _say(accelerator: Accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        tqdm.write(f"[classify] {message}")
+_say = functools.partial(say, job="classify")  # _say(accelerator, message)
 
 
 def _train_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, scheduler, ema, mixup,
@@ -308,20 +285,6 @@ def _end_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, ema, val
 # --- checkpoints ------------------------------------------------------------------------------------------
 
 
-def _resume_path(cfg: Config, out: Path) -> Optional[Path]:
-    """The checkpoint to resume from: None (fresh), ``out/checkpoint.pt`` for 'auto' if it exists, or a path."""
-    resume = cfg.train.resume
-    if resume is None:
-        return None
-    if resume == "auto":
-        path = out / CHECKPOINT
-        return path if path.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise ConfigError(f"train.resume: no checkpoint at {path}")
-    return path
-
-
 def _check_resumable(state: Dict[str, Any], path: Path, cfg: Config, model: nn.Module,
                      kind: str = "classification") -> None:
     """ConfigError unless ``state`` (a loaded checkpoint) fits this run's model and EMA setting (a config
@@ -347,12 +310,11 @@ def _save(accelerator: Accelerator, cfg: Config, out: Path, model: nn.Module, op
     local = {"rng": rng.capture(), "loss_sum": float(progress.loss_sum), "samples": int(progress.samples)}
     processes = gather_object([local])
     if accelerator.is_main_process:
-        scaler = getattr(accelerator, "scaler", None)
         state = {
             "model": accelerator.unwrap_model(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "scaler": scaler_state(accelerator),
             "ema": ema.module.state_dict() if ema is not None else None,
             "ema_rng": ema._sr_generator.get_state() if ema is not None else None,
             "epoch": progress.epoch,
@@ -367,30 +329,16 @@ def _save(accelerator: Accelerator, cfg: Config, out: Path, model: nn.Module, op
     accelerator.wait_for_everyone()
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and prefix.count(".") < 1:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _restore(state: Dict[str, Any], cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, scheduler,
              ema) -> Progress:
     """Load a checkpoint into the prepared objects and this process's RNG; returns where to continue."""
-    old, new = _flatten(state["config"]), _flatten(cfg.to_dict())
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_FREE)
-    if changed:
-        _say(accelerator, "warning: config differs from the checkpoint's in " + ", ".join(
-            f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed) + "; the run will not match an uninterrupted one")
+    warning = config_change_warning(state["config"], cfg.to_dict(), RESUME_FREE)
+    if warning:
+        _say(accelerator, warning)
     accelerator.unwrap_model(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
+    load_scaler_state(accelerator, state.get("scaler"))
     if ema is not None:
         ema.module.load_state_dict(state["ema"])
         ema._sr_generator.set_state(state["ema_rng"])

@@ -308,25 +308,36 @@ def _check_value(value: Any, item_type: Any, checks: Mapping[str, Any], key: str
         raise ConfigError(str(err)) from None
 
 
-def build_config(tree: Any) -> Config:
-    """A checked :class:`Config` from a nested dict (the YAML file after overrides)."""
+def section_tree(tree: Any, valid: Sequence[str]) -> Mapping[str, Any]:
+    """The top level of a job's config tree (the YAML file after overrides): a mapping whose keys are all in
+    ``valid`` (None: empty), else ``ConfigError`` listing the valid sections. A ``train.mixed_precision`` that
+    YAML 1.1 read as false (a bare ``no``) becomes ``"no"``."""
     if tree is None:
         tree = {}
     if not isinstance(tree, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {type(tree).__name__}")
-    valid = ["model", *SECTIONS]
     unknown = [k for k in tree if k not in valid]
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(map(str, unknown))}; valid sections: {', '.join(valid)}")
+    train = tree.get("train")
+    if isinstance(train, Mapping) and train.get("mixed_precision") is False:
+        tree = dict(tree, train=dict(train, mixed_precision="no"))
+    return tree
+
+
+def build_sections(tree: Mapping[str, Any], sections: Mapping[str, Any]) -> Dict[str, Any]:
+    """Each section dataclass of ``sections`` built and checked from ``tree`` (see :func:`build_section`)."""
+    return {name: build_section(cls, tree.get(name), name) for name, cls in sections.items()}
+
+
+def build_config(tree: Any) -> Config:
+    """A checked :class:`Config` from a nested dict (the YAML file after overrides)."""
+    tree = section_tree(tree, ["model", *SECTIONS])
     model = tree.get("model")
     if not isinstance(model, Mapping) or not isinstance(model.get("name"), str):
         raise ConfigError("model: a mapping with at least 'name' (a timm model name) is required, "
                           "e.g. model: {name: linvit_tiny_patch16_224, mixer: linear}")
-    train = tree.get("train")
-    if isinstance(train, Mapping) and train.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
-        tree = dict(tree, train=dict(train, mixed_precision="no"))
-    sections = {name: _build_section(cls, tree.get(name), name) for name, cls in SECTIONS.items()}
-    cfg = Config(model=dict(model), **sections)
+    cfg = Config(model=dict(model), **build_sections(tree, SECTIONS))
     validate(cfg)
     return cfg
 
@@ -438,5 +449,5 @@ def describe_sections(sections: Mapping[str, Any]) -> List[str]:
 
 
 __all__ = ["Config", "ConfigError", "DataConfig", "EmaConfig", "MixupConfig", "OptimConfig", "TrainConfig",
-           "build_config", "build_section", "describe", "describe_sections", "doc_field", "load_config", "load_tree",
-           "parse_value", "set_override", "valid_values"]
+           "build_config", "build_section", "build_sections", "describe", "describe_sections", "doc_field", "load_config", "load_tree",
+           "parse_value", "section_tree", "set_override", "valid_values"]

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..cli_text import PlainHelpFormatter
 from ..kernels.validation import check_choice, check_float
+from . import rng
 from .schedule import build_scheduler
 
 DENOISERS = ("diffusers_dit", "linvision_dit")
@@ -218,40 +219,39 @@ def train_dit(dit, latents: Tensor, labels: Tensor, scheduler, s: DigitsDiTSetti
 def train_digits_dit(folder: str, settings: Optional[DigitsDiTSettings] = None, threads: Optional[int] = None,
                      progress: bool = True) -> Dict:
     """Train VAE then DiT, save the ``DiTPipeline`` to ``folder``; returns a report (also ``folder/train.json``)."""
+    s = settings or DigitsDiTSettings()
+    with rng.cpu_threads(threads or None):
+        return _train(folder, s, progress)
+
+
+def _train(folder: str, s: DigitsDiTSettings, progress: bool) -> Dict:
     from diffusers import DDIMScheduler, DiTPipeline
     from tqdm.auto import tqdm
 
-    s = settings or DigitsDiTSettings()
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        start = time.perf_counter()
-        torch.manual_seed(s.seed)
-        images, labels = digits_images(s.resolution)
-        vae = build_vae(s)
-        with tqdm(total=s.vae_steps + s.dit_steps, desc="digits DiT teacher", disable=not progress) as bar:
-            vae_losses = train_vae(vae, images, s, bar)
-            with torch.no_grad():
-                mean = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
-            scale = float(1.0 / mean.std())
-            vae.register_to_config(scaling_factor=scale)
-            latents = mean * scale
-            scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                                      set_alpha_to_one=False, steps_offset=1)
-            torch.manual_seed(s.seed)
-            dit = build_dit(s, latents.shape[-1])
-            dit_losses = train_dit(dit, latents, labels, scheduler, s, bar)
+    start = time.perf_counter()
+    torch.manual_seed(s.seed)
+    images, labels = digits_images(s.resolution)
+    vae = build_vae(s)
+    with tqdm(total=s.vae_steps + s.dit_steps, desc="digits DiT teacher", disable=not progress) as bar:
+        vae_losses = train_vae(vae, images, s, bar)
         with torch.no_grad():
-            recon = vae.decode(mean[:256]).sample
-        report = {"settings": asdict(s), "vae_loss": vae_losses, "dit_loss": dit_losses,
-                  "vae_recon_mse": float(F.mse_loss(recon, images[:256])), "scaling_factor": scale,
-                  "train_s": round(time.perf_counter() - start, 1)}
-        DiTPipeline(transformer=dit, vae=vae, scheduler=scheduler).save_pretrained(folder)
-        Path(folder, "train.json").write_text(json.dumps(report, indent=2))
-        return report
-    finally:
-        torch.set_num_threads(old_threads)
+            mean = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        scale = float(1.0 / mean.std())
+        vae.register_to_config(scaling_factor=scale)
+        latents = mean * scale
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+        torch.manual_seed(s.seed)
+        dit = build_dit(s, latents.shape[-1])
+        dit_losses = train_dit(dit, latents, labels, scheduler, s, bar)
+    with torch.no_grad():
+        recon = vae.decode(mean[:256]).sample
+    report = {"settings": asdict(s), "vae_loss": vae_losses, "dit_loss": dit_losses,
+              "vae_recon_mse": float(F.mse_loss(recon, images[:256])), "scaling_factor": scale,
+              "train_s": round(time.perf_counter() - start, 1)}
+    DiTPipeline(transformer=dit, vae=vae, scheduler=scheduler).save_pretrained(folder)
+    Path(folder, "train.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def main(argv: Optional[List[str]] = None) -> int:

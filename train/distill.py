@@ -23,10 +23,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,34 +33,31 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import yaml
-from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from linvision.diffusers.files import LOAD_ERRORS
 from linvision.distill import DistillPair, LossWeights, Objective, conditioner_for
 from linvision.distill.conditioning import to as cond_to
 from linvision.distill.transfer import transfer_mixers
+from linvision.dtypes import MIXED_PRECISION_DTYPES
 from linvision.errors import reports_user_errors
 
-from ..cli_text import PlainHelpFormatter
 from . import rng
-from .checkpoint import atomic_write, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import atomic_folder, atomic_write, load_checkpoint, remove_stale_temporaries
 from .config import ConfigError
 from .data import EpochSampler
+from .distill_checkpoint import restore, save
 from .distill_config import DistillConfig, describe, load_distill_config
 from .distill_data import (Conditions, LatentDataset, PixelDataset, encode_all, encode_pixels, encode_texts,
                            fingerprint, list_records, read_cache, split_text_cache, write_cache)
 from .distill_sampling import SampleComparer, draw
+from .job_cli import add_config_arguments, module_cli, run_config_job, say
 from .metrics import MetricsLog, plot_series
+from .resume import checkpoint_to_resume
 from .schedule import build_scheduler
 
-CHECKPOINT = "checkpoint.pt"
 TERMS = ("loss", "task", "output", "feature", "variance", "attention")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# keys that may differ between a run and its resumption without changing its results
-RESUME_FREE = frozenset({"train.resume", "train.max_steps", "train.checkpoint_every", "train.log_every",
-                         "train.threads", "data.num_workers", "eval"})
 
 
 # --- command line -----------------------------------------------------------------------------------------
@@ -69,34 +65,18 @@ RESUME_FREE = frozenset({"train.resume", "train.max_steps", "train.checkpoint_ev
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``distill`` options (shared by ``linvision distill`` and ``python -m linvision.train.distill``)."""
-    parser.add_argument("--config", default=None, metavar="YAML", help="config file, e.g. configs/distill/tiny_dit_digits.yaml")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="continue from output_dir/checkpoint.pt (or the given checkpoint)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="config overrides, YAML values (train.steps=100 student.mechanism=lit)")
-    parser.epilog = (parser.epilog or "") + "\n" + describe()
+    add_config_arguments(parser, "configs/distill/tiny_dit_digits.yaml", "train.steps=100 student.mechanism=lit", describe())
 
 
 @reports_user_errors("linvision distill")
 def main(args: argparse.Namespace) -> int:
     """Run the job from parsed arguments; a user error (config, pipeline, data, checkpoint) is one line, exit 2."""
-    overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"train.resume={args.resume}")
-    if args.config is None and not overrides:
-        raise ConfigError("give --config YAML (see configs/distill/) and/or overrides")
-    result = run(load_distill_config(args.config, overrides))
-    if result and PartialState().is_main_process:
-        print(json.dumps(result))
-    return 0
+    return run_config_job(args, "configs/distill/", load_distill_config, run)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """``python -m linvision.train.distill`` (what ``accelerate launch -m`` runs on every process)."""
-    parser = argparse.ArgumentParser(prog="linvision distill", description=__doc__,
-                                     formatter_class=PlainHelpFormatter)
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
+    return module_cli("linvision distill", __doc__, add_arguments, main, argv)
 
 
 # --- the job ----------------------------------------------------------------------------------------------
@@ -130,28 +110,21 @@ class Job:
 
 def run(cfg: DistillConfig) -> Dict[str, Any]:
     """Distill as configured; returns the result summary (empty if ``train.max_steps`` stopped it early)."""
-    threads = torch.get_num_threads()
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
-    try:
+    with rng.cpu_threads(cfg.train.threads):
         return _run(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
-def _say(accelerator: Accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        tqdm.write(f"[distill] {message}")
+_say = functools.partial(say, job="distill")  # _say(accelerator, message)
 
 
 def _run(cfg: DistillConfig) -> Dict[str, Any]:
     start = time.perf_counter()
-    resume_path = _resume_path(cfg, Path(cfg.train.output_dir))
+    resume_path = checkpoint_to_resume(cfg.train.resume, Path(cfg.train.output_dir))
     state = load_checkpoint(resume_path) if resume_path is not None else None  # before anything is written
     job = build(cfg)
     acc = job.accelerator
     if state is not None:
-        job.global_step = _restore(job, state)
+        job.global_step = restore(job, state, lambda message: _say(acc, message))
         _say(acc, f"resumed from {resume_path} at step {job.global_step}")
     log, evals = MetricsLog(job.out / "metrics.jsonl"), MetricsLog(job.out / "eval.jsonl")
     if acc.is_main_process:  # a fresh run starts empty logs; a resumed one drops the steps it will redo
@@ -210,7 +183,7 @@ def build(cfg: DistillConfig) -> Job:
     # Teacher and student must see identical inputs: both run in eval mode (no dropout, no built-in label
     # dropout); conditioning dropout is the job's own (data.cond_dropout), the same for both.
     pair.student.eval()
-    weight_dtype = DTYPES.get(acc.mixed_precision, torch.float32)
+    weight_dtype = MIXED_PRECISION_DTYPES.get(acc.mixed_precision, torch.float32)
     pair.teacher.to(acc.device)
     if weight_dtype != torch.float32:
         pair.teacher.to(dtype=weight_dtype)
@@ -435,7 +408,7 @@ def train_loop(job: Job, log: MetricsLog, evals: MetricsLog) -> bool:
                 stop = t.max_steps is not None and job.global_step >= t.max_steps
                 every = t.checkpoint_every
                 if stop or job.global_step == t.steps or (every and job.global_step % every == 0):
-                    _save(job)
+                    save(job)
                 if cfg.eval.every and job.global_step % cfg.eval.every == 0 and job.global_step < t.steps:
                     _evaluate(job, evals)
                 if stop and job.global_step < t.steps:
@@ -472,96 +445,7 @@ def _plot(job: Job, log: MetricsLog) -> None:
     plot_series(panels, job.out / "losses.png")
 
 
-# --- checkpoints and the end ------------------------------------------------------------------------------
-
-
-def _resume_path(cfg: DistillConfig, out: Path) -> Optional[Path]:
-    resume = cfg.train.resume
-    if resume is None:
-        return None
-    if resume == "auto":
-        path = out / CHECKPOINT
-        return path if path.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise ConfigError(f"train.resume: no checkpoint at {path}")
-    return path
-
-
-def _save(job: Job) -> None:
-    """Checkpoint (collective: every process contributes its RNG state)."""
-    acc = job.accelerator
-    processes = gather_object([{"rng": rng.capture(), "window": job.window.clone(), "window_count": job.window_count}])
-    if acc.is_main_process:
-        student = acc.unwrap_model(job.student)
-        wanted = set(job.pair.trainable)
-        scaler = getattr(acc, "scaler", None)
-        state = {
-            "trainable": {n: p.detach().cpu().clone() for n, p in student.named_parameters() if n in wanted},
-            "optimizer": job.optimizer.state_dict(),
-            "scheduler": job.scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "global_step": job.global_step,
-            "processes": processes,
-            "config": job.cfg.to_dict(),
-        }
-        save_checkpoint(state, job.out / CHECKPOINT)
-    acc.wait_for_everyone()
-
-
-def _flatten(tree: Dict[str, Any]) -> Dict[str, Any]:
-    return {f"{s}.{k}": v for s, section in tree.items() for k, v in section.items()}
-
-
-def _restore(job: Job, state: Dict[str, Any]) -> int:
-    """Load a checkpoint into the prepared objects and this process's RNG; returns the step to continue at."""
-    acc = job.accelerator
-    old, new = _flatten(state["config"]), _flatten(job.cfg.to_dict())
-    changed = sorted(k for k in set(old) | set(new)
-                     if old.get(k) != new.get(k) and k not in RESUME_FREE and k.split(".")[0] not in RESUME_FREE)
-    if changed:
-        _say(acc, "warning: config differs from the checkpoint's in " + ", ".join(
-            f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed) + "; the run will not match an uninterrupted one")
-    student = acc.unwrap_model(job.student)
-    params = dict(student.named_parameters())
-    missing = sorted(set(job.pair.trainable) - set(state["trainable"]))
-    if missing:
-        raise ConfigError(f"the checkpoint lacks trainable parameters {missing[:3]} (different student settings?)")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    job.optimizer.load_state_dict(state["optimizer"])
-    job.scheduler.load_state_dict(state["scheduler"])
-    scaler = getattr(acc, "scaler", None)
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
-    processes = state["processes"]
-    if len(processes) == acc.num_processes:
-        mine = processes[acc.process_index]
-        rng.restore(mine["rng"])
-        job.window, job.window_count = mine["window"].clone(), int(mine["window_count"])
-    else:
-        _say(acc, f"warning: checkpoint from {len(processes)} process(es), running {acc.num_processes}: data shards "
-             "and noise differ from an uninterrupted run")
-    return int(state["global_step"])
-
-
-def _save_dir(folder: Path, write) -> None:
-    """``write(tmp_folder)``, then swap it in for ``folder`` (the old one is removed only after the swap)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        tmp.rename(folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+# --- the end ------------------------------------------------------------------------------
 
 
 def _finish(job: Job, log: MetricsLog, evals: MetricsLog, wall: float) -> Dict[str, Any]:
@@ -570,12 +454,12 @@ def _finish(job: Job, log: MetricsLog, evals: MetricsLog, wall: float) -> Dict[s
     if not acc.is_main_process:
         return {}
     adapter = job.pair.adapter
-    _save_dir(job.out / "adapter", lambda tmp: adapter.save_pretrained(str(tmp)))
+    atomic_folder(job.out / "adapter", lambda tmp: adapter.save_pretrained(str(tmp)))
     model = cfg.pipeline.model
     if job.pair.trains_outside_adapter():  # e.g. LiT's '*': the base denoiser changed too
         adapter.uninstall()
         try:
-            _save_dir(job.out / "pipeline", lambda tmp: job.pipe.save_pretrained(str(tmp)))
+            atomic_folder(job.out / "pipeline", lambda tmp: job.pipe.save_pretrained(str(tmp)))
         finally:
             adapter.install(job.pipe)
         model = str(job.out / "pipeline")

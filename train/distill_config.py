@@ -11,9 +11,9 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from .config import ConfigError, build_section, describe_sections, doc_field, load_tree
+from .config import ConfigError, build_sections, describe_sections, doc_field, load_tree, section_tree
 
 _doc = doc_field
 SOURCES = ("images", "classes", "digits", "teacher")
@@ -164,17 +164,8 @@ class DistillConfig:
 
 def build_distill_config(tree: Any) -> DistillConfig:
     """A checked :class:`DistillConfig` from nested plain data."""
-    if tree is None:
-        tree = {}
-    if not isinstance(tree, Mapping):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(tree).__name__}")
-    unknown = [k for k in tree if k not in SECTIONS]
-    if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(map(str, unknown))}; valid sections: {', '.join(SECTIONS)}")
-    train = tree.get("train")
-    if isinstance(train, Mapping) and train.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
-        tree = dict(tree, train=dict(train, mixed_precision="no"))
-    cfg = DistillConfig(**{name: build_section(cls, tree.get(name), name) for name, cls in SECTIONS.items()})
+    tree = section_tree(tree, list(SECTIONS))
+    cfg = DistillConfig(**build_sections(tree, SECTIONS))
     validate(cfg)
     return cfg
 

@@ -101,11 +101,11 @@ def to_pil(images: Tensor) -> List:
 
 def save_pair_grid(teacher: Tensor, student: Tensor, path: Path) -> None:
     """Teacher images on the top row, student images below (atomic PNG write)."""
-    from linvision.sample.output import make_grid
+    from linvision.sample.output import pair_grid
 
     from .checkpoint import atomic_write
 
-    grid = make_grid(to_pil(teacher) + to_pil(student), columns=len(teacher))
+    grid = pair_grid(teacher, student)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 

@@ -27,7 +27,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import re
 import sys
 import time
@@ -38,7 +38,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -47,43 +47,32 @@ from linvision.errors import reports_user_errors
 from . import rng
 from .build import build_optimizer, check_input_size, scaled_lr
 from .checkpoint import atomic_write, load_checkpoint, remove_stale_temporaries
-from .classify import Progress, _check_resumable, _resume_path, _restore, _save, _train_epoch, evaluate
+from .classify import Progress, _check_resumable, _restore, _save, _train_epoch, evaluate
 from .config import ConfigError
 from .data import EpochSampler, build_datasets, build_loader
+from .job_cli import add_config_arguments, module_cli, run_config_job, say
 from .linearize_config import LinearizeConfig, describe, load_linearize_config
 from .metrics import MetricsLog, plot_metrics
+from .resume import checkpoint_to_resume
 from .schedule import build_scheduler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``linearize`` options (``linvision linearize`` and ``python -m linvision.train.linearize``)."""
-    parser.add_argument("--config", default=None, metavar="YAML", help="config file, e.g. configs/linearize/digits_lolcats.yaml")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="continue from output_dir/checkpoint.pt (or the given checkpoint)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="config overrides, YAML values (transfer.epochs=1 student.mixer=hedgehog)")
-    parser.epilog = (parser.epilog or "") + "\n" + describe()
+    add_config_arguments(parser, "configs/linearize/digits_lolcats.yaml", "transfer.epochs=1 student.mixer=hedgehog",
+                         describe())
 
 
 @reports_user_errors("linvision linearize")
 def main(args: argparse.Namespace) -> int:
     """Run the job; a user error (config, teacher, data, checkpoint) is one line and exit code 2."""
-    overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"train.resume={args.resume}")
-    if args.config is None and not overrides:
-        raise ConfigError("give --config YAML (see configs/linearize/) and/or overrides")
-    result = run(load_linearize_config(args.config, overrides))
-    if result and PartialState().is_main_process:
-        print(json.dumps(result))
-    return 0
+    return run_config_job(args, "configs/linearize/", load_linearize_config, run)
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="linvision linearize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
+    """``python -m linvision.train.linearize``."""
+    return module_cli("linvision linearize", __doc__, add_arguments, main, argv,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # --- models -----------------------------------------------------------------------------------------------
@@ -256,9 +245,7 @@ def run(cfg: LinearizeConfig) -> Dict[str, Any]:
         return _run(cfg)
 
 
-def _say(accelerator: Accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        tqdm.write(f"[linearize] {message}")
+_say = functools.partial(say, job="linearize")  # _say(accelerator, message)
 
 
 def _run(cfg: LinearizeConfig) -> Dict[str, Any]:
@@ -278,7 +265,7 @@ def _run(cfg: LinearizeConfig) -> Dict[str, Any]:
     if steps_per_epoch < 1:
         raise ConfigError(f"{len(splits.train)} training images are too few for batch_size {bs} x {world} "
                           f"processes x accum_steps {t.accum_steps}")
-    resume_path = _resume_path(cfg, out)
+    resume_path = checkpoint_to_resume(cfg.train.resume, out)
     state = None
     if resume_path is not None:
         state = load_checkpoint(resume_path)

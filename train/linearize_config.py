@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from .config import (ConfigError, DataConfig, MixupConfig, OptimConfig, TrainConfig, build_section,
-                     describe_sections, doc_field, load_tree, validate)
+from .config import (ConfigError, DataConfig, MixupConfig, OptimConfig, TrainConfig, build_sections,
+                     describe_sections, doc_field, load_tree, section_tree, validate)
 
 _doc = doc_field
 
@@ -93,16 +93,8 @@ class LinearizeConfig:
 
 def build_linearize_config(tree: Any) -> LinearizeConfig:
     """A checked :class:`LinearizeConfig` from a nested dict."""
-    tree = {} if tree is None else tree
-    if not isinstance(tree, Mapping):
-        raise ConfigError(f"a config must be a mapping of sections, got {type(tree).__name__}")
-    unknown = [k for k in tree if k not in SECTIONS]
-    if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(map(str, unknown))}; valid sections: {', '.join(SECTIONS)}")
-    train = tree.get("train")
-    if isinstance(train, Mapping) and train.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
-        tree = dict(tree, train=dict(train, mixed_precision="no"))
-    cfg = LinearizeConfig(**{name: build_section(cls, tree.get(name), name) for name, cls in SECTIONS.items()})
+    tree = section_tree(tree, list(SECTIONS))
+    cfg = LinearizeConfig(**build_sections(tree, SECTIONS))
     validate(cfg)  # the classification job's data/train checks
     _validate(cfg)
     return cfg

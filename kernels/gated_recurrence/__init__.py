@@ -21,6 +21,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .. import backend as backends
 from ..backend import resolve_backend
 from ..validation import check_bool, check_choice, check_float, check_int, check_qkv, check_triton_dtype
 from .chunked import gated_scan_chunked
@@ -193,7 +194,7 @@ def gated_scan(
 
 def check_backend(backend: str) -> str:
     """``backend`` is one of :data:`BACKENDS` (``"auto"``, ``"torch"``, ``"triton"``); returned as is."""
-    return check_choice("backend", backend, BACKENDS)
+    return backends.check_backend(backend, BACKENDS)
 
 
 def _check_gate(name: str, g: Optional[Tensor], q: Tensor) -> Optional[Tensor]:

@@ -19,30 +19,26 @@ and is reordered). Shapes: q, k, v ``[B, T + h·w, H, d]``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Type
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS
-from ..kernels.linear_attn import linear_attention
-from ..mixers.clear import FLUX_RADIUS, FLUX_TRAIN_SEQ_LEN, POOLED_LOG_FACTOR, clear_attention, clear_scale
-from ..mixers.linfusion import feature_mlp
-from ..mixers.lit import FEATURE_OFFSET
+from ..kernels.backend import check_backend
+from ..kernels.validation import check_bool, check_float, check_odd_int
+from ..mixers import TokenMixer, list_mixers, mixer_class
+from ..mixers.clear import (FLUX_RADIUS, FLUX_TRAIN_SEQ_LEN, POOLED_LOG_FACTOR, ClearAttention, clear_attention,
+                            clear_scale, pooling_weight)
+from ..mixers.linfusion import LinFusionAttention, feature_mlp, linfusion_attention
+from ..mixers.lit import LiTAttention, lit_attention, lit_dwc
 from .geometry import LatentGeometry
 
-JOINT_MECHANISMS = ("clear", "lit", "linfusion")
+# the mixers that declare joint_attention (the one registry decides which mechanisms exist)
+JOINT_MECHANISMS = tuple(name for name in list_mixers() if mixer_class(name).joint_attention)
 # what an installed joint adapter takes in a pipeline's joint_attention_kwargs: the per-call arguments of
 # JointProcessor.__call__ and diffusers' own LoRA "scale" (consumed by the transformer before the processors)
 JOINT_CALL_KWARGS = ("linvision_grid", "proportional_attention")
 DIFFUSERS_CALL_KWARGS = ("scale",)
-
-
-def _check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    return backend
 
 
 class JointProcessor(nn.Module):
@@ -59,6 +55,12 @@ class JointProcessor(nn.Module):
     """
 
     takes_proportional_attention = False
+    mixer: Type[TokenMixer]  # the mechanism served: its class in the registry, whose functional core runs here
+
+    @classmethod
+    def build(cls, dim: int, inner_dim: int, heads: int, **options) -> "JointProcessor":
+        """The processor of a joint attention with ``dim`` input and ``inner_dim`` attention channels."""
+        return cls(inner_dim, heads, **options)
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -193,6 +195,7 @@ class ClearProcessor(JointProcessor):
     """
 
     takes_proportional_attention = True
+    mixer = ClearAttention
 
     def __init__(
         self,
@@ -215,12 +218,8 @@ class ClearProcessor(JointProcessor):
         self.pool_factor = None if pool_factor in (None, 1) else int(pool_factor)
         self.train_seq_len = None if train_seq_len is None else int(train_seq_len)
         self.pooled_log_factor = float(pooled_log_factor)
-        self.backend = _check_backend(backend)
-        if self.pool_factor is not None:
-            f = self.pool_factor
-            self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, f, 1, f, 1), 1.0 / (f * f)))
-        else:
-            self.register_parameter("spatial_weight", None)
+        self.backend = check_backend(backend)
+        self.register_parameter("spatial_weight", pooling_weight(self.pool_factor))
 
     def core(self, q, k, v, hw, num_text, proportional_attention=None):
         h, w = hw
@@ -240,7 +239,10 @@ class ClearProcessor(JointProcessor):
 
 
 class LiTProcessor(JointProcessor):
-    """LiT core: ``linear_attention(ReLU+1e-6, mean, eps)`` over text + image, plus a DWC of the image V."""
+    """LiT core (:func:`linvision.mixers.lit.lit_attention`): normalised ReLU linear attention over text + image,
+    plus the DWC of the image V (the text tokens are :class:`~linvision.mixers.lit.LiTAttention`'s prefix tokens)."""
+
+    mixer = LiTAttention
 
     def __init__(
         self,
@@ -252,37 +254,32 @@ class LiTProcessor(JointProcessor):
         backend: str = "auto",
     ):
         super().__init__(dim, heads)
-        if int(dwc_kernel_size) != dwc_kernel_size or dwc_kernel_size < 1 or dwc_kernel_size % 2 == 0:
-            raise ValueError(f"dwc_kernel_size must be a positive odd int, got {dwc_kernel_size!r}")
-        self.eps = float(eps)
-        self.backend = _check_backend(backend)
-        self.dwc_shared_across_heads = bool(dwc_shared_across_heads)
-        channels = dim // heads if self.dwc_shared_across_heads else dim
-        ks = int(dwc_kernel_size)
-        self.dwc = nn.Conv2d(channels, channels, ks, padding=ks // 2, groups=channels)
+        kernel_size = check_odd_int("dwc_kernel_size", dwc_kernel_size)
+        self.dwc_shared_across_heads = check_bool("dwc_shared_across_heads", dwc_shared_across_heads)
+        self.eps = check_float("eps", eps, min=0.0)
+        self.backend = check_backend(backend)
+        self.dwc = lit_dwc(dim, heads, kernel_size, self.dwc_shared_across_heads)
 
     def core(self, q, k, v, hw, num_text, proportional_attention=None):
-        o = linear_attention(q, k, v, mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET,
-                             backend=self.backend).flatten(2)
-        h, w = hw
-        B, _, H, d = v.shape
-        img = v[:, num_text:].to(self.dwc.weight.dtype)
-        if self.dwc_shared_across_heads:
-            local = self.dwc(img.permute(0, 2, 3, 1).reshape(B * H, d, h, w))
-            local = local.reshape(B, H, d, h * w).permute(0, 3, 1, 2).reshape(B, h * w, H * d)
-        else:
-            local = self.dwc(img.flatten(2).transpose(1, 2).reshape(B, H * d, h, w)).flatten(2).transpose(1, 2)
-        return o + F.pad(local.to(o.dtype), (0, 0, num_text, 0))
+        return lit_attention(q, k, v, hw, self.dwc, num_prefix_tokens=num_text,
+                             dwc_shared_across_heads=self.dwc_shared_across_heads, eps=self.eps, backend=self.backend)
 
 
 class LinFusionProcessor(JointProcessor):
-    """LinFusion core: ``q̂ = to_q(x + MLP_q(x))``, ``k̂ = to_k(x + MLP_k(x))``, ELU+1 normalised linear attention."""
+    """LinFusion core (:func:`linvision.mixers.linfusion.linfusion_attention`): ``q̂ = to_q(x + MLP_q(x))``,
+    ``k̂ = to_k(x + MLP_k(x))``, ELU+1 normalised linear attention. The feature MLPs act on the ``dim`` inputs."""
+
+    mixer = LinFusionAttention
+
+    @classmethod
+    def build(cls, dim: int, inner_dim: int, heads: int, **options) -> "LinFusionProcessor":
+        return cls(dim, heads, **options)
 
     def __init__(self, dim: int, heads: int, projection_mid_dim: Optional[int] = None, eps: float = 1e-4,
                  backend: str = "auto"):
         super().__init__(dim, heads)
-        self.eps = float(eps)
-        self.backend = _check_backend(backend)
+        self.eps = check_float("eps", eps, min=0.0)
+        self.backend = check_backend(backend)
         self.projection_mid_dim = projection_mid_dim
         self.to_q_ = feature_mlp(dim, projection_mid_dim)
         self.to_k_ = feature_mlp(dim, projection_mid_dim)
@@ -291,10 +288,21 @@ class LinFusionProcessor(JointProcessor):
         return x + self.to_q_(x), x + self.to_k_(x)
 
     def core(self, q, k, v, hw, num_text, proportional_attention=None):
-        return linear_attention(q, k, v, mean=True, eps=self.eps, feature_map="elu+1", backend=self.backend).flatten(2)
+        return linfusion_attention(q, k, v, eps=self.eps, backend=self.backend)
 
 
-PROCESSORS = {"clear": ClearProcessor, "lit": LiTProcessor, "linfusion": LinFusionProcessor}
+JOINT_PROCESSORS = (ClearProcessor, LiTProcessor, LinFusionProcessor)
+
+
+def processor_class(mechanism: str) -> Type[JointProcessor]:
+    """The joint processor of registered mixer ``mechanism``; ``ValueError`` for a mixer that does not declare
+    ``joint_attention`` (or an unknown name)."""
+    if mechanism not in JOINT_MECHANISMS:
+        raise ValueError(
+            f"mechanism {mechanism!r} does not fit a joint text+image attention; supported: {', '.join(JOINT_MECHANISMS)}"
+        )
+    cls = mixer_class(mechanism)
+    return next(p for p in JOINT_PROCESSORS if p.mixer is cls)
 
 
 class JointLayer(nn.Module):
@@ -314,10 +322,7 @@ class JointLayer(nn.Module):
         **options,
     ):
         super().__init__()
-        if mechanism not in PROCESSORS:
-            raise ValueError(
-                f"mechanism {mechanism!r} does not fit a joint text+image attention; supported: {', '.join(JOINT_MECHANISMS)}"
-            )
+        processor = processor_class(mechanism)
         inner_dim = dim if inner_dim is None else int(inner_dim)
         if inner_dim % heads:
             raise ValueError(f"inner_dim={inner_dim} must be a multiple of heads={heads}")
@@ -326,7 +331,7 @@ class JointLayer(nn.Module):
         self.to_v = nn.Linear(dim, inner_dim, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim, bias=out_bias), nn.Dropout(0.0)]) if has_out else None
         try:
-            self.processor = PROCESSORS[mechanism](inner_dim if mechanism != "linfusion" else dim, heads, **options)
+            self.processor = processor.build(dim, inner_dim, heads, **options)
         except TypeError as e:
             raise ValueError(f"bad option for the joint {mechanism!r} processor: {e}") from None
 
@@ -369,5 +374,6 @@ def inherit_joint(layer: JointLayer, attn: nn.Module, mode: str) -> None:
         own.load_state_dict(getattr(attn, name).state_dict())
 
 
-__all__ = ["JOINT_CALL_KWARGS", "JOINT_MECHANISMS", "JointLayer", "JointProcessor", "ClearProcessor", "LiTProcessor",
-           "LinFusionProcessor", "check_joint_attention_kwargs", "inherit_joint", "joint_layout"]
+__all__ = ["JOINT_CALL_KWARGS", "JOINT_MECHANISMS", "JOINT_PROCESSORS", "JointLayer", "JointProcessor", "ClearProcessor",
+           "LiTProcessor", "LinFusionProcessor", "check_joint_attention_kwargs", "inherit_joint", "joint_layout",
+           "processor_class"]

@@ -14,24 +14,20 @@ import torch
 from torch import Tensor, nn
 
 from ..mixers import TokenMixer, create_mixer, mixer_options
-from ..mixers.base import QKVMixer
 from ..mixers.inherit import copy_qkv_proj, effective_linear, softmax_attention_weights
 from .geometry import LatentGeometry
 
 INHERIT_MODES = ("qkv+proj", "proj", "none")
-# The papers' initialisation: LinFusion trains from PyTorch's default init (official code); LiT, CLEAR,
-# LINA and DyDiLA (a refined LiT) start from the teacher's projections.
-DEFAULT_INHERIT = {"linfusion": "none", "sana": "qkv+proj"}  # SANA: its own attention's weights
 
 
 def default_inherit(mechanism: str) -> str:
-    """The paper's initialisation for ``mechanism``; ``"none"`` for mixers whose projections a softmax
-    attention does not map onto (e.g. NaLa's fused ``qkvg``)."""
-    if mechanism in DEFAULT_INHERIT:
-        return DEFAULT_INHERIT[mechanism]
+    """The paper's initialisation for ``mechanism`` (the mixer class's declared ``paper_inherit``): LinFusion
+    trains from PyTorch's default init (official code); LiT, CLEAR, LINA and DyDiLA (a refined LiT) start from
+    the teacher's projections, SANA from its own attention's; ``"none"`` for mixers whose projections a
+    softmax attention does not map onto (e.g. NaLa's fused ``qkvg``)."""
     from ..mixers import mixer_class
 
-    return "qkv+proj" if issubclass(mixer_class(mechanism), QKVMixer) else "none"
+    return mixer_class(mechanism).paper_inherit
 
 
 def layout_options(mechanism: str, attn: nn.Module) -> Dict[str, Any]:
@@ -76,14 +72,14 @@ def inherit_weights(mixer: TokenMixer, attn: nn.Module, mode: str) -> None:
     if mode == "none":
         return
     src = softmax_attention_weights(attn, allow_qk_norm=getattr(mixer, "norm_q", None) is not None)
-    if isinstance(mixer, QKVMixer):
+    layout = getattr(mixer, "softmax_weights", None)  # the declared layout (TokenMixer)
+    if layout == "qkv":
         copy_qkv_proj(mixer, src, mode)
         return
-    names = ("to_q", "to_k", "to_v", "to_out")
-    if all(hasattr(mixer, n) for n in names) and not hasattr(attn, "to_q"):  # a fused qkv/proj source (a mixer)
+    if layout == "to_qkv" and not hasattr(attn, "to_q"):  # a fused qkv/proj source (a mixer)
         _copy_fused_into_split(mixer, src, mode)
         return
-    if all(hasattr(mixer, n) for n in names):
+    if layout == "to_qkv":
         own = [mixer.to_q, mixer.to_k, mixer.to_v] if mode == "qkv+proj" else []
         theirs = [attn.to_q, attn.to_k, attn.to_v] if mode == "qkv+proj" else []
         with torch.no_grad():

@@ -41,18 +41,32 @@ class TokenMixer(nn.Module):
     Resolution is an argument of every call, never state. Under ``torch.fx.symbolic_trace`` (a symbolic ``x``)
     the call goes to :func:`.tracing.trace_mix`: the mixer traces at the concrete ``hw``, or says why it cannot.
 
-    ``linear_cost``: whether the mixer's cost grows linearly with the tokens (checked by
-    ``linvision bench --growth``); a quadratic mixer sets it to False.
+    What a mixer supports is declared by class attributes, never probed by trying it (tests/mixers/
+    test_capabilities.py checks each declaration):
 
-    ``supports_rope``: the mixer takes a teacher's rotary embedding for the calls inside
-    ``with mixer.rotation(rope):`` (a :class:`linvision.mixers.rotary.Rotation`; its ``mix`` then gets a
-    ``rope`` keyword). It is not a ``forward`` argument because torch.fx's codegen cannot trace a second
-    defaulted argument beside a tuple ``hw``; outside the block the mixer holds none. ``supports_qk_norm``: it
-    applies ``q_norm``/``k_norm`` modules set by :meth:`QKVMixer.carry_qk_norm` to q and k per head.
-    Both are declared per class and checked by ``linvision.timm.linearize``.
+    - ``linear_cost``: whether the mixer's cost grows linearly with the tokens (checked by
+      ``linvision bench --growth``); a quadratic mixer sets it to False.
+    - ``prefix_tokens``: whether it takes ``num_prefix_tokens > 0`` (class, register or text tokens).
+    - ``joint_attention``: whether it serves a joint text+image attention (SD3, FLUX) as the core of a
+      :mod:`linvision.diffusers.joint` processor, the text tokens as its prefix tokens.
+    - ``softmax_weights``: the layout in which its projections take a softmax attention's weights (weight
+      inheritance): ``"qkv"`` (fused ``qkv`` + ``proj``, :class:`QKVMixer`), ``"to_qkv"`` (diffusers'
+      ``to_q/to_k/to_v/to_out``), or None (it cannot inherit them).
+    - ``paper_inherit``: the initialisation its paper uses when it replaces a softmax attention:
+      ``"qkv+proj"`` (copy the teacher's projections) or ``"none"``.
+    - ``supports_rope``: the mixer takes a teacher's rotary embedding for the calls inside
+      ``with mixer.rotation(rope):`` (a :class:`linvision.mixers.rotary.Rotation`; its ``mix`` then gets a
+      ``rope`` keyword). It is not a ``forward`` argument because torch.fx's codegen cannot trace a second
+      defaulted argument beside a tuple ``hw``; outside the block the mixer holds none.
+    - ``supports_qk_norm``: it applies ``q_norm``/``k_norm`` modules set by :meth:`QKVMixer.carry_qk_norm`
+      to q and k per head. Both are checked by ``linvision.timm.linearize``.
     """
 
     linear_cost: bool = True
+    prefix_tokens: bool = True
+    joint_attention: bool = False
+    softmax_weights: Optional[str] = None
+    paper_inherit: str = "none"
     supports_rope: bool = False
     supports_qk_norm: bool = False
 
@@ -109,6 +123,9 @@ class TokenMixer(nn.Module):
 
 class QKVMixer(TokenMixer):
     """A mixer with timm-style fused ``qkv`` and ``proj`` linears, so softmax attention weights load as they are."""
+
+    softmax_weights = "qkv"
+    paper_inherit = "qkv+proj"
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
         super().__init__(dim, num_heads)

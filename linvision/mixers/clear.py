@@ -94,6 +94,15 @@ def clear_scale(
     return math.sqrt(math.log(factor * num_kv) / math.log(train_seq_len) / head_dim)
 
 
+def pooling_weight(pool_factor: Optional[int]) -> Optional[nn.Parameter]:
+    """The learnable ``spatial_weight (1, 1, 1, f, 1, f, 1)`` of the pooled tokens, initialised to ``1/f²``
+    (the official shape); None without pooling (``pool_factor`` None)."""
+    if pool_factor is None:
+        return None
+    f = pool_factor
+    return nn.Parameter(torch.full((1, 1, 1, f, 1, f, 1), 1.0 / (f * f)))
+
+
 def clear_attention(
     q: Tensor,
     k: Tensor,
@@ -193,6 +202,7 @@ class ClearAttention(QKVMixer):
 
     supports_rope = True
     supports_qk_norm = True
+    joint_attention = True
 
     def __init__(
         self,
@@ -219,11 +229,7 @@ class ClearAttention(QKVMixer):
         self.train_seq_len = check_optional(check_int, "train_seq_len", train_seq_len, min=2)
         self.pooled_log_factor = check_float("pooled_log_factor", pooled_log_factor, min=0.0, min_open=True)
         self.backend = check_choice("backend", backend, BACKENDS)
-        if self.pool_factor is not None:
-            f = self.pool_factor
-            self.spatial_weight = nn.Parameter(torch.full((1, 1, 1, f, 1, f, 1), 1.0 / (f * f)))
-        else:
-            self.register_parameter("spatial_weight", None)
+        self.register_parameter("spatial_weight", pooling_weight(self.pool_factor))
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None) -> Tensor:
         h, w = hw
@@ -261,5 +267,6 @@ __all__ = [
     "apply_rope",
     "clear_attention",
     "clear_scale",
+    "pooling_weight",
     "rope_tables",
 ]

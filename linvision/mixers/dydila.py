@@ -111,6 +111,8 @@ class DyDiLA(LiTAttention):
     The module docstring gives the equations and every implementation choice.
     """
 
+    joint_attention = False  # a LiT subclass, but no joint text+image processor serves its dynamic terms
+
     def __init__(
         self,
         dim: int,

@@ -33,6 +33,17 @@ def feature_mlp(dim: int, mid_dim: Optional[int]) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, m), nn.LayerNorm(m), nn.LeakyReLU(0.01), nn.Linear(m, dim))
 
 
+def linfusion_attention(q: Tensor, k: Tensor, v: Tensor, *, eps: float = 1e-4, backend: str = "auto") -> Tensor:
+    """LinFusion's core after the projections: ELU+1 normalised linear attention, mean form, fp32 inside.
+
+    ``q, k, v [B, N, H, d]`` (``q``, ``k`` from the residual feature inputs ``x + MLP(x)``) → ``(B, N, H·d)``
+    in ``q``'s dtype. No spatial term: every token, prefix or text tokens included, is an ordinary token.
+    :class:`LinFusionAttention` and the joint text+image processor
+    (:class:`linvision.diffusers.joint.LinFusionProcessor`) both call it.
+    """
+    return linear_attention(q, k, v, mean=True, eps=eps, feature_map="elu+1", backend=backend).flatten(2)
+
+
 class LinFusionAttention(TokenMixer):
     """LinFusion self-attention: ``y = to_out(LinAttn(φ(W_q(x + MLP_q(x))), φ(W_k(x + MLP_k(x))), W_v x))``.
 
@@ -69,6 +80,9 @@ class LinFusionAttention(TokenMixer):
     Reproduced official behaviour worth knowing: with ``projection_mid_dim=-1`` the residual form gives
     ``q̂ = W_q(x + x) = W_q(2x)`` (and the same for k); no published checkpoint uses -1.
     """
+
+    joint_attention = True
+    softmax_weights = "to_qkv"  # the official init is PyTorch's default: paper_inherit stays "none"
 
     def __init__(
         self,
@@ -148,4 +162,4 @@ class LinFusionAttention(TokenMixer):
         return f"{super().extra_repr()}, projection_mid_dim={self.projection_mid_dim}, eps={self.eps}"
 
 
-__all__ = ["LinFusionAttention", "feature_mlp"]
+__all__ = ["LinFusionAttention", "feature_mlp", "linfusion_attention"]

@@ -27,6 +27,50 @@ FEATURE_OFFSET = 1e-6  # φ(u) = ReLU(u) + 1e-6
 INHERIT_MODES = ("qkv+proj", "proj", "none")
 
 
+def lit_dwc(dim: int, num_heads: int, kernel_size: int, shared_across_heads: bool) -> nn.Conv2d:
+    """LiT's depth-wise convolution on V: ``Conv2d(d, d, k, groups=d)`` shared by the heads (``d = dim/num_heads``),
+    or per channel ``Conv2d(C, C, k, groups=C)``; zero padding ``k // 2``, with bias, PyTorch's default init."""
+    channels = dim // num_heads if shared_across_heads else dim
+    return nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+
+
+def lit_local_term(v: Tensor, hw: Tuple[int, int], dwc: nn.Conv2d, num_prefix_tokens: int = 0,
+                   shared_across_heads: bool = True, start: int = 0, stop: Optional[int] = None) -> Tensor:
+    """The DWC of V over the image grid for tokens ``start:stop``: ``v (B, T + h·w, H, d)`` →
+    ``(B, stop − start, H·d)`` in ``dwc``'s dtype, zeros on the ``T`` prefix tokens (they are not on the grid).
+    ``dwc`` from :func:`lit_dwc`; the shared bank is the per-channel conv with its filters repeated per head."""
+    H = v.shape[2]
+    weight, bias = dwc.weight, dwc.bias
+    if shared_across_heads:
+        weight, bias = weight.repeat(H, 1, 1, 1), bias.repeat(H)
+    tokens = v.flatten(2).to(weight.dtype)
+    return depthwise_conv_tokens(tokens, hw, num_prefix_tokens, weight, bias, start, stop)
+
+
+def lit_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    hw: Tuple[int, int],
+    dwc: nn.Conv2d,
+    *,
+    num_prefix_tokens: int = 0,
+    dwc_shared_across_heads: bool = True,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> Tensor:
+    """LiT's core after the projections: ``LinAttn(φq, φk, v) + DWC(v)``, ``φ(u) = ReLU(u) + 1e-6``, mean form.
+
+    ``q, k, v [B, T + h·w, H, d]`` (``T`` prefix tokens first; in a joint DiT the text tokens) →
+    ``(B, T + h·w, H·d)`` in ``q``'s dtype (the attention core in fp32). :class:`LiTAttention` and the joint
+    text+image processor (:class:`linvision.diffusers.joint.LiTProcessor`) both call it.
+    """
+    o = linear_attention(
+        q, k, v, mean=True, eps=eps, feature_map="relu", feature_offset=FEATURE_OFFSET, backend=backend
+    ).flatten(2)
+    return o + lit_local_term(v, hw, dwc, num_prefix_tokens, dwc_shared_across_heads).to(o.dtype)
+
+
 class LiTAttention(QKVMixer):
     """LiT linear attention: ``y = proj(LinAttn(φQ, φK, V) + DWC(V))``.
 
@@ -66,6 +110,8 @@ class LiTAttention(QKVMixer):
     - φ and the core are evaluated in fp32 (the LiT-style file has no fp32 core; LINA's code forces one).
     """
 
+    joint_attention = True
+
     def __init__(
         self,
         dim: int,
@@ -82,8 +128,7 @@ class LiTAttention(QKVMixer):
         self.dwc_shared_across_heads = check_bool("dwc_shared_across_heads", dwc_shared_across_heads)
         self.eps = check_float("eps", eps, min=0.0)
         self.backend = check_choice("backend", backend, BACKENDS)
-        channels = self.head_dim if self.dwc_shared_across_heads else dim
-        self.dwc = nn.Conv2d(channels, channels, self.dwc_kernel_size, padding=self.dwc_kernel_size // 2, groups=channels)
+        self.dwc = lit_dwc(dim, num_heads, self.dwc_kernel_size, self.dwc_shared_across_heads)
         self.register_load_state_dict_pre_hook(fuse_q_kv_state_dict)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
@@ -100,11 +145,8 @@ class LiTAttention(QKVMixer):
         self, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, start: int = 0, stop: Optional[int] = None
     ) -> Tensor:
         """DWC of V over the image grid for tokens ``start:stop``: ``v (B, N, H, d)`` → ``(B, stop − start, C)``,
-        zeros on the prefix tokens. The shared bank is the per-channel conv with its filters repeated per head."""
-        weight, bias = self.dwc.weight, self.dwc.bias
-        if self.dwc_shared_across_heads:
-            weight, bias = weight.repeat(self.num_heads, 1, 1, 1), bias.repeat(self.num_heads)
-        return depthwise_conv_tokens(v.flatten(2), hw, num_prefix_tokens, weight, bias, start, stop)
+        zeros on the prefix tokens (:func:`lit_local_term`)."""
+        return lit_local_term(v, hw, self.dwc, num_prefix_tokens, self.dwc_shared_across_heads, start, stop)
 
     @classmethod
     def from_softmax(
@@ -149,4 +191,4 @@ class LiTAttention(QKVMixer):
         )
 
 
-__all__ = ["LiTAttention"]
+__all__ = ["LiTAttention", "lit_attention", "lit_dwc", "lit_local_term"]

@@ -90,6 +90,9 @@ class SanaAttention(TokenMixer):
     returns its weight's dtype).
     """
 
+    softmax_weights = "to_qkv"
+    paper_inherit = "qkv+proj"  # its own attention's weights
+
     def __init__(
         self,
         dim: int,

@@ -10,33 +10,18 @@ import torch
 ACCURACY_MARGIN = 10.0  # percentage points: the student's 1× classifier accuracy may trail the teacher's by this
 
 
-def _pil_images(batch: torch.Tensor, upscale: int = 1):
-    """``(B, 3, H, W)`` in [0, 1] → PIL images (the distill job's ``to_pil``), enlarged ``upscale`` times
-    (nearest neighbour)."""
-    from PIL import Image
-
-    from linvision.train.distill_sampling import to_pil
-
-    out = to_pil(batch)
-    return [i.resize((i.width * upscale, i.height * upscale), Image.NEAREST) for i in out] if upscale > 1 else out
-
-
 def save_grid(images: torch.Tensor, columns: int, path: Path, upscale: int = 1) -> None:
     """``images (B, 3, H, W)`` in [0, 1] on one grid, ``columns`` a row."""
-    from linvision.sample.output import make_grid
+    from linvision.sample.output import make_grid, tensor_images
 
-    make_grid(_pil_images(images, upscale), columns=columns).save(path)
+    make_grid(tensor_images(images, upscale), columns=columns).save(path)
 
 
 def save_pair_grid(teacher: torch.Tensor, student: torch.Tensor, columns: int, path: Path, upscale: int = 1) -> None:
     """Teacher rows above student rows (``columns`` images a row), separated by a blank row."""
-    from PIL import Image
+    from linvision.sample.output import pair_grid
 
-    from linvision.sample.output import make_grid
-
-    t, st = _pil_images(teacher, upscale), _pil_images(student, upscale)
-    blank = [Image.new("RGB", t[0].size, "white")] * columns
-    make_grid(t + blank + st, columns=columns).save(path)
+    pair_grid(teacher, student, columns, separator=True, upscale=upscale).save(path)
 
 
 def plot_bench(rows: Sequence[Dict[str, Any]], path: Path) -> None:

@@ -35,10 +35,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .cli_text import PlainHelpFormatter
-from .configs import ROOT as CONFIGS
-from .demo_report import plot_bench, plot_losses, render_report, save_grid, save_pair_grid
-from .train.digits_dit import DigitsDiTSettings
+from linvision.configs import ROOT as CONFIGS
+from linvision.train import rng
+from linvision.train.digits_dit import DigitsDiTSettings
+from linvision.train.job_cli import module_cli
+
+from .report import plot_bench, plot_losses, render_report, save_grid, save_pair_grid
 
 TRAINING_RESOLUTION = 16  # the teacher's pixels (latent 8×8 with its factor-2 VAE, patch 1: 64 tokens)
 SCALES = (1, 2, 4)
@@ -270,32 +272,11 @@ def held_out_digits(resolution: int, s: DemoSettings):
 
 
 def dit_mechanisms() -> List[str]:
-    """Every registered linear mixer that an adapter can install into a DiT (tried on a tiny random one)."""
-    from diffusers import DiTTransformer2DModel
+    """Every registered mixer of linear cost (its class declares ``linear_cost``): each serves a DiT's
+    self-attention, as every mixer takes any ``(h, w)`` grid (the mixer contract)."""
+    from linvision.mixers import list_mixers, mixer_class
 
-    from linvision.diffusers import DiffusersAdapter
-    from linvision.mixers import list_mixers
-
-    model = DiTTransformer2DModel(sample_size=4, num_layers=1, patch_size=2, attention_head_dim=8,
-                                  num_attention_heads=2, in_channels=4, out_channels=8, norm_type="ada_norm_zero")
-    x = torch.zeros(2, 4, 4, 4)
-    fits = []
-    for name in list_mixers():
-        if name.startswith("softmax") or "softmax" in name:
-            continue
-        try:
-            adapter = DiffusersAdapter.construct_for(model, name)
-        except Exception:  # noqa: BLE001 - a mixer that does not fit a DiT is simply left out
-            continue
-        try:
-            with torch.no_grad():
-                model(x, timestep=torch.tensor([1, 1]), class_labels=torch.tensor([0, 1]))
-            fits.append(name)
-        except Exception:  # noqa: BLE001
-            pass
-        finally:
-            adapter.uninstall()
-    return fits
+    return [name for name in list_mixers() if mixer_class(name).linear_cost]
 
 
 def bench_stage(s: DemoSettings, mechanisms: Sequence[str], progress=None) -> List[Dict[str, Any]]:
@@ -317,16 +298,17 @@ def bench_stage(s: DemoSettings, mechanisms: Sequence[str], progress=None) -> Li
 def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, progress: bool = True,
              settings: Optional[DemoSettings] = None) -> Dict[str, Any]:
     """Run every stage into ``out``; returns the numbers written to ``out/results.json``."""
-    from tqdm.auto import tqdm
-
-    from linvision.train import rng
-
     s = settings or DemoSettings.for_run(quick, seed)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    old_threads = torch.get_num_threads()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    with rng.cpu_threads(s.threads or None):
+        return _run_stages(root, s, progress)
+
+
+def _run_stages(root: Path, s: DemoSettings, progress: bool) -> Dict[str, Any]:
+    """The stages of :func:`run_demo` (on ``s.threads`` CPU threads)."""
+    from tqdm.auto import tqdm
+
     times: Dict[str, float] = {}
     results: Dict[str, Any] = {"settings": asdict(s), "training_resolution": TRAINING_RESOLUTION, "scales": list(SCALES)}
     wall = time.perf_counter()
@@ -340,66 +322,63 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, progres
         tqdm.write(f"[demo] stage {name}: {times[name]:.1f} s")
         return value
 
-    try:
-        # 1. classifier
-        c = stage("1 classify", lambda: classify_stage(root / "classify", s))
-        metrics = c["metrics"]
-        results["classifier"] = {"val_top1": metrics.get("val_top1"), "ema_val_top1": metrics.get("ema_val_top1"),
-                                 "epochs": s.classify_epochs, "config": c["config"], "overrides": c["overrides"]}
-        classifier, ccfg = load_classifier(root / "classify")
-        # 2. teacher
-        t = stage("2 teacher", lambda: teacher_stage(root / "teacher", s, progress))
-        results["teacher"] = {k: t[k] for k in ("vae_recon_mse", "scaling_factor", "train_s")}
-        results["teacher"].update(dit_loss_first=t["dit_loss"][0], dit_loss_last=t["dit_loss"][-1],
-                                  settings=t["settings"])
-        # 3. distillation
-        d = stage("3 distill", lambda: distill_stage(root / "teacher", root / "distill", s))
-        r = d["result"]
-        results["distill"] = {"mechanism": s.mechanism, "steps": r.get("steps"), "first": r.get("first"),
-                              "last": r.get("last"), "sample_mse_start": r.get("sample_mse_start"),
-                              "sample_mse_end": r.get("sample_mse_end"), "config": d["config"],
-                              "overrides": d["overrides"]}
-        # 4. sampling
-        with tqdm(total=2 * len(SCALES), desc="sample teacher/student", disable=not progress) as bar:
-            samples = stage("4 sample", lambda: sample_stage(str(root / "teacher"), d["pipeline"], d["adapter"], s, bar))
-        # 5. scores and grids
-        def scores():
-            real, real_labels, real_grid = held_out_digits(TRAINING_RESOLUTION, s)
-            save_grid(real_grid, 10, root / "real_digits.png", upscale=4)
-            table: Dict[str, Any] = {"real": {**score(classifier_probs(classifier, ccfg, real), real_labels),
-                                              "images": len(real_labels), "grid": "real_digits.png"}}
-            for scale in SCALES:
-                teacher_x, student_x = samples["images"]["teacher"][scale], samples["images"]["student"][scale]
-                row = {"student_teacher_mse": float(((student_x - teacher_x) ** 2).mean()),
-                       "sample_s": {w: samples["seconds"][w][scale] for w in ("teacher", "student")}}
-                for who, x in (("teacher", teacher_x), ("student", student_x)):
-                    row[who] = score(classifier_probs(classifier, ccfg, x), samples["labels"])
-                row["student_minus_teacher_accuracy"] = row["student"]["accuracy"] - row["teacher"]["accuracy"]
-                table[f"{scale}x"] = row
-                grid = root / f"samples_{scale}x.png"
-                save_pair_grid(teacher_x, student_x, 10, grid, upscale=max(1, 4 // scale))
-                row["grid"] = grid.name
-            return table
+    # 1. classifier
+    c = stage("1 classify", lambda: classify_stage(root / "classify", s))
+    metrics = c["metrics"]
+    results["classifier"] = {"val_top1": metrics.get("val_top1"), "ema_val_top1": metrics.get("ema_val_top1"),
+                             "epochs": s.classify_epochs, "config": c["config"], "overrides": c["overrides"]}
+    classifier, ccfg = load_classifier(root / "classify")
+    # 2. teacher
+    t = stage("2 teacher", lambda: teacher_stage(root / "teacher", s, progress))
+    results["teacher"] = {k: t[k] for k in ("vae_recon_mse", "scaling_factor", "train_s")}
+    results["teacher"].update(dit_loss_first=t["dit_loss"][0], dit_loss_last=t["dit_loss"][-1],
+                              settings=t["settings"])
+    # 3. distillation
+    d = stage("3 distill", lambda: distill_stage(root / "teacher", root / "distill", s))
+    r = d["result"]
+    results["distill"] = {"mechanism": s.mechanism, "steps": r.get("steps"), "first": r.get("first"),
+                          "last": r.get("last"), "sample_mse_start": r.get("sample_mse_start"),
+                          "sample_mse_end": r.get("sample_mse_end"), "config": d["config"],
+                          "overrides": d["overrides"]}
+    # 4. sampling
+    with tqdm(total=2 * len(SCALES), desc="sample teacher/student", disable=not progress) as bar:
+        samples = stage("4 sample", lambda: sample_stage(str(root / "teacher"), d["pipeline"], d["adapter"], s, bar))
+    # 5. scores and grids
+    def scores():
+        real, real_labels, real_grid = held_out_digits(TRAINING_RESOLUTION, s)
+        save_grid(real_grid, 10, root / "real_digits.png", upscale=4)
+        table: Dict[str, Any] = {"real": {**score(classifier_probs(classifier, ccfg, real), real_labels),
+                                          "images": len(real_labels), "grid": "real_digits.png"}}
+        for scale in SCALES:
+            teacher_x, student_x = samples["images"]["teacher"][scale], samples["images"]["student"][scale]
+            row = {"student_teacher_mse": float(((student_x - teacher_x) ** 2).mean()),
+                   "sample_s": {w: samples["seconds"][w][scale] for w in ("teacher", "student")}}
+            for who, x in (("teacher", teacher_x), ("student", student_x)):
+                row[who] = score(classifier_probs(classifier, ccfg, x), samples["labels"])
+            row["student_minus_teacher_accuracy"] = row["student"]["accuracy"] - row["teacher"]["accuracy"]
+            table[f"{scale}x"] = row
+            grid = root / f"samples_{scale}x.png"
+            save_pair_grid(teacher_x, student_x, 10, grid, upscale=max(1, 4 // scale))
+            row["grid"] = grid.name
+        return table
 
-        results["samples"] = stage("5 score", scores)
-        # 6. benchmark
-        def bench():
-            fits = dit_mechanisms()
-            mechanisms = [m for m in (s.bench_mechanisms or fits) if m in fits]
-            with tqdm(total=len(s.bench_sizes), desc="denoiser step memory", disable=not progress) as bar:
-                rows = bench_stage(s, mechanisms, bar)
-            plot_bench(rows, root / "denoiser_memory.png")
-            return {"mechanisms": mechanisms, "rows": rows}
+    results["samples"] = stage("5 score", scores)
+    # 6. benchmark
+    def bench():
+        fits = dit_mechanisms()
+        mechanisms = [m for m in (s.bench_mechanisms or fits) if m in fits]
+        with tqdm(total=len(s.bench_sizes), desc="denoiser step memory", disable=not progress) as bar:
+            rows = bench_stage(s, mechanisms, bar)
+        plot_bench(rows, root / "denoiser_memory.png")
+        return {"mechanisms": mechanisms, "rows": rows}
 
-        results["bench"] = stage("6 bench", bench)
-        plot_losses(root / "classify", t, root / "distill", root / "loss_curves.png")
-        times["total"] = round(time.perf_counter() - wall, 2)
-        results["times_s"] = times
-        results["all_finite"] = _finite({k: v for k, v in results.items() if k != "settings"})
-        (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        (root / "report.md").write_text(render_report(results, root))
-    finally:
-        torch.set_num_threads(old_threads)
+    results["bench"] = stage("6 bench", bench)
+    plot_losses(root / "classify", t, root / "distill", root / "loss_curves.png")
+    times["total"] = round(time.perf_counter() - wall, 2)
+    results["times_s"] = times
+    results["all_finite"] = _finite({k: v for k, v in results.items() if k != "settings"})
+    (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (root / "report.md").write_text(render_report(results, root))
     print(f"[demo] report: {root / 'report.md'} ({times['total']:.0f} s)")
     return results
 
@@ -419,11 +398,5 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="linvision demo", description=__doc__,
-                                     formatter_class=PlainHelpFormatter)
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())
+    """``python -m linvision.demo``."""
+    return module_cli("linvision demo", __doc__, add_arguments, main, argv)
