@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
+from ..kernels.linear_attn import linear_attention
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_odd_int
 from .base import QKVMixer
