@@ -69,8 +69,9 @@ def test_chunked_full_naive_agree(mode, hw, chunk, O):
 @pytest.mark.parametrize("mode", ["P", "D"])
 def test_inference_wavefront_equals_autograd_wavefront(monkeypatch, piece_bytes, mode):
     """Without autograd the border states go through one in-place buffer, in groups of leading entries and
-    pieces of chunks (:mod:`linvision.kernels.plstm.wavefront`); one chunk per piece and group, three per
-    piece, and the default must give the autograd form's numbers (and the oracle's)."""
+    strips of chunk rows (:mod:`linvision.kernels.plstm.wavefront`); strips of one chunk row, of three (the
+    last one partial: 7 chunk rows) and the default single strip must give the autograd form's numbers (and
+    the oracle's)."""
     from linvision.kernels.plstm import wavefront
 
     if piece_bytes is not None:
