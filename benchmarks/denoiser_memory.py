@@ -34,80 +34,17 @@ from .timing import median_seconds
 SELF_ADAPTERS = ["linfusion", "lit", "clear"]
 JOINT_ADAPTERS = ["clear", "lit", "linfusion"]
 FAMILY_ADAPTERS = {"sana": ["clear", "sana"]}  # families whose default comparison differs
-FAMILIES = ["dit", "pixart", "unet", "sd3", "flux", "sana"]
-PATCH_2 = ("dit", "pixart", "sd3", "flux")  # the benchmark models' 2x2 patches (FLUX: 2x2 packing); others patch 1
+FAMILIES = ["dit", "pixart", "unet", "sd3", "flux", "sana"]  # the adapter families (their random_denoiser sizes)
 
 
 def build_denoiser(family: str, width: int, depth: int, heads: int) -> torch.nn.Module:
-    """A random-weight denoiser: ``width`` channels (attention width), ``depth`` blocks, ``heads`` heads."""
-    from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                           SanaTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel)
+    """A random-weight denoiser: ``width`` channels (attention width), ``depth`` blocks, ``heads`` heads (the
+    family's ``random_denoiser``: patch 2 for DiT/PixArt/SD3, FLUX's 2x2 packing, patch 1 for SANA)."""
+    from linvision.diffusers import family_named
 
-    head_dim = width // heads
-    torch.manual_seed(0)
-    if family == "dit":
-        model = DiTTransformer2DModel(sample_size=32, num_layers=depth, patch_size=2, attention_head_dim=head_dim,
-                                      num_attention_heads=heads, in_channels=4, out_channels=8, norm_type="ada_norm_zero")
-    elif family == "pixart":
-        model = PixArtTransformer2DModel(sample_size=32, num_layers=depth, patch_size=2, attention_head_dim=head_dim,
-                                         num_attention_heads=heads, caption_channels=64, in_channels=4,
-                                         cross_attention_dim=width, out_channels=8, norm_type="ada_norm_single",
-                                         norm_elementwise_affine=False, num_embeds_ada_norm=1000)
-    elif family == "unet":
-        model = UNet2DConditionModel(block_out_channels=(width // 2, width), layers_per_block=1, sample_size=32,
-                                     in_channels=4, out_channels=4, cross_attention_dim=64, attention_head_dim=heads,
-                                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8)
-    elif family == "sd3":
-        model = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=depth,
-                                      attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=64,
-                                      caption_projection_dim=width, pooled_projection_dim=64, out_channels=4,
-                                      pos_embed_max_size=256)
-    elif family == "flux":
-        model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=max(depth // 2, 1),
-                                       num_single_layers=max(depth // 2, 1), attention_head_dim=head_dim,
-                                       num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=64,
-                                       axes_dims_rope=[head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8])
-    elif family == "sana":  # 32 latent channels (DC-AE f32c32), patch 1, GLUMBConv, SDPA cross-attention
-        model = SanaTransformer2DModel(in_channels=32, out_channels=32, num_attention_heads=heads,
-                                       attention_head_dim=head_dim, num_layers=depth, num_cross_attention_heads=heads,
-                                       cross_attention_head_dim=head_dim, cross_attention_dim=width, caption_channels=64,
-                                       sample_size=32, patch_size=1)
-    else:
+    if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
-    return model.eval()
-
-
-def step_inputs(family: str, model: torch.nn.Module, size: int, batch: int = 2, text: int = 16) -> Dict:
-    """Keyword arguments of one denoiser call on a ``size``×``size`` latent (FLUX: packed 2×2, so size/2 tokens)."""
-    g = torch.Generator().manual_seed(0)
-    p = next(model.parameters())
-    t = torch.full((batch,), 500, dtype=torch.long)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device=p.device, dtype=p.dtype)
-
-    if family == "dit":
-        return {"hidden_states": rand(batch, 4, size, size), "timestep": t.to(p.device),
-                "class_labels": torch.arange(batch, device=p.device)}
-    if family == "pixart":
-        return {"hidden_states": rand(batch, 4, size, size), "encoder_hidden_states": rand(batch, text, 64),
-                "timestep": t.to(p.device), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
-    if family == "unet":
-        return {"sample": rand(batch, 4, size, size), "timestep": t.to(p.device), "encoder_hidden_states": rand(batch, text, 64)}
-    if family == "sana":
-        return {"hidden_states": rand(batch, 32, size, size), "encoder_hidden_states": rand(batch, text, 64),
-                "timestep": t.to(p.device)}
-    if family == "sd3":
-        return {"hidden_states": rand(batch, 4, size, size), "encoder_hidden_states": rand(batch, text, 64),
-                "pooled_projections": rand(batch, 64), "timestep": t.to(p.device)}
-    side = size // 2
-    ids = torch.zeros(side, side, 3, device=p.device)
-    ids[..., 1] = torch.arange(side, device=p.device)[:, None]
-    ids[..., 2] = torch.arange(side, device=p.device)[None]
-    return {"hidden_states": rand(batch, side * side, 16), "encoder_hidden_states": rand(batch, text, 64),
-            "pooled_projections": rand(batch, 64), "timestep": (t.float() / 1000).to(p.device),
-            "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(text, 3, device=p.device)}
+    return family_named(family).random_denoiser(width, depth, heads)
 
 
 def sdpa_context(kind: str):
@@ -140,14 +77,15 @@ def denoiser_step_memory(family: str = "dit", sizes=(16, 32, 64), adapters=None,
 
     dev = torch.device(device)
     model = torch.nn.Module.to(build_denoiser(family, width, depth, heads), device=dev, dtype=dtype)
-    joint = family_of(model).kind == "joint"
+    kind = family_of(model)
+    joint = kind.kind == "joint"
     adapters = list(adapters or FAMILY_ADAPTERS.get(family) or (JOINT_ADAPTERS if joint else SELF_ADAPTERS))
-    teacher = "sana-own" if family == "sana" else "softmax"
+    teacher = kind.native_attention
     options = options or {}
     rows = []
     for size in sizes:
-        kwargs = step_inputs(family, model, size)
-        tokens = (size // 2) ** 2 if family in PATCH_2 else size * size
+        kwargs = kind.example_inputs(model, size)
+        tokens = (size // kind.latent_stride(1, model)) ** 2  # top-level image tokens
         with sdpa_context(sdpa):
             rows.append({"variant": teacher, "size": size, "tokens": tokens, **measure(model, kwargs, dev, repeat)})
         for name in adapters:

@@ -7,6 +7,10 @@ changes during the run touches every case alike. For each pair of consecutive si
 ``time(4N)/time(N)``, 4 for exactly linear cost. A mixer class declares ``linear_cost``
 (:class:`linvision.mixers.TokenMixer`); a linear-cost mixer fails when a ratio exceeds the limit
 scaled to the token ratio (``limit · (N₂/N₁)/4``; 4.5 by default).
+
+Quadratic-cost mixers (softmax, nala_softmax) are run up to :data:`QUADRATIC_MAX_SIZE`² tokens only, unless
+named with ``--mixers``: at 256² (65,536 tokens, dim 256) one forward of dense attention takes tens of
+seconds on a CPU, and their growth is never checked (only linear-cost mixers can fail).
 """
 from __future__ import annotations
 
@@ -21,19 +25,29 @@ from .memory import peak_bytes
 
 GROWTH_LIMIT = 4.5  # allowed time(4N)/time(N) (and peak(4N)/peak(N)) of a linear-cost mixer
 GROWTH_SIZES = [64, 128, 256]
+QUADRATIC_MAX_SIZE = 128  # grid side past which quadratic-cost mixers run only when named explicitly
+
+
+def growth_sizes(name: str, sizes: Sequence[int], named: bool) -> List[int]:
+    """The sizes ``name`` is run at: all of them for a linear-cost or explicitly named mixer, else those up
+    to :data:`QUADRATIC_MAX_SIZE`."""
+    if named or mixer_class(name).linear_cost:
+        return list(sizes)
+    return [s for s in sizes if s <= QUADRATIC_MAX_SIZE]
 CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure_growth(names: Sequence[str], sizes: Sequence[int], args, device, dtype) -> List[Dict]:
+def measure_growth(names: Sequence[str], sizes: Sequence[int], args, device, dtype, named: bool = True) -> List[Dict]:
     """Median seconds (side by side, ``args.repeat`` rounds on ``args.clock``) and extra peak bytes of every
-    mixer's forward (no autograd) at every size; rows ``{mixer, size, tokens, ms, peak_mib}``."""
+    mixer's forward (no autograd) at its sizes (:func:`growth_sizes`; ``named``: the mixers were named by the
+    user); rows ``{mixer, size, tokens, ms, peak_mib}``."""
     clock = CLOCKS[args.clock]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     cases: List[Tuple[str, int, Callable[[], object], list]] = []
     for name in names:
         torch.manual_seed(0)
         mixer = create_mixer(name, dim=args.dim, num_heads=args.heads).to(device=device, dtype=dtype).eval()
-        for size in sizes:
+        for size in growth_sizes(name, sizes, named):
             x = torch.randn(args.batch, size * size, args.dim, device=device, dtype=dtype)
 
             def run(mixer=mixer, x=x, hw=(size, size)):
@@ -91,23 +105,28 @@ def growth_failures(ratios: Dict[str, List[Dict]], limit: float = GROWTH_LIMIT) 
 
 
 def print_growth(rows: List[Dict], ratios: Dict[str, List[Dict]], limit: float) -> None:
+    """The table: ms per size and the time/memory ratio per size step; ``-`` where a mixer was not run."""
     sizes = sorted({r["size"] for r in rows})
     ms = {(r["mixer"], r["size"]): r for r in rows}
-    steps = [f"{a}²→{b}²" for a, b in zip(sizes, sizes[1:])]
+    pairs = list(zip(sizes, sizes[1:]))
+    steps = [f"{a}²→{b}²" for a, b in pairs]
     header = (f"{'mixer':>12} {'linear':>6} " + " ".join(f"{f'ms {s}²':>10}" for s in sizes) + " "
               + " ".join(f"{'time ' + s:>16}" for s in steps) + " " + " ".join(f"{'mem ' + s:>15}" for s in steps))
     print(header)
     print("-" * len(header))
     for name, st in ratios.items():
         linear = mixer_class(name).linear_cost
-        times = " ".join(f"{ms[(name, s)]['ms']:>10.1f}" for s in sizes)
+        times = " ".join(f"{ms[(name, s)]['ms']:>10.1f}" if (name, s) in ms else f"{'-':>10}" for s in sizes)
+        by_step = {(s["tokens"], s["to_tokens"]): s for s in st}
+        aligned = [by_step.get((a * a, b * b)) for a, b in pairs]
 
-        def mark(value, step):
+        def mark(step, kind):
+            value = None if step is None else step[kind]
             if value is None:
                 return "-"
             bad = linear and value > limit * step["to_tokens"] / step["tokens"] / 4
             return f"{value:.2f}x" + (" !" if bad else "")
 
-        tr = " ".join(f"{mark(s['time'], s):>16}" for s in st)
-        mr = " ".join(f"{mark(s['memory'], s):>15}" for s in st)
+        tr = " ".join(f"{mark(s, 'time'):>16}" for s in aligned)
+        mr = " ".join(f"{mark(s, 'memory'):>15}" for s in aligned)
         print(f"{name:>12} {'yes' if linear else 'no':>6} {times} {tr} {mr}")

@@ -14,7 +14,8 @@ Examples:
   linvision bench --mixers softmax linear --sizes 64 128 --dim 256 --heads 4
   linvision bench --quick                          # a few seconds, small sizes
   linvision bench --growth                         # time(4N)/time(N) per mixer at 64², 128², 256²;
-                                                   # exits 1 when a linear-cost mixer grows faster
+                                                   # exits 1 when a linear-cost mixer grows faster;
+                                                   # softmax forms stop at 128² unless named with --mixers
 """
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ import torch
 
 from ..cli_text import PlainHelpFormatter
 from ..mixers import create_mixer, list_mixers
-from .growth import CLOCKS, GROWTH_LIMIT, GROWTH_SIZES, growth_failures, growth_ratios, measure_growth, print_growth
+from .growth import (
+    CLOCKS, GROWTH_LIMIT, GROWTH_SIZES, QUADRATIC_MAX_SIZE, growth_failures, growth_ratios, growth_sizes, measure_growth,
+    print_growth,
+)
 from .linfusion_official import compare_official_linfusion
 from .memory import peak_bytes
 from .timing import median_seconds
@@ -51,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--growth", action="store_true",
                         help="forward time and peak-memory growth per size step, side by side; exit 1 when a "
-                             "linear-cost mixer exceeds --growth-limit")
+                             "linear-cost mixer exceeds --growth-limit (quadratic-cost mixers stop at "
+                             f"{QUADRATIC_MAX_SIZE}² unless named with --mixers)")
     parser.add_argument("--growth-limit", type=float, default=GROWTH_LIMIT,
                         help=f"allowed time(4N)/time(N) of a linear-cost mixer (default: {GROWTH_LIMIT})")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -183,7 +188,11 @@ def growth_main(names: List[str], args, device: torch.device, dtype: torch.dtype
     """``--growth``: the growth table, the official LinFusion comparison, exit 1 on a failed linear mixer."""
     sizes = sorted(args.sizes)
     print(f"growth: sizes {sizes}, median of {args.repeat} side-by-side rounds, {args.clock} clock, forward, no_grad")
-    rows = measure_growth(names, sizes, args, device, dtype)
+    rows = measure_growth(names, sizes, args, device, dtype, named=args.mixers is not None)
+    capped = sorted({n for n in names if growth_sizes(n, sizes, args.mixers is not None) != sizes})
+    if capped:
+        print(f"growth: quadratic-cost {', '.join(capped)} run up to {QUADRATIC_MAX_SIZE}² only "
+              "(name them with --mixers for every size)")
     ratios = growth_ratios(rows)
     print_growth(rows, ratios, args.growth_limit)
     official_rows = compare_official_linfusion(sizes, args, device, dtype) if "linfusion" in names else []

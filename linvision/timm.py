@@ -12,20 +12,31 @@ Each ``block.attn`` becomes a :class:`TimmAttention`: the mixer behind timm's ca
 on ``model.patch_embed`` (a :class:`GridHook`) reads the grid of every input image and stores it on the
 model's adapters; the number of prefix tokens is read from the model once. No module-level state: the
 grid lives on the adapters of each model (and follows ``copy.deepcopy``, e.g. for a model EMA).
+
+Besides ``timm.layers.Attention`` (ViT, DeiT), the EVA family's attentions are taken (``EvaAttention``:
+EVA, EVA02; ``AttentionRope``: ``vit_*_rope_*``), read into the plain layout by
+:func:`linvision.timm_attention.as_plain_attention`. Mixers reproduce the teacher's q/k up to the point
+where the mechanism differs: a mixer class with ``supports_qk_norm`` inherits ``q_norm``/``k_norm``
+(``qk_norm=True``), one with ``supports_rope`` receives the RoPE timm passes to each block (image tokens
+only, as timm; see :mod:`linvision.mixers.rotary` for the linear form). The others refuse such teachers
+with a message naming the mixers that can (or drop the part with ``strict=False``). Relative position
+biases (BEiT, ``vit_relpos_*``), grouped-query attention, gates and output norms stay unsupported.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import warnings
 from typing import Any, List, Optional, Sequence, Tuple
 
-from timm.layers import Attention
 from torch import Tensor, nn
 
-from .kernels.validation import check_hw, check_int
-from .mixers import TokenMixer, create_mixer, mixer_class, mixer_options
+from .kernels.validation import check_bool, check_hw, check_int, check_optional
+from .mixers import TokenMixer, create_mixer, mixer_class, mixer_options, mixers_supporting
+from .mixers.rotary import Rotation
 from .models.layout import MixerSpec, layer_options, resolve_mixers
+from .timm_attention import ATTENTIONS, as_plain_attention, rotate_half
 
 _logger = logging.getLogger(__name__)
 
@@ -37,27 +48,37 @@ _INHERITED = ("qkv", "proj", "attn_drop", "proj_drop")
 class TimmAttention(nn.Module):
     """A linvision mixer called as a timm attention: ``(B, N, C)`` → ``(B, N, C)``.
 
-    ``forward(x, attn_mask=None, is_causal=False)`` runs ``proj_drop(mixer(x, hw, num_prefix_tokens))``;
-    ``hw`` is the current token grid, set before each model forward by :class:`GridHook`. Masks and causal
+    ``forward(x, attn_mask=None, is_causal=False, rope=None)`` runs ``proj_drop(mixer(x, hw,
+    num_prefix_tokens))``; ``hw`` is the current token grid, set before each model forward by
+    :class:`GridHook`. ``rope``: timm's rotary embedding of the call (EVA blocks pass it), handed to the
+    mixer as a :class:`~linvision.mixers.rotary.Rotation` in the ``rope_half`` layout; with
+    ``rope_half=None`` it is ignored (``linearize(..., strict=False)`` dropped it). Masks and causal
     attention are not supported (``ValueError``): linvision mixers are bidirectional over all tokens.
     """
 
     def __init__(
-        self, mixer: TokenMixer, hw: Tuple[int, int], num_prefix_tokens: int, proj_drop: Optional[nn.Module] = None
+        self, mixer: TokenMixer, hw: Tuple[int, int], num_prefix_tokens: int, proj_drop: Optional[nn.Module] = None,
+        rope_half: Optional[bool] = None,
     ):
         super().__init__()
         self.mixer = mixer
         self.proj_drop = nn.Identity() if proj_drop is None else proj_drop
         self.hw = check_hw(hw)
         self.num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens, min=0)
+        self.rope_half = check_optional(check_bool, "rope_half", rope_half)
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                rope: Optional[Tensor] = None) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("linvision mixers attend bidirectionally over all tokens: attn_mask/is_causal unsupported")
-        return self.proj_drop(self.mixer(x, self.hw, self.num_prefix_tokens))
+        if rope is None or self.rope_half is None:
+            return self.proj_drop(self.mixer(x, self.hw, self.num_prefix_tokens))
+        with self.mixer.rotation(Rotation.from_timm(rope, self.rope_half)):
+            return self.proj_drop(self.mixer(x, self.hw, self.num_prefix_tokens))
 
     def extra_repr(self) -> str:
-        return f"hw={self.hw}, num_prefix_tokens={self.num_prefix_tokens}"
+        rope = "" if self.rope_half is None else f", rope_half={self.rope_half}"
+        return f"hw={self.hw}, num_prefix_tokens={self.num_prefix_tokens}{rope}"
 
 
 class GridHook:
@@ -92,14 +113,13 @@ def why_not_linearizable(attn: Optional[nn.Module]) -> str:
     if any(hasattr(attn, a) for a in ("relative_position_bias_table", "num_relative_distance", "rel_pos")):
         return (f"{name} has a relative position bias (BEiT, RelPos ViTs): relative position bias cannot be carried "
                 "by a linear mixer, which never forms the query-key score matrix the bias is added to")
-    if "rope" in name.lower() or name == "EvaAttention":
-        return (f"{name} applies rotary position embedding (EVA02, vit_*_rope_*) with frequencies the block passes "
-                "in each call; linearize has no mixer that takes the checkpoint's RoPE, so it is not supported")
-    return f"{name} is not timm.layers.Attention (plain softmax self-attention with qkv/proj linears)"
+    return (f"{name} is not one of timm's softmax self-attentions with qkv/proj linears (timm.layers.Attention, "
+            "EvaAttention, AttentionRope)")
 
 
 def attention_blocks(model: nn.Module) -> List[nn.Module]:
-    """The blocks of a timm ViT, each with a timm softmax ``Attention`` as ``.attn``; ``TypeError`` otherwise."""
+    """The blocks of a timm ViT / EVA, each with a timm softmax attention (:data:`ATTENTIONS`) as ``.attn``;
+    ``TypeError`` otherwise."""
     blocks = getattr(model, "blocks", None)
     patch_embed = getattr(model, "patch_embed", None)
     if not isinstance(blocks, nn.Module) or patch_embed is None or not hasattr(patch_embed, "grid_size"):
@@ -109,13 +129,13 @@ def attention_blocks(model: nn.Module) -> List[nn.Module]:
     blocks = list(blocks)
     bad = [
         (i, getattr(b, "attn", None)) for i, b in enumerate(blocks)
-        if not isinstance(getattr(b, "attn", None), Attention)
+        if not isinstance(getattr(b, "attn", None), ATTENTIONS)
     ]
     if not blocks or bad:
         found = f"blocks.{bad[0][0]}.attn: {why_not_linearizable(bad[0][1])}" if bad else "no blocks"
         raise TypeError(
-            "linearize expects every block.attn to be timm.layers.Attention (softmax self-attention); "
-            f"{len(bad)} are not, e.g. {found}"
+            "linearize expects every block.attn to be a timm softmax self-attention (Attention, EvaAttention, "
+            f"AttentionRope); {len(bad)} are not, e.g. {found}"
         )
     patch_drop = getattr(model, "patch_drop", None)
     if patch_drop is not None and not isinstance(patch_drop, nn.Identity):
@@ -123,17 +143,20 @@ def attention_blocks(model: nn.Module) -> List[nn.Module]:
     return blocks
 
 
-def unsupported_parts(attn: nn.Module) -> List[str]:
-    """Parts of a timm ``Attention`` that no mixer reproduces: q/k norms, output norm, gate, other head dims."""
-    parts = [n for n, child in attn.named_children() if n not in _INHERITED and not isinstance(child, nn.Identity)]
+def unsupported_parts(attn: nn.Module, qk_norm: bool = False) -> List[str]:
+    """Parts of a timm ``Attention`` that the mixer does not reproduce: q/k norms (unless ``qk_norm``: the
+    mixer carries them), output norm, gate, other head dims."""
+    keep = _INHERITED + (("q_norm", "k_norm") if qk_norm else ())
+    parts = [n for n, child in attn.named_children() if n not in keep and not isinstance(child, nn.Identity)]
     dim = attn.qkv.in_features
     if attn.qkv.out_features != 3 * dim or attn.proj.in_features != dim or attn.proj.out_features != dim:
         parts.append(f"qkv {tuple(attn.qkv.weight.shape)} / proj {tuple(attn.proj.weight.shape)} (head dims != dim)")
     return parts
 
 
-def inherit_mixer(attn: nn.Module, name: str, strict: bool = True, **options) -> TokenMixer:
-    """Mixer ``name`` shaped like timm ``Attention`` ``attn`` and initialised from its weights.
+def inherit_mixer(attn: nn.Module, name: str, strict: bool = True, rope: bool = False, **options) -> TokenMixer:
+    """Mixer ``name`` shaped like timm attention ``attn`` (:data:`ATTENTIONS`, read by
+    :func:`~linvision.timm_attention.as_plain_attention`) and initialised from its weights.
 
     - The mixer class has a ``from_softmax`` classmethod: it builds the mixer and maps the weights
       (``options`` may include its own arguments, e.g. LiT's ``inherit``).
@@ -141,13 +164,20 @@ def inherit_mixer(attn: nn.Module, name: str, strict: bool = True, **options) ->
       where the mixer accepts them, ``num_heads`` overridable), then every entry of ``attn.state_dict()``
       (``qkv.*``, ``proj.*``) is copied into the mixer entry of the same name and shape.
 
-    Whatever of ``attn`` is not reproduced (state with no matching entry, q/k norms, a gate) raises a
-    ``ValueError`` listing it when ``strict``, else a ``UserWarning``. Parameters the mixer has beyond the
+    q/k norms: a mixer class with ``supports_qk_norm`` gets copies of them (:meth:`carry_qk_norm`, keys
+    ``q_norm.*``/``k_norm.*``). ``rope=True``: the model passes RoPE to this attention, which a mixer class
+    without ``supports_rope`` cannot take. Whatever of ``attn`` is not reproduced (state with no matching
+    entry, q/k norms, RoPE, a gate) raises a ``ValueError`` listing it and why when ``strict``, else a
+    ``UserWarning``. Parameters the mixer has beyond the
     softmax attention (convolutions, feature maps, gates) keep the mixer's init and are logged (INFO).
     The mixer is on ``attn``'s device and dtype. Unknown names or options raise ``ValueError``.
     """
     cls = mixer_class(name)
-    lost = unsupported_parts(attn)
+    attn = as_plain_attention(attn)
+    norms = [m for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None))
+             if m is not None and not isinstance(m, nn.Identity)]
+    carry_norms = bool(norms) and cls.supports_qk_norm
+    lost = unsupported_parts(attn, qk_norm=carry_norms) + (["rope"] if rope and not cls.supports_rope else [])
     from_softmax = getattr(cls, "from_softmax", None)
     if callable(from_softmax):
         params = inspect.signature(from_softmax).parameters
@@ -165,6 +195,8 @@ def inherit_mixer(attn: nn.Module, name: str, strict: bool = True, **options) ->
     num_heads = options.pop("num_heads", attn.num_heads)
     w = attn.qkv.weight
     mixer = create_mixer(name, attn.qkv.in_features, num_heads, **options).to(device=w.device, dtype=w.dtype)
+    if carry_norms:
+        mixer.carry_qk_norm(copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm))
     source, target = attn.state_dict(), mixer.state_dict()
     matched = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
     lost += [f"{k} {tuple(v.shape)}" for k, v in source.items() if k not in matched]
@@ -178,14 +210,19 @@ def inherit_mixer(attn: nn.Module, name: str, strict: bool = True, **options) ->
 
 
 _WHY_LOST = {
-    "q_norm": "q/k normalisation (qk_norm=True) normalises q and k per head before the softmax; the linear mixers "
-              "take q and k straight from qkv, so the norms would be dropped and the outputs change",
-    "norm": "the attention's output norm (scale_norm=True) has no place in a mixer",
+    "q_norm": "q/k normalisation (qk_norm=True) normalises q and k per head before the softmax; mixer {name!r} "
+              "takes q and k straight from qkv, so the norms would be dropped and the outputs change (mixers that "
+              "carry them: {supports_qk_norm})",
+    "rope": "the model passes a rotary position embedding to every block (EVA02, vit_*_rope_*); mixer {name!r} "
+            "cannot apply it, so the tokens would lose their positions (mixers that can: {supports_rope})",
+    "norm": "the attention's output norm (scale_norm=True, EVA-CLIP's scale_attn_inner) has no place in a mixer",
+    "gate": "the attention's output gate (gated=True) has no place in a mixer",
 }
 
 
 def _report(name: str, lost: List[str], strict: bool) -> None:
-    why = [reason for part, reason in _WHY_LOST.items() if part in lost]
+    supported = {flag: ", ".join(mixers_supporting(flag)) for flag in ("supports_qk_norm", "supports_rope")}
+    why = [reason.format(name=name, **supported) for part, reason in _WHY_LOST.items() if part in lost]
     msg = f"mixer {name!r} cannot inherit {lost} from the softmax attention" + "".join(f": {w}" for w in why)
     if strict:
         raise ValueError(msg + " (pass strict=False to continue with these dropped)")
@@ -196,7 +233,8 @@ def linearize(model: nn.Module, mixer: MixerSpec, strict: bool = True, **opts) -
     """Replace every ``block.attn`` of timm ViT ``model`` by a linvision mixer, in place; returns ``model``.
 
     Args:
-        model: a timm ``VisionTransformer`` (or subclass) whose blocks hold ``timm.layers.Attention``.
+        model: a timm ``VisionTransformer`` (or subclass) or ``Eva`` (EVA, EVA02, ``vit_*_rope_*``) whose
+            blocks hold timm softmax attentions (:data:`ATTENTIONS`).
         mixer: a ``linvision.list_mixers()`` name, or a per-block list (length ``depth`` or a pattern whose
             length divides it), as the ``mixer=`` of the linvit models.
         strict: raise (default) or warn when part of a softmax attention cannot be inherited
@@ -206,7 +244,8 @@ def linearize(model: nn.Module, mixer: MixerSpec, strict: bool = True, **opts) -
 
     The new ``block.attn`` is a :class:`TimmAttention` (state-dict keys ``blocks.{i}.attn.mixer.*``); all other
     modules, weights, shapes and outputs' layout are unchanged; ``linearize(model, 'softmax')`` reproduces
-    the model. The grid comes from each input (via a :class:`GridHook` on ``model.patch_embed``), so a model
+    the model (RoPE and q/k norms included). With RoPE (``model.rope``), the adapters hand timm's
+    embedding of each call to the mixers. The grid comes from each input (via a :class:`GridHook` on ``model.patch_embed``), so a model
     with ``dynamic_img_size=True`` still runs at any resolution. Every mixer is built before any block is
     changed: on an error the model is left as it was.
     """
@@ -214,10 +253,13 @@ def linearize(model: nn.Module, mixer: MixerSpec, strict: bool = True, **opts) -
     names = resolve_mixers(mixer, len(blocks))
     num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
     grid = tuple(model.patch_embed.grid_size or (1, 1))
-    mixers = [inherit_mixer(b.attn, n, strict=strict, **layer_options(n, opts)) for b, n in zip(blocks, names)]
+    rope = isinstance(getattr(model, "rope", None), nn.Module)
+    mixers = [inherit_mixer(b.attn, n, strict=strict, rope=rope, **layer_options(n, opts))
+              for b, n in zip(blocks, names)]
     adapters = []
     for block, m in zip(blocks, mixers):
-        adapter = TimmAttention(m, grid, num_prefix_tokens, proj_drop=block.attn.proj_drop)
+        half = rotate_half(block.attn) if rope and m.supports_rope else None
+        adapter = TimmAttention(m, grid, num_prefix_tokens, proj_drop=block.attn.proj_drop, rope_half=half)
         adapter.train(block.attn.training)
         block.attn = adapter
         adapters.append(adapter)

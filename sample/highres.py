@@ -14,6 +14,8 @@ from typing import Iterator, List, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from linvision.diffusers.families.flux import unpack_flux_latents  # noqa: F401  (FLUX's, re-exported)
+
 
 def stage_sizes(base: Tuple[int, int], final: Tuple[int, int], stages: int, stride: int) -> List[Tuple[int, int]]:
     """``stages + 1`` sizes from ``base`` to ``final``, geometric in between, each a multiple of ``stride``."""
@@ -36,14 +38,6 @@ def default_base(final: Tuple[int, int], stages: int, stride: int) -> Tuple[int,
 def upsample_latents(latents: Tensor, size: Tuple[int, int]) -> Tensor:
     """Bicubic upsampling of ``(B, C, h, w)`` latents to ``size``, computed in fp32."""
     return F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False).to(latents.dtype)
-
-
-def unpack_flux_latents(latents: Tensor, height: int, width: int, vae_scale_factor: int) -> Tensor:
-    """FLUX's packed ``(B, (h/2)(w/2), 4C)`` latents → ``(B, C, h, w)`` (h = height / vae factor)."""
-    b, _, c4 = latents.shape
-    h, w = height // vae_scale_factor, width // vae_scale_factor
-    x = latents.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c4 // 4, h, w)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from linvision.diffusers.families import vae_scale_factor
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -80,20 +82,13 @@ def denoiser(pipe) -> nn.Module:
 
 
 def attach_adapter(pipe, adapter: Optional[str]):
-    """Load ``adapter`` (folder or hub id, ours or LinFusion's) and install it in ``pipe``; None: nothing."""
+    """Load ``adapter`` (folder or hub id, ours or LinFusion's; a LinVisionDiT student folder for that family) and
+    install it in ``pipe``; None: nothing."""
     if not adapter:
         return None
-    from linvision.diffusers import DiffusersAdapter
+    from linvision.diffusers.students import load_student
 
-    return DiffusersAdapter.from_pretrained(adapter).install(pipe)
-
-
-def vae_scale_factor(pipe) -> int:
-    """Pixels per latent: the pipeline's ``vae_scale_factor``, else ``2**(VAE levels − 1)`` (DiTPipeline has none)."""
-    factor = getattr(pipe, "vae_scale_factor", None)
-    if factor is None:
-        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return int(factor)
+    return load_student(pipe, adapter).install(pipe)
 
 
 def latent_stride(pipe) -> int:
@@ -103,13 +98,8 @@ def latent_stride(pipe) -> int:
     """
     from linvision.diffusers import family_of
 
-    vae_factor = vae_scale_factor(pipe)
-    family = family_of(denoiser(pipe))
-    if family.name == "flux":
-        return vae_factor * 2
-    if family.name == "unet":
-        return vae_factor
-    return vae_factor * int(denoiser(pipe).config.patch_size)
+    model = denoiser(pipe)
+    return family_of(model).latent_stride(vae_scale_factor(pipe), model)
 
 
 def check_size(pipe, height: int, width: int) -> None:

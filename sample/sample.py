@@ -25,7 +25,7 @@ from linvision.errors import reports_user_errors
 
 from .config import ConfigError, SampleConfig, describe, load_config
 from .dit import encode_images, sample_dit
-from .highres import default_base, ntk_rope, sdedit_steps, stage_sizes, unpack_flux_latents, upsample_latents
+from .highres import default_base, ntk_rope, sdedit_steps, stage_sizes, upsample_latents
 from .memory import apply_vae_switches, batch_chunked, ffn_chunked, vae_switches
 from .output import write_outputs
 from .pipeline import check_class_labels, check_size, latent_stride, load_pipeline, vae_scale_factor
@@ -69,7 +69,8 @@ class Sampler:
     """One configured pipeline (+ adapter); :meth:`draw` makes the images of one batch."""
 
     def __init__(self, config: SampleConfig, progress):
-        from linvision.diffusers import DiffusersAdapter, denoiser_of, family_of, load_clear
+        from linvision.diffusers import denoiser_of, family_of, load_clear
+        from linvision.diffusers.students import load_student
 
         self.config = config
         self.progress = progress
@@ -83,14 +84,14 @@ class Sampler:
         t0 = time.perf_counter()
         self.adapter = None
         if p.adapter:
-            self.adapter = _loading("pipeline.adapter", DiffusersAdapter.from_pretrained, p.adapter)
+            self.adapter = _loading("pipeline.adapter", load_student, self.pipe, p.adapter)
             _loading("pipeline.adapter", self.adapter.install, self.pipe)
         elif p.clear_checkpoint:
             self.adapter = _loading("pipeline.clear_checkpoint", load_clear, p.clear_checkpoint, self.pipe,
                                     install=True, **p.adapter_options)
         self.adapter_s = time.perf_counter() - t0
         self.denoiser = denoiser_of(self.pipe)
-        self.family = family_of(self.denoiser).name
+        self.family = family_of(self.denoiser)
         self.stride = latent_stride(self.pipe)
         self._i2i = None
 
@@ -110,7 +111,7 @@ class Sampler:
             except ValueError as err:
                 key = "sampling.height/width" if (height, width) == final else "highres.base_height/base_width"
                 raise ConfigError(f"{key}: {err}") from None
-            if self.family == "dit" and height != width:
+            if self.family.square_only and height != width:
                 raise ConfigError(f"sampling.height/width: DiT samples square images only (diffusers unpatchifies a "
                                   f"square grid), got {height}x{width}")
         return sizes
@@ -123,7 +124,7 @@ class Sampler:
 
     def conditions(self) -> List[Any]:
         s = self.config.sampling
-        if self.family == "dit":
+        if not self.family.text:
             if s.prompts:
                 raise ConfigError("sampling.prompts: DiT is class-conditional: give sampling.class_labels, not prompts")
             labels = list(s.class_labels or [0])
@@ -166,8 +167,8 @@ class Sampler:
         kwargs.update(self._callback_kwargs(pipe))
         with torch.no_grad():
             out = pipe(**kwargs).images
-        if output_type == "latent" and self.family == "flux":
-            out = unpack_flux_latents(out, size[0], size[1], vae_scale_factor(self.pipe))
+        if output_type == "latent":
+            out = self.family.unpack_latents(out, size[0], size[1], vae_scale_factor(self.pipe))
         return out
 
     def _dit(self, labels, gens, size, steps, guidance, output_type, init_latents=None, strength=1.0):
@@ -194,7 +195,7 @@ class Sampler:
         """PIL images of one batch: one stage, or the SDEdit stages of ``highres``."""
         s, h = self.config.sampling, self.config.highres
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        dit = self.family == "dit"
+        dit = not self.family.text  # class-conditional DiTs sample through sample_dit
         if len(sizes) == 1:
             if dit:
                 return self._dit(conds, gens, sizes[0], s.steps, s.guidance, "pil")
@@ -258,7 +259,7 @@ def run(config: SampleConfig) -> Dict[str, Any]:
                 out = sampler.draw(conds, seeds, sizes)
                 batch_times.append(time.perf_counter() - t0)
                 images.extend(out)
-                key = "class_label" if sampler.family == "dit" else "prompt"
+                key = "prompt" if sampler.family.text else "class_label"
                 records.extend({key: c, "seed": seed, "height": s.height, "width": s.width} for c, seed in batch)
     finally:
         bar.close()
@@ -267,7 +268,7 @@ def run(config: SampleConfig) -> Dict[str, Any]:
         "config": config.to_dict(),
         "resolved": {
             "pipeline_class": type(sampler.pipe).__name__,
-            "family": sampler.family,
+            "family": sampler.family.name,
             "latent_stride": sampler.stride,
             "adapter": None if sampler.adapter is None else {
                 "mechanism": sampler.adapter.config.mechanism, "layers": len(sampler.adapter.config.modules_list)},

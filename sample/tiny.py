@@ -16,19 +16,11 @@ from ..cli_text import PlainHelpFormatter
 
 
 def build_tiny_dit(folder: str, seed: int = 0) -> str:
-    """Write a ``DiTPipeline`` (2 blocks, 16 channels, 4-level 4…8-channel VAE, DDIM) to ``folder``."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    """Write the ``dit`` family's tiny ``DiTPipeline`` (2 blocks, 16 channels, 4-level 4…8-channel VAE, DDIM) to
+    ``folder``."""
+    from linvision.diffusers.families import DIT
 
-    torch.manual_seed(seed)
-    transformer = DiTTransformer2DModel(
-        sample_size=4, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
-        out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-        norm_type="ada_norm_zero", norm_elementwise_affine=False,
-    )
-    vae = AutoencoderKL(block_out_channels=[4, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=2, sample_size=32)
-    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(steps_offset=1)).save_pretrained(folder)
+    DIT.tiny_pipeline(seed).save_pretrained(folder)
     return folder
 
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..cli_text import PlainHelpFormatter
 from . import rng
 from linvision.errors import reports_user_errors
+from linvision.models.drop_path import per_sample_drop_path
 
 from .build import (build_criterion, build_ema, build_mixup, build_model, build_optimizer, check_input_size,
                     scaled_lr, steps_and_warmup)
@@ -153,7 +154,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
         atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = build_ema(cfg, accelerator.unwrap_model(model))  # a copy on the training device
-    rng.seed_everything(t.seed + rank)  # training randomness (drop-path, mixup) differs per process
+    rng.seed_everything(t.seed + rank)  # mixup/cutmix and dropout differ per process (drop-path is seeded per sample)
 
     progress = Progress()
     if state is not None:
@@ -200,6 +201,8 @@ def _train_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, optimi
     """One epoch (or its rest, after a resume) of optimizer steps; True when ``train.max_steps`` stopped it.
 
     ``compute_loss(model, x, target)`` replaces ``criterion(model(x), target)`` (``linvision linearize``'s stages).
+    Drop-path decides each sample from ``(seed, epoch, dataset index)`` (forward and backward, so also under
+    activation checkpointing), so a sample's masks do not depend on how the global batch is split.
     """
     t = cfg.train
     sampler.set_epoch(progress.epoch, start_batch=progress.step_in_epoch * t.accum_steps)
@@ -211,12 +214,13 @@ def _train_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, optimi
     bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {progress.epoch + 1}/{t.epochs}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True, leave=False)
     start, images = time.perf_counter(), 0
-    for x, y in loader:
+    for x, y, index in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         target = y
         if mixup is not None:
             x, target = mixup(x, y)
-        with accelerator.accumulate(model):
+        keys = [(t.seed, progress.epoch, i) for i in index.tolist()]
+        with accelerator.accumulate(model), per_sample_drop_path(accelerator.unwrap_model(model), keys):
             with accelerator.autocast():
                 loss = compute_loss(model, x, target) if compute_loss else criterion(model(x), target)
             accelerator.backward(loss)

@@ -224,6 +224,20 @@ def build_datasets(cfg: Config) -> Splits:
                   _limit(val, d.max_val_samples), classes)
 
 
+class _Indexed(Dataset):
+    """Training view: ``(epoch, index)`` keys → ``(*base[key], index)``, so each batch carries its samples' dataset
+    indices (the keys of the per-sample drop-path, :func:`linvision.models.drop_path.per_sample_drop_path`)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        return (*self.base[key], key[1])
+
+
 class _Plain(Dataset):
     """Evaluation view: ``(epoch, index)`` keys → ``base[index]`` (no seeding needed, no randomness)."""
 
@@ -239,10 +253,11 @@ class _Plain(Dataset):
 
 def build_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, num_workers: int, seed: int,
                  pin_memory: bool = False, train: bool = True) -> DataLoader:
-    """A DataLoader over ``sampler``'s keys. It has its own generator, so creating an iterator never draws
-    from the global torch generator (which would shift the training randomness after a resume)."""
+    """A DataLoader over ``sampler``'s keys: batches ``(x, y, index)`` for training (``index``: the samples' dataset
+    indices), ``(x, y)`` for evaluation. It has its own generator, so creating an iterator never draws from the
+    global torch generator (which would shift the training randomness after a resume)."""
     return DataLoader(
-        dataset if train else _Plain(dataset),
+        _Indexed(dataset) if train else _Plain(dataset),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

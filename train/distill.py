@@ -193,9 +193,9 @@ def build(cfg: DistillConfig) -> Job:
     try:
         adapter = None
         if s.adapter is not None:
-            from linvision.diffusers import DiffusersAdapter
+            from linvision.diffusers.students import load_student
 
-            adapter = DiffusersAdapter.from_pretrained(s.adapter)
+            adapter = load_student(pipe, s.adapter)
             if adapter.config.mechanism != s.mechanism:
                 raise ValueError(f"student.adapter is a {adapter.config.mechanism!r} adapter, not {s.mechanism!r}")
         pair = DistillPair.build(pipe, s.mechanism, s.options, s.inherit, s.trainable, s.feature_layers, adapter=adapter)
@@ -270,7 +270,8 @@ def _check_loss(weights: LossWeights, pair: DistillPair, pipe) -> None:
                           f"not {pair.adapter.config.mechanism!r}")
     if weights.variance:
         config = pair.teacher.config
-        out_channels = getattr(config, "out_channels", None) or config.in_channels
+        out_channels = getattr(config, "out_channels", None) or getattr(pair.teacher, "out_channels", None) \
+            or config.in_channels
         if out_channels != 2 * config.in_channels:
             raise ConfigError(f"loss.variance > 0 needs a learned-sigma denoiser (out_channels = 2 x in_channels); "
                               f"{type(pair.teacher).__name__} has {out_channels} for {config.in_channels}")

@@ -32,14 +32,14 @@ class StudentSection:
     """``student:`` the adapter that replaces the attention, and what trains."""
 
     mechanism: str = _doc("linfusion", "any linvision mixer for UNet/DiT/PixArt (linfusion, lit, lina, dydila, clear, "
-                          "...); clear, lit or linfusion for SD3/FLUX")
+                          "...); clear, lit or linfusion for SD3/FLUX; a LinVisionDiT teacher: the student's mixer")
     options: Dict[str, Any] = _doc({}, "mechanism options, e.g. {projection_mid_dim: 80} (LinFusion-XL: C/16), "
                                    "{radius: 16, pool_factor: 4} (CLEAR), {num_heads: 2} (LiT's few heads)")
     inherit: Optional[str] = _doc(None, "copy the teacher's projections: qkv+proj, proj, none; null = the paper's "
                                   "(LinFusion: none; LiT, CLEAR, LINA, DyDiLA: qkv+proj)",
                                   choices=("qkv+proj", "proj", "none"))
     trainable: List[str] = _doc(["adapter"], "parameter name patterns (glob) that train; 'adapter' = the adapter's "
-                                "parameters (LinFusion), '*' = the whole denoiser (LiT)")
+                                "parameters (LinFusion; a LinVisionDiT student: all of it), '*' = the whole denoiser (LiT)")
     feature_layers: List[str] = _doc(["all"], "attention outputs matched by the feature term: 'all', names or glob "
                                      "patterns of the replaced attentions (unknown names are an error)")
     gradient_checkpointing: bool = _doc(False, "recompute activations in the backward pass (diffusers' checkpointing)")

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from linvision.distill.conditioning import Condition, Conditioner, unpack_flux
+from linvision.distill.conditioning import Condition, Conditioner
 
 
 @contextlib.contextmanager
@@ -36,7 +36,7 @@ def draw(pipe, conditioner: Conditioner, cond: Condition, null: Optional[Conditi
     """Images ``(B, 3, R, R)`` in [0, 1] (``"pt"``) or model-space latents ``(B, C, h, w)`` (``"latent"``) for
     the ``B`` rows of ``cond``, row ``i`` from ``torch.Generator().manual_seed(seeds[i])``."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    if conditioner.family == "dit":
+    if not conditioner.text:  # the class-conditional DiTs: diffusers' DiTPipeline samples at its sample_size only
         from linvision.sample.dit import sample_dit
 
         return sample_dit(pipe, cond["class_labels"].tolist(), resolution, resolution, steps=steps,
@@ -46,9 +46,8 @@ def draw(pipe, conditioner: Conditioner, cond: Condition, null: Optional[Conditi
                   generator=generators, output_type=output_type)
     params = inspect.signature(pipe.__call__).parameters
     out = pipe(**{k: v for k, v in kwargs.items() if k in params}).images
-    if output_type == "latent" and conditioner.family == "flux":
-        f = conditioner.vae_scale_factor
-        out = unpack_flux(out, resolution // f, resolution // f)
+    if output_type == "latent":
+        out = conditioner.family.unpack_latents(out, resolution, resolution, conditioner.vae_scale_factor)
     return out
 
 

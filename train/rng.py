@@ -2,8 +2,10 @@
 
 The job draws random numbers in three places:
 
-- the training step (mixup/cutmix choice and box: numpy; drop-path and dropout: torch; on CUDA also the
-  CUDA generators), from each process's global generators, whose state goes into every checkpoint;
+- the training step (mixup/cutmix choice and box: numpy; dropout: torch; on CUDA also the CUDA generators),
+  from each process's global generators, whose state goes into every checkpoint;
+- drop-path in linvision's models: each sample's keep/drop decisions from ``(seed, epoch, index)`` and the
+  module's position (:func:`linvision.models.drop_path.per_sample_drop_path`), whatever the process count;
 - the data order: a pure function of ``(seed, epoch)`` (:class:`linvision.train.data.EpochSampler`);
 - augmentation: each sample is transformed under generators seeded from ``(seed, epoch, index)``
   (:func:`seeded`), so an image's augmentation does not depend on worker count, worker seeds or where

@@ -6,14 +6,14 @@ arXiv 2405.21022 (2024).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
 from ..validation import check_bool, check_float, check_floating_dtype, check_qkv, check_triton_dtype, expand_floating
-from .naive import additive_scan_naive, additive_scan_recurrent, causal_lse, noncausal_state
+from .naive import additive_scan_naive, additive_scan_recurrent, causal_lse, noncausal_scan_of, noncausal_state
 
 
 def additive_scan(
@@ -62,6 +62,33 @@ def additive_scan(
     return additive_scan_naive(q, k, v, k_mod, causal, lse_init, out_dtype)
 
 
+def additive_scan_streamed(
+    queries: Callable[[int, int], Tensor],
+    keys: Callable[[int, int], Tuple[Tensor, Optional[Tensor]]],
+    v: Tensor,
+    num_queries: int,
+    *,
+    lse_init: float = -math.inf,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """The non-causal :func:`additive_scan` with ``q = queries(0, N)`` and ``(k, k_mod) = keys(0, N)`` built by
+    the caller one chunk of tokens at a time (``queries(a, b)``, ``keys(a, b)``: tokens ``a:b``, computed
+    token by token), so that the PyTorch path never holds a full-size temporary of them; the outputs are
+    bit-identical to :func:`additive_scan` on the full tensors. The Triton path builds them over all tokens.
+    """
+    if resolve_backend(backend, v) == "triton":
+        k, k_mod = keys(0, v.shape[1])
+        return additive_scan(queries(0, num_queries), k, v, k_mod=k_mod, lse_init=lse_init, out_dtype=out_dtype,
+                             backend=backend)
+    step = min(num_queries, v.shape[1], 64)
+    k, k_mod = keys(0, step)  # the checks of additive_scan, once, on a first chunk
+    q = queries(0, step)
+    _, lse_init = _validated(q, k, v[:, :step], k_mod, False, lse_init)
+    out_dtype = q.dtype if out_dtype is None else check_floating_dtype("out_dtype", out_dtype)
+    return noncausal_scan_of(queries, keys, v, num_queries, lse_init, out_dtype)
+
+
 def _validated(q, k, v, k_mod, causal, lse_init):
     """Check shapes, dtypes and options; return ``k_mod`` expanded to ``k``'s shape (or None) and ``lse_init``
     as a float."""
@@ -76,4 +103,4 @@ def _validated(q, k, v, k_mod, causal, lse_init):
     return k_mod, check_float("lse_init", lse_init, allow_neg_inf=True)
 
 
-__all__ = ["additive_scan", "additive_scan_naive", "additive_scan_recurrent", "causal_lse", "noncausal_state"]
+__all__ = ["additive_scan", "additive_scan_streamed", "additive_scan_naive", "additive_scan_recurrent", "causal_lse", "noncausal_state"]

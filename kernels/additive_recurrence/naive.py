@@ -14,7 +14,7 @@ flows through it, so it doubles as the ``gradcheck``-able definition. See
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -30,6 +30,10 @@ def _safe(x: Tensor) -> Tensor:
     return torch.where(torch.isneginf(x), torch.zeros_like(x), x)
 
 
+def _rows(t: Optional[Tensor], a: int, b: int) -> Optional[Tensor]:
+    return None if t is None else t[:, a:b]
+
+
 def chunk_tokens(t: Tensor) -> int:
     """Tokens per chunk for a [B, N, H, D] tensor: about CHUNK_ELEMENTS elements, at least 64 tokens."""
     B, _, H, D = t.shape
@@ -43,15 +47,23 @@ def noncausal_state(
 
     ``k`` holds the log-weights ``f``; ``k_mod`` (``κ``) broadcasts to ``k``. fp32 (fp64 for fp64 inputs).
     """
-    acc = accumulation_dtype(k.dtype)
-    N = k.shape[1]
+    return noncausal_state_of(lambda a, b: (k[:, a:b], _rows(k_mod, a, b)), v, lse_init)
+
+
+def noncausal_state_of(
+    keys: Callable[[int, int], Tuple[Tensor, Optional[Tensor]]], v: Tensor, lse_init: float = -math.inf
+) -> Tuple[Tensor, Tensor]:
+    """:func:`noncausal_state` with the keys given chunk by chunk: ``keys(a, b)`` returns tokens ``a:b`` of
+    ``(f, κ or None)``, so the caller can build them per chunk (never a full-size temporary)."""
     step = chunk_tokens(v)
     m_all, l_all, s_all = None, None, None
-    for a in range(0, N, step):
-        f = k[:, a : a + step].to(acc)  # [B, n, H, Dk]
+    for a in range(0, v.shape[1], step):
+        f, k_mod = keys(a, a + step)
+        acc = accumulation_dtype(f.dtype)
+        f = f.to(acc)  # [B, n, H, Dk]
         m = f.amax(1)  # [B, H, Dk]
         p = torch.exp(f - _safe(m).unsqueeze(1))
-        kk = p if k_mod is None else p * k_mod[:, a : a + step].to(acc)
+        kk = p if k_mod is None else p * k_mod.to(acc)
         s = torch.einsum("bnhk,bnhv->bhkv", kk, v[:, a : a + step].to(acc))
         l = p.sum(1)
         if m_all is None:
@@ -90,12 +102,33 @@ def additive_scan_naive(
     out_dtype = q.dtype if out_dtype is None else out_dtype
     if causal:
         return _causal(q, k, v, k_mod, lse_init, out_dtype)
-    acc = accumulation_dtype(q.dtype)
-    state, _ = noncausal_state(k, v, k_mod, lse_init)
-    N = q.shape[1]
+    return noncausal_scan_of(
+        lambda a, b: q[:, a:b], lambda a, b: (k[:, a:b], _rows(k_mod, a, b)), v, q.shape[1], lse_init, out_dtype
+    )
+
+
+def noncausal_scan_of(
+    queries: Callable[[int, int], Tensor],
+    keys: Callable[[int, int], Tuple[Tensor, Optional[Tensor]]],
+    v: Tensor,
+    num_queries: int,
+    lse_init: float = -math.inf,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """The non-causal reference with queries and keys given chunk by chunk (``queries(a, b)``: tokens ``a:b``
+    of ``q``; ``keys(a, b)``: of ``(f, κ or None)``), so that no full-size temporary of them exists.
+
+    ``v [B, M, H, Dv]`` → ``[B, N, H, Dv]`` (``N = num_queries``) in ``out_dtype`` (default the queries' dtype).
+    """
+    state, _ = noncausal_state_of(keys, v, lse_init)
     step = chunk_tokens(v)
-    parts = [torch.einsum("bnhk,bhkv->bnhv", q[:, a : a + step].to(acc), state).to(out_dtype) for a in range(0, N, step)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    out = None
+    for a in range(0, num_queries, step):
+        q = queries(a, a + step)
+        if out is None:
+            out = q.new_empty(q.shape[0], num_queries, q.shape[2], v.shape[-1], dtype=out_dtype or q.dtype)
+        out[:, a : a + step] = torch.einsum("bnhk,bhkv->bnhv", q.to(state.dtype), state)
+    return out
 
 
 def causal_lse(k: Tensor, lse_init: float = -math.inf) -> Tensor:

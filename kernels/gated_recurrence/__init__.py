@@ -8,23 +8,28 @@ LION, SANA's BidirectionalGDN). Conventions follow fla (``fla-org/flash-linear-a
 
 Implementations: ``method="naive"`` (:mod:`.naive`, token by token: the oracle) and ``method="chunked"``
 (:mod:`.chunked`, the default: intra-chunk quadratic, inter-chunk fp32 state, WY/UT form for the delta rule).
-Gradients of both come from autograd. There is no Triton kernel for this op yet: ``backend="auto"`` runs the
-chunked PyTorch path on every device and ``backend="triton"`` is a ``ValueError``.
+DeltaProduct's ``num_householder`` steps per token run as one scan over the interleaved sub-steps
+(:mod:`.householder`). Gradients of both come from autograd. ``backend="triton"`` (:mod:`.triton`, fused
+recurrent kernels, forward and backward, fp32 state, states recomputed from checkpoints in the backward) runs
+every direction in one call; ``backend="auto"`` picks it for CUDA tensors when Triton is importable, else the
+PyTorch ``method``. DeltaProduct, ``initial_state`` and ``output_final_state`` run on the PyTorch path only.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..validation import check_bool, check_choice, check_float, check_int, check_qkv
+from ..backend import resolve_backend
+from ..validation import check_bool, check_choice, check_float, check_int, check_qkv, check_triton_dtype
 from .chunked import gated_scan_chunked
+from .householder import flip_tokens, interleave, reads
 from .naive import gated_scan_naive
 
 DIRECTIONS = ("forward", "backward", "bidirectional")
 METHODS = ("chunked", "naive")
-BACKENDS = ("auto", "torch")  # no Triton kernel yet: "auto" runs the chunked PyTorch path on every device
+BACKENDS = ("auto", "torch", "triton")
 DEFAULT_CHUNK = {"scalar": 32, "channel": 16}  # per-channel decays build a [C, C, Dk] pairwise tensor
 
 
@@ -44,7 +49,10 @@ def gated_scan(
     method: str = "chunked",
     chunk_size: Optional[int] = None,
     backend: str = "auto",
-) -> Tensor:
+    num_householder: int = 1,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Decayed / delta-rule state passing over ``N`` tokens; ``[B, N, H, Dv]`` in the dtype of ``q``.
 
     Shapes: ``q, k [B, N, H, Dk]``, ``v [B, N, H, Dv]``; ``g`` log decay ``[B, N, H]`` (one scalar per head and
@@ -67,16 +75,49 @@ def gated_scan(
 
     ``scale`` defaults to ``Dk^-1/2``. States are fp32 (fp64 for fp64 inputs). ``chunk_size`` (chunked
     method): default 32 for scalar decay, 16 per channel.
+
+    ``num_householder = n_h`` (DeltaProduct, Siems et al. 2025; fla's ``chunk_gated_delta_product``): ``n_h``
+    delta-rule steps per token, ``k [B, N·n_h, H, Dk]``, ``v [B, N·n_h, H, Dv]``, ``beta [B, N·n_h, H]`` (token
+    ``t`` owns rows ``t·n_h … t·n_h + n_h − 1``, fla's ``(t n)`` layout), ``q`` and ``g`` one per token: per
+    token ``S ← diag(α_t) S``, then ``n_h`` steps ``S ← S + β_tj k_tj (v_tj − Sᵀk_tj)ᵀ``, then ``o_t`` reads.
+    Needs ``delta=True``; ``1`` is the plain (gated) delta rule. Deviation (the paper is causal): ``"backward"``
+    visits the tokens in reverse and each token's Householder steps in their order ``1 … n_h``; the
+    bidirectional backward half reads after the decay of token ``t`` and before its first step.
+
+    ``initial_state [B, H, Dk, Dv]`` (floating; held in fp32, fp64 for fp64 inputs): the state before the first
+    token of the scan (token 0 forward, token ``N − 1`` backward); ``output_final_state=True`` returns
+    ``(out, final_state)``, the state after the scan's last token, fp32 (fp64), as fla's ops. Both are refused
+    with ``"bidirectional"`` (two scans, no single state).
+
+    ``backend``: ``"auto"`` (Triton for CUDA tensors when importable, else PyTorch), ``"torch"``, ``"triton"``
+    (CPU tensors need ``TRITON_INTERPRET=1``; fp16, bf16, fp32; ``Dk, Dv ≤ 256``). ``method`` and
+    ``chunk_size`` choose the PyTorch implementation; ``method="naive"`` always runs the oracle, and with
+    ``backend="triton"`` it is an error, as are ``num_householder > 1``, ``initial_state`` and
+    ``output_final_state`` (the kernels carry no state in or out; ``"auto"`` takes the PyTorch path for them).
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, cross=True)
     direction = check_choice("direction", direction, DIRECTIONS)
     delta = check_bool("delta", delta)
     allow_neg_eigval = check_bool("allow_neg_eigval", allow_neg_eigval)
     qk_l2norm = check_bool("qk_l2norm", qk_l2norm)
     method = check_choice("method", method, METHODS)
     B, N, H, K = q.shape
+    num_householder = check_int("num_householder", num_householder, min=1)
+    if k.shape[1] != N * num_householder:
+        raise ValueError(f"k and v must have N·num_householder = {N * num_householder} rows, got {k.shape[1]}")
+    if num_householder > 1 and not delta:
+        raise ValueError("num_householder > 1 is DeltaProduct's product of delta-rule steps: pass delta=True")
+    output_final_state = check_bool("output_final_state", output_final_state)
+    if direction == "bidirectional" and (initial_state is not None or output_final_state):
+        raise ValueError("initial_state / output_final_state need direction='forward' or 'backward' "
+                         "(a bidirectional call is two scans with no single state)")
     if N == 0 or K == 0 or v.shape[-1] == 0:
         raise ValueError("empty token or head dimension")
+    V = v.shape[-1]
+    if initial_state is not None and (not isinstance(initial_state, Tensor) or not initial_state.is_floating_point()
+                                      or tuple(initial_state.shape) != (B, H, K, V)):
+        raise ValueError(f"initial_state must be a floating tensor [B, H, Dk, Dv] = {[B, H, K, V]}, "
+                         f"got {tuple(getattr(initial_state, 'shape', ()))}")
     scale = K ** -0.5 if scale is None else check_float("scale", scale, min=0, min_open=True)
     g = _check_gate("g", g, q)
     if g_backward is not None and direction != "bidirectional":
@@ -87,8 +128,9 @@ def gated_scan(
     if delta:
         if beta is None:
             raise ValueError("delta=True needs beta [B, N, H]")
-        if not isinstance(beta, Tensor) or not beta.is_floating_point() or tuple(beta.shape) != (B, N, H):
-            raise ValueError(f"beta must be a floating tensor [B, N, H] = {[B, N, H]}, got {tuple(getattr(beta, 'shape', ()))}")
+        NB = N * num_householder
+        if not isinstance(beta, Tensor) or not beta.is_floating_point() or tuple(beta.shape) != (B, NB, H):
+            raise ValueError(f"beta must be a floating tensor [B, N·num_householder, H] = {[B, NB, H]}, got {tuple(getattr(beta, 'shape', ()))}")
         if allow_neg_eigval:
             beta = 2.0 * beta
     else:
@@ -100,34 +142,57 @@ def gated_scan(
         per_channel = any(t is not None and t.shape[-1] != 1 for t in (g, g_backward))
         chunk_size = DEFAULT_CHUNK["channel" if per_channel else "scalar"]
     chunk_size = check_int("chunk_size", chunk_size, min=1)
-    check_backend(backend)
+    chosen = resolve_backend(check_backend(backend), q, k, v)
+    if chosen == "triton" and method == "naive":
+        if backend == "triton":
+            raise ValueError("method='naive' is the PyTorch oracle; use backend='torch' (or 'auto') with it")
+        chosen = "torch"
+    if chosen == "triton" and (num_householder > 1 or initial_state is not None or output_final_state):
+        if backend == "triton":
+            raise ValueError("the Triton gated_scan has no num_householder > 1, initial_state or output_final_state; "
+                             "use backend='torch' (or 'auto') with them")
+        chosen = "torch"
+    if chosen == "triton" and q.numel() == 0:  # B = 0 or H = 0: no program to launch
+        chosen = "torch"
     out_dtype = q.dtype
     if qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
+    if chosen == "triton":
+        check_triton_dtype(q)
+        from .triton import gated_scan_triton
+
+        return gated_scan_triton(q, k, v, g, beta, g_backward, scale, direction).to(out_dtype)
+
+    nh = num_householder
+    state = dict(initial_state=initial_state, output_final_state=True) if direction != "bidirectional" else {}
 
     def scan(qq, kk, vv, gg, bb, exclusive=False):
+        qq, gg = interleave(qq, gg, nh, exclusive)
         if method == "naive":
             gg = None if gg is None else gg.expand(*qq.shape)
-            return gated_scan_naive(qq, kk, vv, gg, bb, scale, exclusive)
-        return gated_scan_chunked(qq, kk, vv, gg, bb, scale, exclusive, chunk_size)
+            res = gated_scan_naive(qq, kk, vv, gg, bb, scale, exclusive, **state)
+        else:
+            res = gated_scan_chunked(qq, kk, vv, gg, bb, scale, exclusive, chunk_size, **state)
+        o, final = res if state else (res, None)
+        return reads(o, nh, exclusive), final
 
     def flip(t):
         return None if t is None else t.flip(1)
 
     if direction == "forward":
-        out = scan(q, k, v, g, beta)
+        out, final = scan(q, k, v, g, beta)
     elif direction == "backward":
-        out = scan(*map(flip, (q, k, v, g, beta))).flip(1)
+        out, final = scan(flip(q), *(flip_tokens(t, nh) for t in (k, v)), flip(g), flip_tokens(beta, nh))
+        out = out.flip(1)
     else:
         gb = g if g_backward is None else g_backward
-        out = scan(q, k, v, g, beta) + scan(*map(flip, (q, k, v, gb, beta)), exclusive=True).flip(1)
-    return out.to(out_dtype)
+        bwd = scan(flip(q), *(flip_tokens(t, nh) for t in (k, v)), flip(gb), flip_tokens(beta, nh), exclusive=True)
+        out, final = scan(q, k, v, g, beta)[0] + bwd[0].flip(1), None
+    return (out.to(out_dtype), final) if output_final_state else out.to(out_dtype)
 
 
 def check_backend(backend: str) -> str:
-    """``backend`` is ``"auto"`` or ``"torch"``; ``"triton"`` is refused (no Triton kernel for this op yet)."""
-    if backend == "triton":
-        raise ValueError("gated_scan has no Triton kernel yet; use backend='auto' or 'torch'")
+    """``backend`` is one of :data:`BACKENDS` (``"auto"``, ``"torch"``, ``"triton"``); returned as is."""
     return check_choice("backend", backend, BACKENDS)
 
 

@@ -12,20 +12,21 @@ cumulative log decay inside the chunk (per key channel) and ``Γ_t = diag(exp b_
   exclusive), next state ``S_C = Γ_C S_0 + ΔS − M S_0`` with ``ΔS = Σ_s (k_s ⊙ e^{b_C − b_s}) u₀_sᵀ`` and
   ``M = Σ_s (k_s ⊙ e^{b_C − b_s}) w_sᵀ``.
 
-Chunks are processed in groups whose pairwise-decay tensor stays under ``PAIRWISE_ELEMENTS``, each group end to
+Chunks are processed in groups whose temporaries (the pairwise-decay tensor and the q, k, v, u tiles) stay under
+``GROUP_ELEMENTS`` (about half a core's L2 in fp32, so the cost per token does not grow with N), each group end to
 end (intra-chunk products, its part of the state recursion, its outputs) with the state carried to the next, so
 no temporary is sized by the whole sequence; the recursion itself is two or three small ops per chunk. Pairwise decays
 are masked before ``exp`` (no overflow for ``g ≤ 0``). Gradients come from autograd through these tensors.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PAIRWISE_ELEMENTS = 1 << 20  # cap on the [B, H, chunks, C, C, Dk] per-channel decay tensor of one group (cache-sized)
+GROUP_ELEMENTS = 1 << 18  # cap on one group's [B, H, chunks, C, C·(1 or Dk) + 2·Dk + Dv] temporaries (L2-sized)
 
 
 def _chunks(t: Tensor, C: int) -> Tensor:
@@ -44,9 +45,12 @@ def _pairwise(x: Tensor, y: Tensor, b: Tensor, lower: Tensor) -> Tensor:
 
 def gated_scan_chunked(
     q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], scale: float,
-    exclusive: bool = False, chunk_size: int = 64,
-) -> Tensor:
-    """Forward-direction scan, same contract as :func:`.naive.gated_scan_naive`; ``g [B, N, H, 1 or Dk]``."""
+    exclusive: bool = False, chunk_size: int = 64, initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Forward-direction scan, same contract as :func:`.naive.gated_scan_naive` (``initial_state``,
+    ``output_final_state`` included); ``g [B, N, H, 1 or Dk]``. Padded tail tokens have ``k = 0, g = 0``, so they
+    leave the final state as it is."""
     B, N, H, K = q.shape
     V = v.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -61,8 +65,9 @@ def gated_scan_chunked(
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = lower.tril(-1)
     eye = torch.eye(C, dtype=dt, device=q.device)
-    group = max(1, PAIRWISE_ELEMENTS // max(1, B * H * C * C * gc.shape[-1]))  # B = 0: one group
-    S = q.new_zeros(B, H, K, V)
+    per_chunk = B * H * C * (C * gc.shape[-1] + 2 * K + V)
+    group = max(1, GROUP_ELEMENTS // max(1, per_chunk))  # B = 0: one group
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
     outs: List[Tensor] = []
     for a in range(0, n, group):  # each group end to end, the state carried: temporaries stay group-sized
         sl = slice(a, a + group)
@@ -90,7 +95,8 @@ def gated_scan_chunked(
         u = u0 if w is None else u0 - w @ S0
         outs.append(scale * ((qg * eb) @ S0 + qk @ u))  # [B, H, g, C, V]
     o = torch.cat(outs, 2)
-    return o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :N]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :N]
+    return (o, S) if output_final_state else o
 
 
-__all__ = ["PAIRWISE_ELEMENTS", "gated_scan_chunked"]
+__all__ = ["GROUP_ELEMENTS", "gated_scan_chunked"]

@@ -77,14 +77,16 @@ def default_block(radius: int) -> int:
     return max(8, min(MAX_BLOCK, radius))
 
 
-def _image_blocks(t: Tensor, hw: Tuple[int, int], block: Tuple[int, int]) -> Tensor:
-    """``[B, h·w, H, D]`` → zero-padded blocks ``[B, nby, nbx, H, by·bx, D]``."""
+def _image_blocks(t: Tensor, hw: Tuple[int, int], block: Tuple[int, int], rows: slice) -> Tensor:
+    """Block rows ``rows`` of ``[B, h·w, H, D]`` image tokens as zero-padded blocks ``[B, H, n, nbx, by·bx, D]``."""
     B, _, H, D = t.shape
     (h, w), (by, bx) = hw, block
-    nby, nbx = -(-h // by), -(-w // bx)
-    t = t.reshape(B, h, w, H, D)
-    t = F.pad(t, (0, 0, 0, 0, 0, nbx * bx - w, 0, nby * by - h))
-    return t.reshape(B, nby, by, nbx, bx, H, D).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, nby, nbx, H, by * bx, D)
+    nbx = -(-w // bx)
+    r0, r1 = rows.start * by, min(rows.stop * by, h)
+    n = -(-(r1 - r0) // by)
+    t = t.reshape(B, h, w, H, D)[:, r0:r1]
+    t = F.pad(t, (0, 0, 0, 0, 0, nbx * bx - w, 0, n * by - (r1 - r0)))
+    return t.reshape(B, n, by, nbx, bx, H, D).permute(0, 5, 1, 3, 2, 4, 6).reshape(B, H, n, nbx, by * bx, D)
 
 
 def _padded_image(t: Tensor, hw: Tuple[int, int], padded: Tuple[int, int], pad: Tuple[int, int]) -> Tensor:
@@ -147,18 +149,17 @@ def window_attention_blocked(
     pv = pooled_v.to(acc) if pooled_v is not None else vf.new_zeros(B, 0, H, Dv)
     P = pk.shape[1]
 
-    pieces = []
+    out = q.new_empty(B, N, H, Dv)  # every row written below; the sums are in acc, cast as they are stored
     # Prefix queries: dense over the T + h·w prefix and image keys (never the pooled ones).
     if T:
         step = max(1, SCORE_ELEMENTS // max(1, B * H * N))
         for a in range(0, T, step):
             s = torch.einsum("bqhd,bmhd->bhqm", qf[:, a : min(a + step, T)], kf) * scale
-            pieces.append(torch.einsum("bhqm,bmhd->bqhd", s.softmax(-1), vf))
+            out[:, a : min(a + step, T)] = torch.einsum("bhqm,bmhd->bqhd", s.softmax(-1), vf)
 
     # Image queries: 2-D blocks against the keys of their window that meet some query's disc, gathered
     # from the padded image by a fixed offset pattern (the same for every block).
     Hp, Wp = nby * by + 2 * py, nbx * bx + 2 * px
-    qb = _image_blocks(qf[:, T:], hw, (by, bx)).permute(0, 3, 1, 2, 4, 5)  # [B, H, nby, nbx, by·bx, Dk]
     kp = _padded_image(kf[:, T:], hw, (Hp, Wp), (py, px))  # [B, H, Hp·Wp, Dk]
     vp = _padded_image(vf[:, T:], hw, (Hp, Wp), (py, px))
     keep = _window_keys((by, bx), (py, px), r, device)  # [W] window positions that meet the block's discs
@@ -175,10 +176,10 @@ def window_attention_blocked(
     allowed = (disc & k_ok) | ~q_ok  # [nby, nbx, by·bx, W]
 
     rows_per_chunk = max(1, BLOCK_SCORE_ELEMENTS // max(1, B * nbx * H * by * bx * (W + T + P)))
-    out_img = []
+    out_img = out[:, T:].view(B, h, w, H, Dv)
     for a in range(0, nby, rows_per_chunk):
-        c = slice(a, a + rows_per_chunk)
-        qc = qb[:, :, c]  # [B, H, n, nbx, Q, Dk]
+        c = slice(a, min(a + rows_per_chunk, nby))
+        qc = _image_blocks(qf[:, T:], hw, (by, bx), c)  # [B, H, n, nbx, Q, Dk]
         n = qc.shape[2]
         idx = key_idx[c].flatten()
         kc = kp.index_select(2, idx).view(B, H, n, nbx, W, Dk)
@@ -194,11 +195,11 @@ def window_attention_blocked(
             o = o + torch.einsum("bhyxqt,bthd->bhyxqd", p_pool, pv)
         else:
             o = s_loc.softmax(-1) @ vc
-        o = o.reshape(B, H, n, nbx, by, bx, Dv).permute(0, 2, 4, 3, 5, 1, 6)
-        out_img.append(o.reshape(B, n * by, nbx * bx, H, Dv))
-    img = torch.cat(out_img, 1)[:, :h, :w].reshape(B, h * w, H, Dv)
-    pieces.append(img)
-    return torch.cat(pieces, 1).to(q.dtype)
+        o = o.reshape(B, H, n, nbx, by, bx, Dv).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, n * by, nbx * bx, H, Dv)
+        r0 = a * by
+        rows = min(n * by, h - r0)
+        out_img[:, r0 : r0 + rows] = o[:, :rows, :w]
+    return out
 
 
 __all__ = ["window_mask", "window_attention_dense", "window_attention_blocked", "default_block"]

@@ -53,9 +53,11 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from .families import denoiser_of, family_of, patch_size_of, target_attentions
+from .families import denoiser_of, family_of
+from .files import HUB_KWARGS, check_and_load, check_source, read_sharded_safetensors
 from .geometry import LatentGeometry, pre_hook_for
 from .joint import JointLayer, check_joint_attention_kwargs, inherit_joint, joint_layout
+from .linfusion_file import LINFUSION_CLASS_NAMES, read_linfusion
 from .self_attention import (
     INHERIT_MODES,
     SelfAttentionShell,
@@ -169,7 +171,7 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
         """
         denoiser = denoiser_of(pipe_or_denoiser)
         family = family_of(denoiser)
-        targets = target_attentions(denoiser, family)
+        targets = family.target_attentions(denoiser)
         inherit = default_inherit(mechanism) if inherit is None else inherit
         if inherit not in INHERIT_MODES:
             raise ValueError(f"unknown inherit={inherit!r}; expected one of {INHERIT_MODES}")
@@ -243,11 +245,11 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
             raise RuntimeError("this adapter is already installed; uninstall() it first")
         denoiser = denoiser_of(pipe_or_denoiser)
         family = family_of(denoiser)
-        targets = target_attentions(denoiser, family)
+        targets = family.target_attentions(denoiser)
         self._check_targets(denoiser, family, targets)
         param = next(denoiser.parameters())
         nn.Module.to(self, device=param.device, dtype=param.dtype)
-        geometry = LatentGeometry(family.rule, patch_size_of(denoiser, family))
+        geometry = family.geometry(denoiser)
         by_name = dict(targets)
         installation = _Installation(denoiser=denoiser, hook=None)
         for entry, layer in zip(self.config.modules_list, self.layers()):
@@ -301,14 +303,11 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
         Strict: a weight the adapter has but the file lacks, an extra one or a wrong shape is a ``ValueError``
         listing them (never a random initialisation); so are a missing folder and an unreadable safetensors
         file. A LinFusion checkpoint (``_class_name`` ``LinFusion`` or ``StableMamba``) goes through
-        :func:`linvision.diffusers.convert.load_linfusion`. kwargs: the hub's (``subfolder``, ``revision``,
+        :func:`linvision.diffusers.linfusion_file.read_linfusion`. kwargs: the hub's (``subfolder``, ``revision``,
         ``cache_dir``, ``token``, ``local_files_only``, ...; offline when ``HF_HUB_OFFLINE`` is set) and
         ``torch_dtype`` (or ``dtype``).
         """
         from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-
-        from .convert import LINFUSION_CLASS_NAMES, check_and_load, load_linfusion
-        from .files import HUB_KWARGS, check_source, read_sharded_safetensors
 
         dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
         unknown = sorted(set(kwargs) - set(HUB_KWARGS))
@@ -321,7 +320,7 @@ class DiffusersAdapter(ModelMixin, ConfigMixin):
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read the adapter config of {name}: {str(err).strip().splitlines()[0]}") from None
         if config.get("_class_name") in LINFUSION_CLASS_NAMES:
-            adapter = load_linfusion(name, **kwargs)
+            adapter = read_linfusion(cls, name, **kwargs)
         else:
             adapter = cls.from_config(config)
             state = read_sharded_safetensors(name, SAFETENSORS_WEIGHTS_NAME, **kwargs)

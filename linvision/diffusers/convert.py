@@ -30,104 +30,23 @@ mis-shaped keys (``strict=False`` keeps teacher values for missing keys with a w
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 import re
 from typing import Dict, List, Optional, Tuple
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .files import fetch_file, read_safetensors
+from .adapter import DiffusersAdapter
+from .files import check_and_load, fetch_file, read_safetensors
+from .linfusion_file import LINFUSION_CLASS_NAMES, linfusion_modules_list, read_linfusion
 
-_logger = logging.getLogger(__name__)
-
-LINFUSION_CLASS_NAMES = ("LinFusion", "StableMamba")
-LINFUSION_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CLEAR_FILE = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?\.safetensors")
 
 
-def check_and_load(module: nn.Module, state: Dict[str, Tensor], source: str, strict: bool = True,
-                   original_names: Optional[Dict[str, str]] = None) -> None:
-    """``module.load_state_dict(state)`` after a full report of missing / unexpected / mis-shaped keys.
-
-    ``original_names``: adapter key → the checkpoint's own key, shown next to unexpected/mis-shaped keys.
-
-    ``ValueError`` if any key is unexpected or mis-shaped, or (``strict``) missing. With ``strict=False``
-    missing keys keep their current values and are logged as a warning.
-    """
-    own = module.state_dict()
-    names = original_names or {}
-
-    def label(k: str) -> str:
-        return f"{k} ({names[k]})" if k in names and names[k] != k else k
-
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(label(k) for k in set(state) - set(own))
-    shapes = sorted(
-        f"{label(k)}: checkpoint {tuple(state[k].shape)} vs adapter {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(own[k].shape) != tuple(state[k].shape)
-    )
-    if unexpected or shapes or (strict and missing):
-        lines = [f"checkpoint {source} does not match the adapter:"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
-            if keys:
-                lines.append(f"  {len(keys)} {label}: " + ", ".join(keys[:6]) + (" …" if len(keys) > 6 else ""))
-        raise ValueError("\n".join(lines))
-    if missing:
-        _logger.warning("checkpoint %s lacks %d adapter keys (kept as they are): %s", source, len(missing), missing[:6])
-    with torch.no_grad():
-        module.load_state_dict(state, strict=False)
-
-
 # ---------------------------------------------------------------------------------------------- LinFusion
-def linfusion_modules_list(config: Dict) -> List[Dict]:
-    """Our ``modules_list`` from a LinFusion ``config.json`` (dict or early list entries)."""
-    items = config.get("modules_list")
-    if not isinstance(items, list) or not items:
-        raise ValueError("a LinFusion config.json needs a non-empty modules_list")
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, dict):
-            try:
-                name, dim, heads = item["module_name"], item["dim_n"], item["heads"]
-            except KeyError as e:
-                raise ValueError(f"LinFusion modules_list[{i}] lacks {e}") from None
-            mid = item.get("projection_mid_dim")
-        elif isinstance(item, (list, tuple)) and len(item) == 3:
-            name, dim, heads = item
-            mid = None
-        else:
-            raise ValueError(f"LinFusion modules_list[{i}] is neither a dict nor a [name, dim, heads] list: {item!r}")
-        out.append({
-            "module_name": str(name),
-            "dim": int(dim),
-            "heads": int(heads),
-            "options": {"projection_mid_dim": mid, "qkv_bias": False, "out_bias": True},
-        })
-    return out
-
-
-def load_linfusion(path_or_repo: str, strict: bool = True, **hub_kwargs):
+def load_linfusion(path_or_repo: str, strict: bool = True, **hub_kwargs) -> DiffusersAdapter:
     """A published LinFusion folder or hub repo → a :class:`DiffusersAdapter` (``linfusion``, UNet, not installed)."""
-    from .adapter import DiffusersAdapter
-
-    config_path = fetch_file(path_or_repo, "config.json", **hub_kwargs)
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{config_path} is not a readable JSON config: {err}") from None
-    name = config.get("_class_name")
-    if name not in LINFUSION_CLASS_NAMES:
-        raise ValueError(f"{path_or_repo}: _class_name {name!r} is not a LinFusion checkpoint ({LINFUSION_CLASS_NAMES})")
-    adapter = DiffusersAdapter(mechanism="linfusion", modules_list=linfusion_modules_list(config),
-                               mixer_options={}, family="unet", kind="self")
-    state = read_safetensors(fetch_file(path_or_repo, LINFUSION_WEIGHTS, **hub_kwargs))
-    check_and_load(adapter, state, f"{path_or_repo}/{LINFUSION_WEIGHTS}", strict=strict)
-    return adapter.eval()
+    return read_linfusion(DiffusersAdapter, path_or_repo, strict=strict, **hub_kwargs)
 
 
 # -------------------------------------------------------------------------------------------------- CLEAR
@@ -225,8 +144,6 @@ def load_clear(
     projections, then the checkpoint's tensors replace them. ``options`` go to the CLEAR processor
     (``train_seq_len`` for proportional attention, ``backend``, …).
     """
-    from .adapter import DiffusersAdapter
-
     if not os.path.isfile(path):
         repo, _, filename = path.rpartition("/")
         if not repo:

@@ -7,11 +7,15 @@ bare ``SafetensorError``). The jobs report these as one line naming the config k
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Dict, Optional
 
+import torch
 from safetensors import SafetensorError
-from torch import Tensor
+from torch import Tensor, nn
+
+_logger = logging.getLogger(__name__)
 
 # what loading a pipeline, adapter or checkpoint from a user's path raises for a bad path or a damaged file
 LOAD_ERRORS = (ValueError, OSError, SafetensorError)
@@ -101,5 +105,39 @@ def read_sharded_safetensors(path_or_repo: str, filename: str, **hub_kwargs) -> 
     return state
 
 
-__all__ = ["HUB_KWARGS", "LOAD_ERRORS", "check_source", "fetch_file", "hub_offline", "looks_like_path", "read_safetensors",
+def check_and_load(module: nn.Module, state: Dict[str, Tensor], source: str, strict: bool = True,
+                   original_names: Optional[Dict[str, str]] = None) -> None:
+    """``module.load_state_dict(state)`` after a full report of missing / unexpected / mis-shaped keys.
+
+    ``original_names``: adapter key → the checkpoint's own key, shown next to unexpected/mis-shaped keys.
+
+    ``ValueError`` if any key is unexpected or mis-shaped, or (``strict``) missing. With ``strict=False``
+    missing keys keep their current values and are logged as a warning.
+    """
+    own = module.state_dict()
+    names = original_names or {}
+
+    def label(k: str) -> str:
+        return f"{k} ({names[k]})" if k in names and names[k] != k else k
+
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(label(k) for k in set(state) - set(own))
+    shapes = sorted(
+        f"{label(k)}: checkpoint {tuple(state[k].shape)} vs adapter {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    if unexpected or shapes or (strict and missing):
+        lines = [f"checkpoint {source} does not match the adapter:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+            if keys:
+                lines.append(f"  {len(keys)} {label}: " + ", ".join(keys[:6]) + (" …" if len(keys) > 6 else ""))
+        raise ValueError("\n".join(lines))
+    if missing:
+        _logger.warning("checkpoint %s lacks %d adapter keys (kept as they are): %s", source, len(missing), missing[:6])
+    with torch.no_grad():
+        module.load_state_dict(state, strict=False)
+
+
+__all__ = ["HUB_KWARGS", "LOAD_ERRORS", "check_and_load", "check_source", "fetch_file", "hub_offline", "looks_like_path", "read_safetensors",
            "read_sharded_safetensors"]

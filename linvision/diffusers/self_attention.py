@@ -80,6 +80,9 @@ def inherit_weights(mixer: TokenMixer, attn: nn.Module, mode: str) -> None:
         copy_qkv_proj(mixer, src, mode)
         return
     names = ("to_q", "to_k", "to_v", "to_out")
+    if all(hasattr(mixer, n) for n in names) and not hasattr(attn, "to_q"):  # a fused qkv/proj source (a mixer)
+        _copy_fused_into_split(mixer, src, mode)
+        return
     if all(hasattr(mixer, n) for n in names):
         own = [mixer.to_q, mixer.to_k, mixer.to_v] if mode == "qkv+proj" else []
         theirs = [attn.to_q, attn.to_k, attn.to_v] if mode == "qkv+proj" else []
@@ -99,6 +102,19 @@ def inherit_weights(mixer: TokenMixer, attn: nn.Module, mode: str) -> None:
         f"{type(mixer).__name__} has neither qkv/proj nor to_q/to_k/to_v/to_out projections, so it cannot "
         "inherit a softmax attention's weights; pass inherit='none'"
     )
+
+
+@torch.no_grad()
+def _copy_fused_into_split(mixer: TokenMixer, src, mode: str) -> None:
+    """``src``'s fused ``qkv`` rows ``[q; k; v]`` and ``proj`` into ``to_q/to_k/to_v/to_out[0]`` per ``mode``."""
+    pairs = [(mixer.to_out[0], src.proj_weight, src.proj_bias)]
+    if mode == "qkv+proj":
+        biases = src.qkv_bias.chunk(3) if src.qkv_bias is not None else (None,) * 3
+        pairs += list(zip((mixer.to_q, mixer.to_k, mixer.to_v), src.qkv_weight.chunk(3), biases))
+    for dst, weight, bias in pairs:
+        dst.weight.copy_(weight)
+        if dst.bias is not None and bias is not None:
+            dst.bias.copy_(bias)
 
 
 def build_mixer(mechanism: str, dim: int, heads: int, options: Dict[str, Any]) -> TokenMixer:

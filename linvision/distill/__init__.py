@@ -5,7 +5,7 @@
 - :mod:`.hooks`: forward hooks capturing per-layer attention outputs; layer names checked.
 - :mod:`.loss`: task + output matching + per-layer attention-output matching (+ LiT's variance term).
 - :mod:`.objective`: ε / v / x₀ / flow-matching noising and targets from the scheduler config.
-- :mod:`.conditioning`: how each family (UNet, DiT, PixArt, SD3, FLUX) is conditioned and called.
+- :mod:`.conditioning`: how each family (UNet, DiT, PixArt, SANA, SD3, FLUX, LinVisionDiT) is conditioned and called.
 - :mod:`.transfer`: attention transfer (Hedgehog's weight cross-entropy in query chunks, LoLCATs' output MSE)
   and the stage-1 choice of the mixers' new parameters; :mod:`.lora`: stage-2 LoRA (peft) and its merge.
 

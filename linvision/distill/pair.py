@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusers import DiffusersAdapter, denoiser_of
+from ..diffusers.students import build_student
 from .hooks import FeatureHooks, resolve_layers
 from .loss import LossWeights, distill_loss
 from .transfer import AttentionTransfer
@@ -81,30 +82,28 @@ class DistillPair:
         feature_layers: Union[str, Sequence[str], None] = "all",
         adapter: Optional[DiffusersAdapter] = None,
     ) -> "DistillPair":
-        """Copy the teacher, install an adapter (``construct_for(pipe, mechanism, inherit, **options)``, or the
-        given ``adapter``), choose the trainable parameters and hook the feature layers.
+        """Copy the teacher, install the family's student part (an adapter, ``construct_for(pipe, mechanism,
+        inherit, **options)``; for ``LinVisionDiT`` a :class:`~linvision.diffusers.families.MixerStudent`), or the
+        given ``adapter``, choose the trainable parameters and hook the feature layers.
 
         ``ValueError`` for unknown feature layers (listing the valid ones) or trainable patterns matching nothing.
         """
-        denoiser = denoiser_of(pipe)
-        valid = None
-        if adapter is not None:
-            valid = [e["module_name"] for e in adapter.config.modules_list]
-        teacher = copy.deepcopy(denoiser)
+        teacher = copy.deepcopy(denoiser_of(pipe))
         if adapter is None:
-            adapter = DiffusersAdapter.construct_for(pipe, mechanism, inherit=inherit, **dict(options or {}))
-            valid = [e["module_name"] for e in adapter.config.modules_list]
+            adapter = build_student(pipe, mechanism, inherit, options)
         else:
             adapter.install(pipe)
+        valid = [e["module_name"] for e in adapter.config.modules_list]
+        student = denoiser_of(pipe)  # the denoiser itself with an adapter; a new model for the linvision_dit family
         try:
             layers = resolve_layers(valid, feature_layers)
-            names = select_trainable(denoiser, trainable, adapter)
+            names = select_trainable(student, trainable, adapter)
         except ValueError:
             adapter.uninstall()
             raise
         teacher.requires_grad_(False)
         teacher.eval()
-        return cls(teacher, denoiser, adapter, layers, names)
+        return cls(teacher, student, adapter, layers, names)
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self, model: Optional[nn.Module] = None) -> List[nn.Parameter]:

@@ -68,9 +68,14 @@ def attention_weight_ce(q: Tensor, k: Tensor, rows: Rows, chunk: int = 64) -> Te
     return total / (B * H * N)
 
 
-def teacher_attention(mixer: nn.Module, x: Tensor) -> Tensor:
-    """The softmax attention that ``mixer`` replaced, from its own (inherited) ``qkv``/``proj``: ``(B, N, C)``."""
-    q, k, v = (t.transpose(1, 2) for t in mixer.project_qkv(x))
+def teacher_attention(mixer: nn.Module, x: Tensor, rope=None, num_prefix_tokens: int = 0) -> Tensor:
+    """The softmax attention that ``mixer`` replaced, from its own (inherited) ``qkv``/``proj`` (and q/k norms):
+    ``(B, N, C)``; with ``rope`` (a :class:`linvision.mixers.rotary.Rotation`) q and k of the image tokens
+    rotated, as the teacher's."""
+    q, k, v = mixer.project_qkv(x)
+    if rope is not None:
+        q, k = rope.apply(q, num_prefix_tokens), rope.apply(k, num_prefix_tokens)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     return mixer.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
@@ -117,11 +122,12 @@ class AttentionTransfer:
             if not self.enabled:
                 return None
             x, hw, prefix = _call_args(args, kwargs)
+            rope = getattr(mixer, "current_rope", None)  # the RoPE of this call (EVA02 / RoPE ViT teachers)
             with torch.no_grad():
-                teacher = teacher_attention(mixer, x)
+                teacher = teacher_attention(mixer, x, rope, prefix)
             terms = {}
             if self.weights:
-                q, k, rows = mixer.attention_rows(x, hw, prefix)
+                q, k, rows = mixer.attention_rows(x, hw, prefix, **({} if rope is None else {"rope": rope}))
                 terms["weights"] = attention_weight_ce(q, k, rows, self.chunk)
             if self.outputs:
                 terms["outputs"] = F.mse_loss(output.float(), teacher.float())

@@ -25,6 +25,7 @@ from .nala import NormAwareLinearAttn, VanillaSelfAttention
 from .plstm import PLSTMMixer
 from .sana import SanaAttention
 from .softmax import SoftmaxAttention
+from .tracing import MixerTraceError, symbolic_trace_at
 from .transnormer import NormAttention
 from .transnormer_diag import DiagAttention
 
@@ -68,6 +69,11 @@ def mixer_class(name: str) -> Type[TokenMixer]:
     return MIXERS[name]
 
 
+def mixers_supporting(flag: str) -> List[str]:
+    """Sorted names of the mixers whose class sets ``flag`` (``"supports_rope"``, ``"supports_qk_norm"``)."""
+    return [name for name in list_mixers() if getattr(MIXERS[name], flag, False)]
+
+
 def mixer_options(name: str) -> List[str]:
     """Constructor keyword arguments of mixer ``name`` (``dim`` and ``num_heads`` included)."""
     params = inspect.signature(mixer_class(name).__init__).parameters
@@ -86,4 +92,5 @@ def create_mixer(name: str, dim: int, num_heads: int = 8, **options) -> TokenMix
     return mixer_class(name)(dim=dim, num_heads=num_heads, **options)
 
 
-__all__ = ["MIXERS", "TokenMixer", "check_tokens", "create_mixer", "list_mixers", "mixer_class", "mixer_options"]
+__all__ = ["MIXERS", "MixerTraceError", "TokenMixer", "check_tokens", "create_mixer", "list_mixers", "mixer_class",
+           "mixer_options", "mixers_supporting", "symbolic_trace_at"]

@@ -1,11 +1,14 @@
 """The token-mixer contract shared by every mechanism."""
 from __future__ import annotations
 
-from typing import Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from ..kernels.validation import check_bool, check_hw, check_int
+from .tracing import trace_mix
 
 
 def check_tokens(x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, dim: int) -> Tuple[int, int]:
@@ -35,13 +38,23 @@ class TokenMixer(nn.Module):
 
     Tokens are ``num_prefix_tokens`` prefix tokens (class, registers, text) followed by ``h*w`` image
     tokens in raster order. Subclasses implement :meth:`mix`; the base validates the input first.
-    Resolution is an argument of every call, never state.
+    Resolution is an argument of every call, never state. Under ``torch.fx.symbolic_trace`` (a symbolic ``x``)
+    the call goes to :func:`.tracing.trace_mix`: the mixer traces at the concrete ``hw``, or says why it cannot.
 
     ``linear_cost``: whether the mixer's cost grows linearly with the tokens (checked by
     ``linvision bench --growth``); a quadratic mixer sets it to False.
+
+    ``supports_rope``: the mixer takes a teacher's rotary embedding for the calls inside
+    ``with mixer.rotation(rope):`` (a :class:`linvision.mixers.rotary.Rotation`; its ``mix`` then gets a
+    ``rope`` keyword). It is not a ``forward`` argument because torch.fx's codegen cannot trace a second
+    defaulted argument beside a tuple ``hw``; outside the block the mixer holds none. ``supports_qk_norm``: it
+    applies ``q_norm``/``k_norm`` modules set by :meth:`QKVMixer.carry_qk_norm` to q and k per head.
+    Both are declared per class and checked by ``linvision.timm.linearize``.
     """
 
     linear_cost: bool = True
+    supports_rope: bool = False
+    supports_qk_norm: bool = False
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -54,8 +67,34 @@ class TokenMixer(nn.Module):
         self.head_dim = dim // num_heads
 
     def forward(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int = 0) -> Tensor:
+        if isinstance(x, Proxy):  # torch.fx.symbolic_trace of the mixer itself (see .tracing)
+            return trace_mix(self, x, hw, num_prefix_tokens)
         h, w = check_tokens(x, hw, num_prefix_tokens, self.dim)
-        return self.mix(x, (h, w), int(num_prefix_tokens))
+        rope = self.current_rope
+        if rope is None:
+            return self.mix(x, (h, w), int(num_prefix_tokens))
+        if rope.tokens != h * w or rope.sin.shape[-1] != self.head_dim:
+            raise ValueError(f"RoPE for {rope.tokens} image tokens of {rope.sin.shape[-1]} dims; the grid "
+                             f"hw={h}x{w} has {h * w} tokens, the heads {self.head_dim} dims")
+        return self.mix(x, (h, w), int(num_prefix_tokens), rope=rope)
+
+    @property
+    def current_rope(self):
+        """The :class:`~linvision.mixers.rotary.Rotation` of the enclosing :meth:`rotation` block, or None."""
+        return self.__dict__.get("_rope")
+
+    @contextmanager
+    def rotation(self, rope) -> Iterator["TokenMixer"]:
+        """``with mixer.rotation(rope): mixer(x, hw, T)``: the calls inside rotate q/k (features) of the image
+        tokens with ``rope``; ``ValueError`` for a mixer without ``supports_rope``."""
+        if not self.supports_rope:
+            raise ValueError(f"{type(self).__name__} does not take a rotary position embedding (rope)")
+        previous = self.__dict__.get("_rope")
+        self.__dict__["_rope"] = rope
+        try:
+            yield self
+        finally:
+            self.__dict__["_rope"] = previous
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement mix()")
@@ -77,6 +116,24 @@ class QKVMixer(TokenMixer):
         self.proj = nn.Linear(dim, dim, bias=check_bool("proj_bias", proj_bias))
 
     def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """(B, N, C) → three (B, N, H, D) views of one packed projection (no copies)."""
-        B, N, _ = x.shape
-        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        """(B, N, C) → three (B, N, H, D) views of one packed projection (no copies); q and k go through
+        ``q_norm``/``k_norm`` per head when :meth:`carry_qk_norm` set them."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        q_norm, k_norm = self.qk_norms()
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        return q, k, v
+
+    def qk_norms(self) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+        """``(q_norm, k_norm)`` set by :meth:`carry_qk_norm`, or ``(None, None)``."""
+        return self._modules.get("q_norm"), self._modules.get("k_norm")
+
+    def carry_qk_norm(self, q_norm: nn.Module, k_norm: nn.Module) -> None:
+        """Normalise q and k per head (over ``D``) with these modules, as timm's ``Attention(qk_norm=True)``
+        does before the softmax (state-dict keys ``q_norm.*``, ``k_norm.*``, as there). Only for a class
+        with ``supports_qk_norm`` (``ValueError`` otherwise)."""
+        if not self.supports_qk_norm:
+            raise ValueError(f"{type(self).__name__} does not apply q/k norms (supports_qk_norm is False)")
+        if not isinstance(q_norm, nn.Module) or not isinstance(k_norm, nn.Module):
+            raise ValueError("q_norm and k_norm must be modules")
+        self.q_norm, self.k_norm = q_norm, k_norm

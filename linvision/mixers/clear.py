@@ -67,6 +67,8 @@ from ..kernels.backend import BACKENDS, accumulation_dtype
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from ..kernels.window_attn import pool_tokens, window_attention
 from .base import QKVMixer
+from .rotary import Rotation
+from .token_chunks import map_token_chunks
 
 FLUX_TRAIN_SEQ_LEN = 64**2 + 512  # official train_seq_len: 1024 px → 64×64 latent tokens + 512 text tokens
 FLUX_RADIUS = 16  # official distill.py --window_size default
@@ -183,7 +185,14 @@ class ClearAttention(QKVMixer):
 
     Prefix tokens (class / register / text) are global in both directions (CLEAR's text-token rule) and
     do not see the pooled tokens.
+
+    A teacher's RoPE (``mix(..., rope=Rotation)``, from ``linvision.timm.linearize`` of an EVA02 / RoPE ViT)
+    rotates q and k of the image tokens as the teacher does, in place of the FLUX-style ``rope=True``
+    (both at once: ``ValueError``); a teacher's q/k norms (:meth:`carry_qk_norm`) come first, as there.
     """
+
+    supports_rope = True
+    supports_qk_norm = True
 
     def __init__(
         self,
@@ -216,14 +225,18 @@ class ClearAttention(QKVMixer):
         else:
             self.register_parameter("spatial_weight", None)
 
-    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None) -> Tensor:
         h, w = hw
         T = num_prefix_tokens
         f = self.pool_factor
         if f is not None and (h % f or w % f):
             raise ValueError(f"pool_factor={f} must divide the grid hw={h}x{w}")
         q, k, v = self.project_qkv(x)
-        if self.rope:
+        if rope is not None:
+            if self.rope:
+                raise ValueError("clear(rope=True) has its own RoPE: a teacher's RoPE replaces it (use rope=False)")
+            q, k = rope.apply(q, T), rope.apply(k, T)
+        elif self.rope:
             acc = accumulation_dtype(x.dtype)
             cos, sin = rope_tables(self.head_dim, hw, T, self.rope_theta, self.rope_ntk_factor, x.device, acc)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -232,7 +245,7 @@ class ClearAttention(QKVMixer):
             q, k, v, hw, radius=self.radius, num_prefix_tokens=T, pool_factor=f,
             spatial_weight=self.spatial_weight, scale=scale, backend=self.backend,
         )
-        return self.proj(o.flatten(2))
+        return map_token_chunks(lambda o: self.proj(o.flatten(2)), o)  # in token chunks: cache-sized temporaries
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, radius={self.radius}, pool_factor={self.pool_factor}, rope={self.rope}"

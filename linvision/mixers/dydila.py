@@ -66,7 +66,7 @@ Implementation choices (the spec's open points, in its terms; none is confirmed 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,10 @@ from torch import Tensor, nn
 
 from ..kernels.backend import accumulation_dtype
 from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .lit import FEATURE_OFFSET, LiTAttention
+from .token_chunks import map_token_ranges
 
 DENOMINATORS = ("kernel", "differential", "none")
 ROUTER_GRADS = ("ste", "none")
@@ -219,49 +221,67 @@ class DyDiLA(LiTAttention):
         return y.unflatten(-1, (self.num_heads, self.head_dim))
 
     # -- forward ---------------------------------------------------------------------------------
-    def attention(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Core: ``x (B, N, C)`` (router input), q, k, v ``[B, N, H, d]`` → ``[B, N, H, d]``."""
-        offset = FEATURE_OFFSET
+    def attention(
+        self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, output: Optional[Callable[[int, int, Tensor], Tensor]] = None
+    ) -> Tensor:
+        """Core: ``x (B, N, C)`` (router input), q, k, v ``[B, N, H, d]`` → ``o [B, N, H, d]``; with ``output``,
+        the stacked ``output(a, b, o[:, a:b])`` over chunks of tokens instead (token-wise epilogue)."""
         plain = "none" if self.denominator == "none" else "div"
         if not (self.dynamic_kernel or self.differential):  # the LiT baseline, features fused in the kernel
-            return linear_attention(
-                q, k, v, feature_map="relu", feature_offset=offset, normalize=plain, mean=True,
-                eps=self.eps, backend=self.backend,
+            return linear_attention_streamed(
+                lambda a, b: (q[:, a:b], None), lambda a, b: (k[:, a:b], None), v, q.shape[1], normalize=plain,
+                mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET, output=output,
+                backend=self.backend,
             )
-        gq = gk = None
-        if self.dynamic_kernel:
-            gq = self.routed_scalar(self.kernel_router_q, self.gamma_q, x)
-            gk = self.routed_scalar(self.kernel_router_k, self.gamma_k, x)
         acc = accumulation_dtype(x.dtype)
-        q_feat = power_kernel(q.to(acc), gq, offset)
-        k_feat = power_kernel(k.to(acc), gk, offset)
         v = v.to(acc)
-        if not self.differential:
-            return linear_attention(q_feat, k_feat, v, normalize=plain, mean=True, eps=self.eps, backend=self.backend)
-
-        q_red = power_kernel(self.redundancy(self.redundancy_q, self.proj_router_q, x), gq, offset)
-        k_red = power_kernel(self.redundancy(self.redundancy_k, self.proj_router_k, x), gk, offset)
-        q_diff = q_feat - self.routed_scalar(self.diff_router_q, self.lambda_q, x) * q_red
-        k_diff = k_feat - self.routed_scalar(self.diff_router_k, self.lambda_k, x) * k_red
-        if self.relu_after_diff:
-            q_diff, k_diff = F.relu(q_diff), F.relu(k_diff)
-
-        if self.denominator == "kernel":
-            return linear_attention(
-                q_diff, k_diff, v, q_den=q_feat, k_den=k_feat, mean=True, eps=self.eps, backend=self.backend
+        queries, keys = self.features("q", q, x), self.features("k", k, x)
+        if not (self.differential and self.denominator == "differential"):
+            # features chunk by chunk of tokens: no full [B, N, H, d] temporary (linear_attention_streamed)
+            return linear_attention_streamed(
+                queries, keys, v, q.shape[1], normalize=plain, mean=True, eps=self.eps, output=output,
+                backend=self.backend,
             )
+        (q_diff, _), (k_diff, _) = queries(0, q.shape[1]), keys(0, k.shape[1])
         num = linear_attention(q_diff, k_diff, v, normalize="none", mean=True, backend=self.backend)
-        if self.denominator == "none":
-            return num
         den = torch.einsum("bnhd,bhd->bnh", q_diff, k_diff.mean(1)).clamp_min(self.den_min) + self.eps
-        return num / den.unsqueeze(-1)
+        o = num / den.unsqueeze(-1)
+        return o if output is None else map_token_ranges(lambda a, b: output(a, b, o[:, a:b]), *o.shape[:2], self.dim)
+
+    def features(self, side: str, t: Tensor, x: Tensor) -> Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]:
+        """Features of tokens ``a:b`` of one side (``side`` ``"q"`` or ``"k"``, ``t [B, N, H, d]``, router input
+        ``x (B, N, C)``): ``(numerator, denominator or None)``, fp32 (fp64) ``[B, b − a, H, d]``. Token-wise.
+
+        Numerator Q̂ (K̂) with the differential operator, else Q̃ (K̃); denominator Q̃ (K̃) for
+        ``denominator="kernel"`` with the differential operator, else None (the numerator's own).
+        """
+        acc = accumulation_dtype(x.dtype)
+        module = lambda name: getattr(self, f"{name}_{side}", None)  # noqa: E731  (absent when switched off)
+
+        def of(a: int, b: int) -> Tuple[Tensor, Optional[Tensor]]:
+            xs = x[:, a:b]
+            gamma = self.routed_scalar(module("kernel_router"), module("gamma"), xs) if self.dynamic_kernel else None
+            feat = power_kernel(t[:, a:b].to(acc), gamma, FEATURE_OFFSET)
+            if not self.differential:
+                return feat, None
+            red = power_kernel(self.redundancy(module("redundancy"), module("proj_router"), xs), gamma, FEATURE_OFFSET)
+            diff = feat - self.routed_scalar(module("diff_router"), module("lambda"), xs) * red
+            if self.relu_after_diff:
+                diff = F.relu(diff)
+            return diff, (feat if self.denominator == "kernel" else None)
+
+        return of
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         q, k, v = self.project_qkv(x)  # (B, N, H, d) views
-        o = self.attention(x, q, k, v).flatten(2)
-        if self.dwc is not None:
-            o = o + self.local_term(v, hw, num_prefix_tokens).to(o.dtype)
-        return self.proj(o.to(x.dtype))
+
+        def output(a: int, b: int, o: Tensor) -> Tensor:  # token-wise, in chunks of tokens: cache-sized temporaries
+            o = o.flatten(2)
+            if self.dwc is not None:
+                o = o + self.local_term(v, hw, num_prefix_tokens, a, b).to(o.dtype)
+            return self.proj(o.to(x.dtype))
+
+        return self.attention(x, q, k, v, output)
 
     def extra_repr(self) -> str:
         return (

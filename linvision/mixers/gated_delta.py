@@ -34,6 +34,20 @@ on an image every token is a step along ``order`` (raster, column or cross-scan)
 "video" of ``N`` frames of ``1×1``, which is how the parity fixture is made; the key scale
 ``D^-1/2·S^-1/2`` is then ``D^-1/2``. No RoPE, frame masks, q/k RMSNorm or ``k_conv_only=False`` options.
 Prefix tokens lead the order (:mod:`.orders`).
+
+DeltaProduct (``num_householder = n_h > 1``; Siems et al. 2025, "DeltaProduct: Improving State-Tracking in Linear
+RNNs via Householder Products", arXiv 2502.10297; official layer ``fla-org/flash-linear-attention``,
+``fla/layers/gated_deltaproduct.py``): every token writes ``n_h`` keys, values and betas, one delta step each
+(``S ← (I − β_j k_j k_jᵀ) S + β_j k_j v_jᵀ`` for ``j = 1 … n_h``, so the transition is a product of ``n_h``
+generalised Householder matrices), the gate decays once per token before the first step and the query reads after
+the last. Parameter layout as fla's ``k_proj`` / ``v_proj`` / ``b_proj`` / ``k_conv1d``: the fused ``qkv``
+projects to ``[q (h d), k (n h d), v (n h d)]`` (``dim·(1 + 2 n_h)`` outputs), ``beta_proj`` to ``(n h)``,
+``conv_k`` filters all ``n_h·dim`` key channels; the names stay SANA's. ``n_h = 1`` is the block above, parameters
+and outputs unchanged. Deviations (the paper is causal): the backward half visits the tokens in reverse and each
+token's Householder steps in their order ``1 … n_h`` (as :func:`linvision.kernels.gated_scan` with
+``num_householder``), shifted by one token as SANA's; the denominator ``z`` takes the same ``n_h`` steps towards
+the target 1; the init is SANA's for every step (β ≈ 0.993 on each). fla's output RMSNorm, SiLU activations and
+per-head value expansion are not taken over (this is SANA's block with fla's transition).
 """
 from __future__ import annotations
 
@@ -60,16 +74,21 @@ def l2_normalize(k: Tensor, eps: float = 1e-6) -> Tensor:
     return k * torch.rsqrt(k.square().sum(-1, keepdim=True) + eps)
 
 
-def shift_next(t: Tensor) -> Tensor:
-    """``t'_i = t_{i+1}`` along dim 1, zero at the end (SANA's ``flip_and_shift`` seen from the original order)."""
-    return torch.cat([t[:, 1:], torch.zeros_like(t[:, :1])], 1)
+def shift_next(t: Tensor, rows: int = 1) -> Tensor:
+    """``t'_i = t_{i+rows}`` along dim 1, zero at the end (SANA's ``flip_and_shift`` seen from the original order;
+    ``rows = n_h`` shifts the Householder sub-steps by one token)."""
+    return torch.cat([t[:, rows:], torch.zeros_like(t[:, :rows])], 1)
 
 
-def delta_bidirectional(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, **scan) -> Tensor:
-    """SANA's fusion: forward gated-delta scan (inclusive) plus the backward scan of the next tokens."""
-    fwd = gated_scan(q, k, v, g, beta, delta=True, direction="forward", **scan)
-    bwd = gated_scan(q, shift_next(k), shift_next(v), shift_next(g), shift_next(beta), delta=True,
-                     direction="backward", **scan)
+def delta_bidirectional(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, num_householder: int = 1, **scan
+) -> Tensor:
+    """SANA's fusion: forward gated-delta scan (inclusive) plus the backward scan of the next tokens;
+    ``k, v, beta`` with ``num_householder`` rows per token (``[B, N·n_h, ...]``)."""
+    n = num_householder
+    fwd = gated_scan(q, k, v, g, beta, delta=True, direction="forward", num_householder=n, **scan)
+    bwd = gated_scan(q, shift_next(k, n), shift_next(v, n), shift_next(g), shift_next(beta, n), delta=True,
+                     direction="backward", num_householder=n, **scan)
     return fwd + bwd
 
 
@@ -86,6 +105,7 @@ class BidirectionalGDN(QKVMixer):
         conv_kernel_size: int = 4,
         eps: float = 1e-15,
         key_norm: str = "l2",
+        num_householder: int = 1,
         order: str = "raster",
         chunk_size: Optional[int] = None,
         backend: str = "auto",
@@ -96,16 +116,19 @@ class BidirectionalGDN(QKVMixer):
         conv_kernel_size = check_int("conv_kernel_size", conv_kernel_size, min=0)
         self.eps = check_float("eps", eps, min=0)
         self.key_norm = check_choice("key_norm", key_norm, KEY_NORMS)
+        self.num_householder = n = check_int("num_householder", num_householder, min=1)
+        if n > 1:  # fla's layout: [q (h d), k (n h d), v (n h d)]
+            self.qkv = nn.Linear(dim, dim * (1 + 2 * n), bias=qkv_bias)
         self.order = check_choice("order", order, ORDERS)
         self.chunk_size = check_optional(check_int, "chunk_size", chunk_size, min=1)
         self.backend = check_backend(backend)
-        self.beta_proj = nn.Linear(dim, num_heads, bias=True)
+        self.beta_proj = nn.Linear(dim, num_heads * n, bias=True)  # (n h), fla's b_proj
         self.gate_proj = nn.Linear(dim, num_heads, bias=True)
         self.A_log = nn.Parameter(torch.zeros(num_heads))
         self.dt_bias = nn.Parameter(torch.zeros(num_heads))
         self.register_buffer("recall_gate", torch.zeros(1))
         self.output_gate = nn.Linear(dim, dim, bias=True) if use_output_gate else None
-        self.conv_k = short_conv(conv_kernel_size, dim) if conv_kernel_size > 0 else None
+        self.conv_k = short_conv(conv_kernel_size, dim * n) if conv_kernel_size > 0 else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -129,8 +152,16 @@ class BidirectionalGDN(QKVMixer):
         """Called by linvision's models after their own init, so the block keeps the official one."""
         self.reset_parameters()
 
+    def project_qkv_steps(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``q [B, N, H, D]`` and the ``n_h`` keys and values of every token, ``[B, N, n_h·H, D]`` (``(n h)``)."""
+        if self.num_householder == 1:
+            return self.project_qkv(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).split([C, C * self.num_householder, C * self.num_householder], -1)
+        return (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+
     def gates(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """``β [B, N, H]`` (sigmoid) and the log decay ``−exp(A_log)·softplus(gate_proj(x) + dt_bias)``, fp32
+        """``β [B, N, n_h·H]`` (sigmoid, ``(n h)``) and the log decay ``−exp(A_log)·softplus(gate_proj(x) + dt_bias)``, fp32
         (fp64 for fp64 ``x``)."""
         acc = accumulation_dtype(x.dtype)
         beta = torch.sigmoid(self.beta_proj(x).to(acc))
@@ -140,16 +171,20 @@ class BidirectionalGDN(QKVMixer):
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         B, N, C = x.shape
         acc = accumulation_dtype(x.dtype)  # the scan, its ratio and the output gate: fp32 (fp64 for fp64)
-        q, k, v = (t.to(acc) for t in self.project_qkv(x))
+        q, k, v = (t.to(acc) for t in self.project_qkv_steps(x))
         beta, log_decay = self.gates(x)
+        n, rows = self.num_householder, self.num_householder * self.num_heads
 
         def scan(q, k, v, log_decay, beta):
             if self.conv_k is not None:
-                k = bidirectional_conv(k.flatten(2), self.conv_k).unflatten(-1, (self.num_heads, -1))
+                k = bidirectional_conv(k.flatten(2), self.conv_k).unflatten(-1, (rows, -1))
             q, k = F.relu(q), F.relu(k)
             k = l2_normalize(k) if self.key_norm == "l2" else k * self.head_dim ** -0.5
-            v1 = torch.cat([v, v.new_ones(B, N, self.num_heads, 1)], -1)
-            out = delta_bidirectional(q, k, v1, log_decay, beta, scale=1.0, chunk_size=self.chunk_size,
+            v1 = torch.cat([v, v.new_ones(B, N, rows, 1)], -1)
+            if n > 1:  # '(t n) h d': the n_h sub-steps of every token in a row
+                k, v1 = (t.reshape(B, N * n, self.num_heads, -1) for t in (k, v1))
+                beta = beta.reshape(B, N * n, self.num_heads)
+            out = delta_bidirectional(q, k, v1, log_decay, beta, n, scale=1.0, chunk_size=self.chunk_size,
                                       backend=self.backend)
             return out[..., :-1] / (out[..., -1:] + self.eps)
 
@@ -159,4 +194,5 @@ class BidirectionalGDN(QKVMixer):
         return self.proj(o.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, order={self.order!r}, conv_kernel_size={0 if self.conv_k is None else self.conv_k.kernel_size[0]}"
+        steps = f", num_householder={self.num_householder}" if self.num_householder > 1 else ""
+        return f"{super().extra_repr()}, order={self.order!r}{steps}, conv_kernel_size={0 if self.conv_k is None else self.conv_k.kernel_size[0]}"

@@ -4,7 +4,8 @@ The grid ``h×w`` is cut at multiples of the block from the top-left corner. Whe
 ``h`` (or ``bw`` does not divide ``w``), the last block row (column) is shorter: the blocks there hold only
 real tokens, no padding. The grid therefore falls into at most four regions of equal-shaped blocks
 (interior, right strip, bottom strip, corner); each region is reshaped into ``(B·blocks, H, L, D)``
-sequences of ``L = block area`` tokens and handed to ``fn`` in one call.
+sequences of ``L = block area`` tokens and handed to ``fn``, one band of block rows of about
+:data:`CHUNK_ELEMENTS` elements per call, so the block copies stay cache-sized.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Callable, List, Tuple
 
 from torch import Tensor
 
+CHUNK_ELEMENTS = 1 << 18  # elements of one band of q, k or v handed to ``fn`` (about; at least one block row)
 BlockFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -43,16 +45,21 @@ def block_local(q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], block: Tup
 
     ``q, k [B, h·w, H, Dk]``, ``v [B, h·w, H, Dv]`` (image tokens in raster order) → ``[B, h·w, H, Dv]``.
     ``fn(q, k, v)`` takes ``(S, H, L, D)`` batches of ``S`` blocks of ``L`` tokens and returns
-    ``(S, H, L, Dv)``; it is called once per region (at most four times).
+    ``(S, H, L, Dv)``; it is called once per band of block rows of each region.
     """
     (h, w), (bh, bw) = hw, block
     B, _, H, _ = q.shape
     grid = [t.reshape(B, h, w, H, t.shape[-1]) for t in (q, k, v)]
     out = v.new_empty(B, h, w, H, v.shape[-1])
+    row_elements = max(1, w * H * max(t.shape[-1] for t in (q, k, v)))
+    band = max(1, CHUNK_ELEMENTS // max(1, B * row_elements))  # grid rows per call, rounded to whole blocks below
     for r0, r1, th in _spans(h, bh):
-        for c0, c1, tw in _spans(w, bw):
-            parts = [_to_blocks(t[:, r0:r1, c0:c1], th, tw) for t in grid]
-            out[:, r0:r1, c0:c1] = _from_blocks(fn(*parts), B, r1 - r0, c1 - c0, th, tw)
+        step = max(1, band // th) * th
+        for a in range(r0, r1, step):  # bands of block rows: the block copies stay cache-sized
+            b = min(a + step, r1)
+            for c0, c1, tw in _spans(w, bw):
+                parts = [_to_blocks(t[:, a:b, c0:c1], th, tw) for t in grid]
+                out[:, a:b, c0:c1] = _from_blocks(fn(*parts), B, b - a, c1 - c0, th, tw)
     return out.reshape(B, h * w, H, v.shape[-1])
 
 

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import BACKENDS, accumulation_dtype
 from .base import QKVMixer
+from .rotary import Rotation, rotary_linear_attention
 
 FORMS = ("softmax", "joint", "exp")
 
@@ -67,12 +68,18 @@ class HedgehogFeatureMap(nn.Module):
                 f"form={self.form!r}, bias={self.bias is not None}, eps={self.eps}")
 
 
-def normalised_rows(fq: Tensor, fk: Tensor, eps: float) -> Tensor:
+def normalised_rows(fq: Tensor, fk: Tensor, eps: float, rfq: Optional[Tensor] = None,
+                    rfk: Optional[Tensor] = None) -> Tensor:
     """Linear attention's weights ``φ(q_i)·φ(k_j) / (Σ_j φ(q_i)·φ(k_j) + eps)``: ``[B, H, n, N]`` for query
-    features ``fq [B, n, H, F]`` against all key features ``fk [B, N, H, F]`` (fp32; fp64 for fp64)."""
+    features ``fq [B, n, H, F]`` against all key features ``fk [B, N, H, F]`` (fp32; fp64 for fp64).
+    ``rfq, rfk``: rotated features for the numerator (RoFormer's form with RoPE), the normaliser keeps
+    ``fq, fk``."""
     acc = torch.float64 if fq.dtype == torch.float64 else torch.float32
     scores = torch.einsum("bnhf,bmhf->bhnm", fq.to(acc), fk.to(acc))
-    return scores / (scores.sum(-1, keepdim=True) + eps)
+    if rfq is None:
+        return scores / (scores.sum(-1, keepdim=True) + eps)
+    rotated = torch.einsum("bnhf,bmhf->bhnm", rfq.to(acc), rfk.to(acc))
+    return rotated / (scores.sum(-1, keepdim=True) + eps)
 
 
 class HedgehogAttention(QKVMixer):
@@ -84,7 +91,14 @@ class HedgehogAttention(QKVMixer):
     ``eps = 1e-12`` is LoLCATs' ``linear_attention`` eps. q/k/v/proj inherit from a softmax attention
     (``linvision.timm.linearize``); ``feature_map_q`` / ``feature_map_k`` are the new parameters that
     attention transfer trains (:mod:`linvision.distill.transfer`).
+
+    A teacher's q/k norms (:meth:`carry_qk_norm`) act before the feature maps; a teacher's RoPE (``rope``)
+    rotates ``φ_q(q), φ_k(k)`` per block of ``D`` in the numerator only (RoFormer's linear form,
+    :func:`linvision.mixers.rotary.rotary_linear_attention`); ``2·feature_dim`` must then be a multiple of the head dim.
     """
+
+    supports_rope = True
+    supports_qk_norm = True
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
                  feature_dim: Optional[int] = None, form: str = "softmax", feature_bias: bool = True,
@@ -101,17 +115,32 @@ class HedgehogAttention(QKVMixer):
         q, k, v = self.project_qkv(x)
         return q, k, v, self.feature_map_q(q), self.feature_map_k(k)
 
-    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        _, _, v, fq, fk = self.features(x)
-        o = linear_attention(fq, fk, v.to(fq.dtype), eps=self.eps, backend=self.backend)
-        return self.proj(o.to(x.dtype).flatten(2))
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None) -> Tensor:
+        if rope is not None:
+            _, _, v, fq, fk = self.features(x)
+            o = rotary_linear_attention(fq, fk, v.to(fq.dtype), rope, num_prefix_tokens, self.eps, self.backend)
+            return self.proj(o.to(x.dtype).flatten(2))
+        q, k, v = self.project_qkv(x)
+        acc = accumulation_dtype(x.dtype)
+        # feature maps chunk by chunk of tokens, and the projection in token chunks: cache-sized temporaries
+        return linear_attention_streamed(
+            lambda a, b: (self.feature_map_q(q[:, a:b]), None), lambda a, b: (self.feature_map_k(k[:, a:b]), None),
+            v.to(acc), q.shape[1], eps=self.eps, backend=self.backend,
+            output=lambda a, b, o: self.proj(o.to(x.dtype).flatten(2)),
+        )
 
-    def attention_rows(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int
+    def attention_rows(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None
                        ) -> Tuple[Tensor, Tensor, Callable[[int, int], Tensor]]:
         """For attention transfer: ``(q, k, rows)``, ``rows(a, b)`` this mixer's normalised weights of query
-        rows ``a:b`` against all keys, ``[B, H, b − a, N]`` (see :mod:`linvision.distill.transfer`)."""
+        rows ``a:b`` against all keys, ``[B, H, b − a, N]`` (see :mod:`linvision.distill.transfer`); with
+        ``rope``, ``q, k`` are rotated (the teacher's) and the rows are RoFormer's."""
         q, k, _, fq, fk = self.features(x)
-        return q, k, lambda a, b: normalised_rows(fq[:, a:b], fk, self.eps)
+        if rope is None:
+            return q, k, lambda a, b: normalised_rows(fq[:, a:b], fk, self.eps)
+        T = num_prefix_tokens
+        rfq, rfk = rope.apply(fq, T), rope.apply(fk, T)
+        return (rope.apply(q, T), rope.apply(k, T),
+                lambda a, b: normalised_rows(fq[:, a:b], fk, self.eps, rfq[:, a:b], rfk))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, eps={self.eps}"

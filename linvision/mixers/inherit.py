@@ -88,7 +88,7 @@ def softmax_attention_weights(attn: nn.Module, allow_qk_norm: bool = False) -> S
         dim = q.in_features
         if any(t.in_features != dim or t.out_features != dim for t in (q, k, v, o)):
             raise ValueError(f"to_q/to_k/to_v/to_out[0] must all be Linear({dim}, {dim}) (inner_dim == query_dim)")
-        num_heads = getattr(attn, "heads", None)
+        num_heads = getattr(attn, "heads", getattr(attn, "num_heads", None))  # diffusers' name, or a mixer's (sana)
         if not isinstance(num_heads, int):
             raise ValueError("the diffusers Attention has no integer heads attribute")
         biases = [t.bias for t in (q, k, v)]

@@ -67,8 +67,8 @@ class LigerAttention(QKVMixer):
     heads (every ViT) ``pool_g`` maps ``C`` channels to ``C``: it is the identity, so ``g`` is taken from ``k``
     itself and Liger adds no parameter; q/k/v/proj are inherited from softmax attention. Window part: softmax
     attention (scale ``D^-1/2``) in CLEAR's disc of ``radius`` on the image grid
-    (:func:`linvision.kernels.window_attn.window_attention`; ``backend`` selects its kernel, the gated scan runs
-    its own PyTorch path), for the official 64-token causal sliding window. ``window_mix = 0.5`` is the official
+    (:func:`linvision.kernels.window_attn.window_attention`; ``backend`` selects its kernel and the gated
+    scan's), for the official 64-token causal sliding window. ``window_mix = 0.5`` is the official
     ``0.5 * y + 0.5 * o_``; ``window_mix = 0`` leaves gated linear attention alone.
 
     Deviations from the official causal decoder: the recurrence ``S_t = diag(exp g_t) S_{t−1} + φ(k_t) v_tᵀ``,
@@ -98,7 +98,7 @@ class LigerAttention(QKVMixer):
         fq, fk, g = liger_gates(q, k, self.gate_normalizer)
 
         def scan(fq, fk, v, g):
-            return gated_scan(fq, fk, v, g, direction="bidirectional", scale=1.0)
+            return gated_scan(fq, fk, v, g, direction="bidirectional", scale=1.0, backend=self.backend)
 
         o = scan_in_orders(scan, (fq, fk, v.to(fq.dtype), g), hw, num_prefix_tokens, self.order)
         if self.window_mix > 0:

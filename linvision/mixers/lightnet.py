@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.additive_recurrence import additive_scan
+from ..kernels.additive_recurrence import additive_scan, additive_scan_streamed
 from ..kernels.backend import BACKENDS, accumulation_dtype
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
+from .token_chunks import map_token_chunks
 
 GATE_POSITIONS = ("pre", "post")
 LRPE_THETAS = ("per_head", "shared")
@@ -294,20 +295,33 @@ class LightNetAttention(QKVMixer):
             x_in = x
         acc = accumulation_dtype(x.dtype)  # the scan's output, gate and norm: fp32 (fp64 for fp64 x)
         q, k, v = self.project_qkv(x_in)
-        if self.q_activation == "silu":
-            q = F.silu(q)
-        k_mod = None
+        angles = None
         if self.use_lrpe:
             angles = md_lrpe_angles(self.lrpe_frequencies(acc), hw, num_prefix_tokens, self.head_dim)  # [N, H, d]
-            q = md_lrpe(q, angles)
-            k = torch.cat([k, k], -1)
-            k_mod = torch.cat([angles.cos(), angles.sin()], -1).unsqueeze(0)  # acc dtype, broadcast over B
-        o = additive_scan(
-            q, k, v, k_mod=k_mod, causal=self.causal, lse_init=self.lse_init, out_dtype=acc, backend=self.backend
-        )
-        o = o.flatten(2)
+
+        def queries(a: int, b: int) -> Tensor:
+            qs = F.silu(q[:, a:b]) if self.q_activation == "silu" else q[:, a:b]
+            return qs if angles is None else md_lrpe(qs, angles[a:b])
+
+        def keys(a: int, b: int) -> Tuple[Tensor, Optional[Tensor]]:
+            if angles is None:
+                return k[:, a:b], None
+            ang = angles[a:b]
+            return torch.cat([k[:, a:b]] * 2, -1), torch.cat([ang.cos(), ang.sin()], -1).unsqueeze(0)
+
+        if self.causal:
+            kk, k_mod = keys(0, k.shape[1])
+            o = additive_scan(queries(0, q.shape[1]), kk, v, k_mod=k_mod, causal=True, lse_init=self.lse_init,
+                              out_dtype=acc, backend=self.backend)
+        else:  # queries and keys chunk by chunk of tokens: no full [B, N, H, 2d] temporary
+            o = additive_scan_streamed(queries, keys, v, q.shape[1], lse_init=self.lse_init, out_dtype=acc,
+                                       backend=self.backend)
+        return map_token_chunks(lambda o, x: self.output(o.flatten(2), x), o, x)  # token-wise, in cache-sized chunks
+
+    def output(self, o: Tensor, x: Tensor) -> Tensor:
+        """Gate, norm and ``proj`` of the scan output ``o (B, n, C)`` (fp32/fp64) for mixer inputs ``x (B, n, C)``."""
         if self.use_output_gate:
-            g = self.gate(x).to(acc)
+            g = self.gate(x).to(o.dtype)
             if self.gate_position == "pre":
                 o = self.rms_norm(o * torch.sigmoid(g))
             else:

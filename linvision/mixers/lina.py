@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS, accumulation_dtype
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import (
     check_bool,
     check_choice,
@@ -30,6 +30,7 @@ from ..kernels.validation import (
     check_optional,
 )
 from .base import QKVMixer
+from .token_conv import depthwise_conv_tokens
 from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
 NORMALIZATIONS = ("div", "sub")
@@ -209,32 +210,26 @@ class LinaAttention(QKVMixer):
         k_weight = v_weight = None
         if self.kv_gate:
             k_weight, v_weight = self.kv_gate_weights(hw, num_prefix_tokens)
-        o = linear_attention(
-            q,
-            k,
-            v,
-            k_weight=k_weight,
-            v_weight=v_weight,
-            normalize=self.normalization,
-            mean=True,
-            eps=self.eps,
-            scale=self.scale,
-            feature_map="relu",
-            feature_offset=self.feature_offset,
-            backend=self.backend,
-        ).flatten(2)
-        if self.dw_conv is not None:
-            o = o + self.local_term(x, hw, num_prefix_tokens)
-        y = self.proj(o)
-        return y if self.norm is None else self.norm(y)
 
-    def local_term(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        """DWC of the block input over the image grid: ``x (B, N, C)`` → ``(B, N, C)``, zeros on the prefix."""
-        h, w = hw
-        B, _, C = x.shape
-        grid = x[:, num_prefix_tokens:].transpose(1, 2).reshape(B, C, h, w)
-        out = self.dw_conv(grid).flatten(2).transpose(1, 2)
-        return F.pad(out, (0, 0, num_prefix_tokens, 0))
+        def output(a: int, b: int, o: Tensor) -> Tensor:  # token-wise, in chunks of tokens: cache-sized temporaries
+            o = o.flatten(2)
+            if self.dw_conv is not None:
+                o = o + self.local_term(x, hw, num_prefix_tokens, a, b)
+            y = self.proj(o)
+            return y if self.norm is None else self.norm(y)
+
+        return linear_attention_streamed(
+            lambda a, b: (q[:, a:b], None), lambda a, b: (k[:, a:b], None), v, x.shape[1], k_weight=k_weight,
+            v_weight=v_weight, normalize=self.normalization, mean=True, eps=self.eps, scale=self.scale,
+            feature_map="relu", feature_offset=self.feature_offset, output=output, backend=self.backend,
+        )
+
+    def local_term(
+        self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, start: int = 0, stop: Optional[int] = None
+    ) -> Tensor:
+        """DWC of the block input over the image grid for tokens ``start:stop``: ``x (B, N, C)`` →
+        ``(B, stop − start, C)``, zeros on the prefix. Only the grid rows around the range are convolved."""
+        return depthwise_conv_tokens(x, hw, num_prefix_tokens, self.dw_conv.weight, self.dw_conv.bias, start, stop)
 
     @classmethod
     def from_softmax(cls, attn: nn.Module, *, copy_weights: bool = True, **options) -> "LinaAttention":

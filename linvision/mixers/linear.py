@@ -1,16 +1,18 @@
 """Plain normalised linear attention (Katharopoulos et al., 2020) on the linvision kernel."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS, resolve_backend
+from ..kernels.backend import BACKENDS, accumulation_dtype, resolve_backend
 from ..kernels.linear_attn import apply_state, chunk_tokens, linear_attention, state_of
+from ..kernels.linear_attn.feature_maps import apply_feature_map
 from ..kernels.validation import check_choice, check_float
 from .base import QKVMixer
+from .rotary import Rotation, rotary_linear_attention
 
 # The kernel's fused feature maps under this mixer's option names.
 FEATURE_MAPS = {"elu": "elu+1", "relu": "relu"}
@@ -26,7 +28,14 @@ class LinearAttention(QKVMixer):
     :func:`linvision.kernels.linear_attn.linear_attention` (fp32 state); ``backend`` picks its
     implementation. Without autograd on the PyTorch path, the mixer streams tokens in chunks
     through projection, state and output, so Q, K and V of the whole sequence never exist at once.
+
+    A teacher's q/k norms (:meth:`carry_qk_norm`) act on q and k before ``φ``; a teacher's RoPE
+    (``rope``) follows RoFormer's linear form (:func:`linvision.mixers.rotary.rotary_linear_attention`:
+    rotated ``φ(q), φ(k)`` in the numerator, unrotated normaliser; ``φ`` in fp32, not streamed).
     """
+
+    supports_rope = True
+    supports_qk_norm = True
 
     def __init__(
         self,
@@ -43,8 +52,14 @@ class LinearAttention(QKVMixer):
         self.eps = check_float("eps", eps, min=0.0)
         self.backend = check_choice("backend", backend, BACKENDS)
 
-    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None) -> Tensor:
         phi = FEATURE_MAPS[self.feature_map]
+        if rope is not None:
+            q, k, v = self.project_qkv(x)
+            acc = accumulation_dtype(x.dtype)
+            fq, fk = (apply_feature_map(t.to(acc), phi, 0.0) for t in (q, k))
+            o = rotary_linear_attention(fq, fk, v.to(acc), rope, num_prefix_tokens, self.eps, self.backend)
+            return self.proj(o.to(x.dtype).flatten(2))
         # the streamed path reads qkv.weight directly: only for a plain Linear (not a LoRA-wrapped one)
         if not torch.is_grad_enabled() and resolve_backend(self.backend, x) == "torch" and type(self.qkv) is nn.Linear:
             return self._mix_streamed(x, phi)
@@ -58,14 +73,19 @@ class LinearAttention(QKVMixer):
         step = chunk_tokens(x.unsqueeze(2))
         w, b = self.qkv.weight, self.qkv.bias
         b_q, b_kv = (None, None) if b is None else (b[:C], b[C:])
+        q_norm, k_norm = self.qk_norms()
         state = None
         for a in range(0, N, step):
             k, v = F.linear(x[:, a : a + step], w[C:], b_kv).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(2)
+            if k_norm is not None:
+                k = k_norm(k)
             part = state_of(k, v, feature_map=phi)
             state = part if state is None else state + part
         out = x.new_empty(B, N, C)
         for a in range(0, N, step):
             q = self.split_heads(F.linear(x[:, a : a + step], w[:C], b_q))
+            if q_norm is not None:
+                q = q_norm(q)
             o = apply_state(q, state, eps=self.eps, feature_map=phi)
             out[:, a : a + step] = self.proj(o.flatten(2))
         return out

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import TokenMixer
 from .inherit import softmax_attention_weights
@@ -99,11 +99,14 @@ class LinFusionAttention(TokenMixer):
         self.to_k_ = feature_mlp(dim, self.projection_mid_dim)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        q = self.split_heads(self.to_q(x + self.to_q_(x)))
-        k = self.split_heads(self.to_k(x + self.to_k_(x)))
         v = self.split_heads(self.to_v(x))
-        o = linear_attention(q, k, v, mean=True, eps=self.eps, feature_map="elu+1", backend=self.backend)
-        return self.to_out[1](self.to_out[0](o.flatten(2)))
+        # q, k (and their feature MLPs) and the output projection chunk by chunk of tokens: cache-sized temporaries
+        queries = lambda a, b: (self.split_heads(self.to_q(x[:, a:b] + self.to_q_(x[:, a:b]))), None)  # noqa: E731
+        keys = lambda a, b: (self.split_heads(self.to_k(x[:, a:b] + self.to_k_(x[:, a:b]))), None)  # noqa: E731
+        return linear_attention_streamed(
+            queries, keys, v, x.shape[1], mean=True, eps=self.eps, feature_map="elu+1", backend=self.backend,
+            output=lambda a, b, o: self.to_out[1](self.to_out[0](o.flatten(2))),
+        )
 
     @classmethod
     def from_softmax(cls, attn: nn.Module, *, copy_weights: bool = True, **options) -> "LinFusionAttention":

@@ -34,6 +34,7 @@ from ..kernels.backend import accumulation_dtype
 from ..kernels.gated_recurrence import check_backend, gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
+from .token_chunks import map_token_chunks
 from .orders import ORDERS, scan_in_orders
 
 MASK_TYPES = ("Lit", "Decay", "Selective")
@@ -107,7 +108,7 @@ class LionAttention(QKVMixer):
 
         tensors = (q, k, v1) + (() if log_a is None else (log_a,))
         o = scan_in_orders(scan, tensors, hw, num_prefix_tokens, self.order)
-        return self.proj(o.to(x.dtype).flatten(2))
+        return map_token_chunks(lambda o: self.proj(o.to(x.dtype).flatten(2)), o)  # cache-sized temporaries
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mask_type={self.mask_type!r}, order={self.order!r}"

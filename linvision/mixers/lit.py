@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_odd_int
 from .base import QKVMixer
+from .token_conv import depthwise_conv_tokens
 from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
 FEATURE_OFFSET = 1e-6  # φ(u) = ReLU(u) + 1e-6
@@ -88,24 +88,23 @@ class LiTAttention(QKVMixer):
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         q, k, v = self.project_qkv(x)  # (B, N, H, d) views
-        o = linear_attention(
-            q, k, v, mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET, backend=self.backend
+        # token-wise, in chunks of tokens: the outputs of each query chunk, the DWC of the rows around it and
+        # the projection; cache-sized temporaries, and no full-size attention output or local term
+        return linear_attention_streamed(
+            lambda a, b: (q[:, a:b], None), lambda a, b: (k[:, a:b], None), v, x.shape[1], mean=True, eps=self.eps,
+            feature_map="relu", feature_offset=FEATURE_OFFSET, backend=self.backend,
+            output=lambda a, b, o: self.proj(o.flatten(2) + self.local_term(v, hw, num_prefix_tokens, a, b)),
         )
-        o = o.flatten(2) + self.local_term(v, hw, num_prefix_tokens)
-        return self.proj(o)
 
-    def local_term(self, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        """DWC of V over the image grid: ``v (B, N, H, d)`` → ``(B, N, C)``, zeros on the prefix tokens."""
-        h, w = hw
-        B, H, d = v.shape[0], self.num_heads, self.head_dim
-        img = v[:, num_prefix_tokens:]  # (B, h·w, H, d)
+    def local_term(
+        self, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, start: int = 0, stop: Optional[int] = None
+    ) -> Tensor:
+        """DWC of V over the image grid for tokens ``start:stop``: ``v (B, N, H, d)`` → ``(B, stop − start, C)``,
+        zeros on the prefix tokens. The shared bank is the per-channel conv with its filters repeated per head."""
+        weight, bias = self.dwc.weight, self.dwc.bias
         if self.dwc_shared_across_heads:
-            grid = img.permute(0, 2, 3, 1).reshape(B * H, d, h, w)
-            out = self.dwc(grid).reshape(B, H, d, h * w).permute(0, 3, 1, 2).reshape(B, h * w, H * d)
-        else:
-            grid = img.reshape(B, h * w, H * d).transpose(1, 2).reshape(B, H * d, h, w)
-            out = self.dwc(grid).flatten(2).transpose(1, 2)
-        return F.pad(out, (0, 0, num_prefix_tokens, 0))  # zeros for the prefix tokens
+            weight, bias = weight.repeat(self.num_heads, 1, 1, 1), bias.repeat(self.num_heads)
+        return depthwise_conv_tokens(v.flatten(2), hw, num_prefix_tokens, weight, bias, start, stop)
 
     @classmethod
     def from_softmax(

@@ -39,7 +39,9 @@ Deviations from the official code (outputs equal for fp32 inputs, up to rounding
 - Input/output are tokens ``(B, N, C)`` with ``hw`` instead of ``(B, C, H, W)``; RoPE sin/cos are built
   from ``hw`` in each call, instead of once per stage in ``BasicLayer`` and passed in. Same values.
 - The attention core runs on :func:`linvision.kernels.linear_attn.linear_attention` (fp32 states,
-  ``mean=True``, ``eps=1e-6`` added where the official adds it), not on explicit matmuls.
+  ``mean=True``, ``eps=1e-6`` added where the official adds it), not on explicit matmuls; on the PyTorch
+  path through its chunked form ``linear_attention_streamed``: features, RoPE, LePE, LayerNorm, gate and
+  ``out_proj`` are evaluated one chunk of tokens at a time (same values; cache-sized temporaries).
 - Prefix tokens, as described above (an extension).
 - ``head_dim`` not a multiple of 4: the official RoPE crashes with a shape mismatch (a crash, so fixed):
   here the first ``4·(head_dim // 4)`` dims are laid out as officially (rows then columns) and the
@@ -61,16 +63,18 @@ zeros in ``q``) give finite gradients. A Triton port must keep ``where(x > 0, x^
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import BACKENDS, accumulation_dtype
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float
 from .base import TokenMixer
+from .token_chunks import map_token_ranges
+from .token_conv import depthwise_conv_tokens
 
 LEPE_KERNEL = 5  # official: Conv2d(dim, dim, 5, 1, 2, groups=dim)
 NALA_EPS = 1e-6  # official: z = 1 / (q · mean(k) + 1e-6)
@@ -154,16 +158,13 @@ class _NaLaWrapper(TokenMixer):
         self.out_proj = nn.Linear(dim, dim, bias=check_bool("proj_bias", proj_bias))
         self.ln = nn.LayerNorm(dim)
 
-    def local_term(self, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        """``lepe``: (B, N, C) → (B, N, C) in ``v``'s dtype; zero rows for the prefix tokens."""
-        B, N, C = v.shape
-        h, w = hw
-        img = v[:, num_prefix_tokens:].transpose(1, 2).reshape(B, C, h, w)
+    def local_term(
+        self, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, start: int = 0, stop: Optional[int] = None
+    ) -> Tensor:
+        """``lepe`` of tokens ``start:stop``: ``v (B, N, C)`` → ``(B, stop − start, C)`` in ``v``'s dtype; zero
+        rows for the prefix tokens. Only the grid rows around the range are convolved."""
         weight, bias = self.lepe.weight.to(v.dtype), self.lepe.bias.to(v.dtype)
-        out = F.conv2d(img, weight, bias, padding=LEPE_KERNEL // 2, groups=C).flatten(2).transpose(1, 2)
-        if num_prefix_tokens:
-            out = torch.cat((out.new_zeros(B, num_prefix_tokens, C), out), dim=1)
-        return out
+        return depthwise_conv_tokens(v, hw, num_prefix_tokens, weight, bias, start, stop)
 
     def rope_tables(
         self, hw: Tuple[int, int], num_prefix_tokens: int, device, dtype: torch.dtype = torch.float32
@@ -172,22 +173,29 @@ class _NaLaWrapper(TokenMixer):
         sin, cos = rope_2d(self.head_dim, hw, num_prefix_tokens, self.rope_base, device, dtype)
         return sin[:, None, :], cos[:, None, :]
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        """fp32 (fp64) ``[B, N, H, d]`` q, k, v → ``[B, N, H, d]`` in their dtype."""
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int,
+        output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
+    ) -> Tensor:
+        """fp32 (fp64) ``[B, N, H, d]`` q, k, v → ``o [B, N, H, d]`` in their dtype; with ``output``, the stacked
+        ``output(a, b, o[:, a:b])`` over chunks of tokens instead (token-wise epilogue)."""
         raise NotImplementedError
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        B, N, C = x.shape
+        C = x.shape[-1]
         acc = accumulation_dtype(x.dtype)  # fp32, fp64 for fp64 x
         q, k, v, g = self.qkvg(x).unflatten(-1, (4, C)).unbind(2)  # each (B, N, C)
-        lepe = self.local_term(v.to(acc) if self.lepe_fp32 else v, hw, num_prefix_tokens)
+        lepe_in = v.to(acc) if self.lepe_fp32 else v
         heads = (self.num_heads, self.head_dim)
-        o = self.attend(q.to(acc).unflatten(-1, heads), k.to(acc).unflatten(-1, heads),
-                        v.to(acc).unflatten(-1, heads), hw, num_prefix_tokens)
-        o = o.flatten(2) + lepe.to(acc)
-        o = F.layer_norm(o, (C,), self.ln.weight.to(acc), self.ln.bias.to(acc), self.ln.eps)
-        o = o * self.act(g.to(acc))
-        return self.out_proj(o.to(x.dtype))
+        q, k, v = (t.to(acc).unflatten(-1, heads) for t in (q, k, v))
+        ln_weight, ln_bias = self.ln.weight.to(acc), self.ln.bias.to(acc)
+
+        def output(a: int, b: int, o: Tensor) -> Tensor:  # attention output chunk [B, b − a, H, d] → (B, b − a, C)
+            lepe = self.local_term(lepe_in, hw, num_prefix_tokens, a, b)
+            o = F.layer_norm(o.flatten(2) + lepe.to(acc), (C,), ln_weight, ln_bias, self.ln.eps)
+            return self.out_proj((o * self.act(g[:, a:b].to(acc))).to(x.dtype))
+
+        return self.attend(q, k, v, hw, num_prefix_tokens, output)  # token-wise: cache-sized temporaries
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rope={self.rope}, rope_base={self.rope_base:g}"
@@ -221,34 +229,39 @@ class NormAwareLinearAttn(_NaLaWrapper):
         super().__init__(dim, num_heads, qkv_bias, proj_bias, rope, rope_base, backend)
         self.norm_eps = check_float("norm_eps", norm_eps, min=0.0)
 
-    def features(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
-        """fp32 ``[B, N, H, d]`` q, k → φq, φk as ``[B, N, H, 2, d]`` (positive half, negative half)."""
+    def query_features(self, q: Tensor) -> Tensor:
+        """fp32 ``[B, N, H, d]`` q → φq ``[B, N, H, 2, d]`` (positive half, negative half)."""
         n = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
         if self.norm_eps:
             n = n.clamp_min(self.norm_eps)
         power = (3.0 * (0.5 + torch.tanh(n))).unsqueeze(-1)  # (B, N, H, 1, 1)
-        phi_q = (torch.stack((F.relu(q), F.relu(-q)), dim=-2) / n.unsqueeze(-1)) ** power
-        k = k**3
-        phi_k = torch.stack((F.relu(k), F.relu(-k)), dim=-2)
-        return phi_q, phi_k
+        return (torch.stack((F.relu(q), F.relu(-q)), dim=-2) / n.unsqueeze(-1)) ** power
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        phi_q, phi_k = self.features(q, k)
-        if not self.rope:
-            return linear_attention(
-                phi_q.flatten(-2), phi_k.flatten(-2), v, mean=True, eps=NALA_EPS, backend=self.backend
-            )
-        sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
-        sin, cos = sin.unsqueeze(-2), cos.unsqueeze(-2)  # (N, 1, 1, r) over [B, N, H, 2, d]
-        return linear_attention(
-            apply_rope(phi_q, sin, cos).flatten(-2),
-            apply_rope(phi_k, sin, cos).flatten(-2),
-            v,
-            q_den=phi_q.flatten(-2),
-            k_den=phi_k.flatten(-2),
-            mean=True,
-            eps=NALA_EPS,
-            backend=self.backend,
+    @staticmethod
+    def key_features(k: Tensor) -> Tensor:
+        """fp32 ``[B, N, H, d]`` k → φk ``[B, N, H, 2, d]``."""
+        k = k**3
+        return torch.stack((F.relu(k), F.relu(-k)), dim=-2)
+
+    def features(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """fp32 ``[B, N, H, d]`` q, k → φq, φk as ``[B, N, H, 2, d]`` (positive half, negative half)."""
+        return self.query_features(q), self.key_features(k)
+
+    def attend(self, q, k, v, hw, num_prefix_tokens, output=None):
+        # Features chunk by chunk of tokens (linear_attention_streamed): never a full [B, N, H, 2d] temporary.
+        if self.rope:
+            sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
+            sin, cos = sin.unsqueeze(-2), cos.unsqueeze(-2)  # (N, 1, 1, r) over [B, N, H, 2, d]
+
+        def mapped(phi: Tensor, a: int, b: int) -> Tuple[Tensor, Optional[Tensor]]:
+            if not self.rope:
+                return phi.flatten(-2), None
+            return apply_rope(phi, sin[a:b], cos[a:b]).flatten(-2), phi.flatten(-2)  # RoPE in the numerator only
+
+        return linear_attention_streamed(
+            lambda a, b: mapped(self.query_features(q[:, a:b]), a, b),
+            lambda a, b: mapped(self.key_features(k[:, a:b]), a, b),
+            v, q.shape[1], mean=True, eps=NALA_EPS, output=output, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -277,12 +290,14 @@ class VanillaSelfAttention(_NaLaWrapper):
     ):
         super().__init__(dim, num_heads, qkv_bias, proj_bias, rope, rope_base, backend)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+    def attend(self, q, k, v, hw, num_prefix_tokens, output=None):
         if self.rope:
             sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
             q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return o.transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        if output is None:
+            return o
+        return map_token_ranges(lambda a, b: output(a, b, o[:, a:b]), o.shape[0], o.shape[1], self.dim)
 
 
 __all__ = ["NormAwareLinearAttn", "VanillaSelfAttention", "apply_rope", "rope_2d", "rope_angles", "rotate_pairs"]

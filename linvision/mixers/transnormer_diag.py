@@ -19,6 +19,7 @@ from ..kernels.backend import accumulation_dtype
 from ..kernels.validation import check_bool, check_choice, check_int
 from .base import TokenMixer
 from .grid_blocks import block_local
+from .token_chunks import chunk_tokens
 from .transnormer_norms import NORM_TYPES, build_norm, has_parameters
 
 LOCAL_ACT_FUNS = ("relu",)
@@ -107,19 +108,34 @@ class DiagAttention(TokenMixer):
             nn.init.constant_(self.out_proj.bias, 0.0)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        T = num_prefix_tokens
-        q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        if not self.use_softmax:  # unbounded ReLU sums: fp32 (fp64 for fp64) up to and through the norm
-            q, k, v = (t.to(accumulation_dtype(x.dtype)) for t in (q, k, v))
+        T, (h, w) = num_prefix_tokens, hw
+        B, N, C = x.shape
+        acc = accumulation_dtype(x.dtype)
+
+        def project(t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:  # (B, n, C) → q, k, v [B, n, H, D]
+            q, k, v = (self.split_heads(p(t)) for p in (self.q_proj, self.k_proj, self.v_proj))
+            if not self.use_softmax:  # unbounded ReLU sums: fp32 (fp64 for fp64) up to and through the norm
+                q, k, v = (t.to(acc) for t in (q, k, v))
+            return q, k, v
+
+        def output(o: Tensor) -> Tensor:  # [B, n, H, D] → (B, n, C)
+            o = o.flatten(2)
+            return self.out_proj((o if self.use_softmax else self.norm(o)).to(x.dtype))
+
         attend = lambda a, b, c: _block_attention(a, b, c, self.use_softmax)  # noqa: E731
-        o = block_local(q[:, T:], k[:, T:], v[:, T:], hw, self.block_size, attend)
+        full = project(x) if T else None  # prefix queries see every key
+        out = x.new_empty(B, N, C)
         if T:
-            pre = attend(q[:, :T].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-            o = torch.cat([pre, o], dim=1)
-        o = o.flatten(2)
-        if not self.use_softmax:
-            o = self.norm(o)
-        return self.out_proj(o.to(x.dtype))
+            q, k, v = (t.transpose(1, 2) for t in full)
+            out[:, :T] = output(attend(q[:, :, :T], k, v).transpose(1, 2))
+        # Image tokens in bands of whole block rows (tiles never cross a band): every temporary is band-sized.
+        bh = self.block_size[0]
+        step = max(1, chunk_tokens(B, C) // (w * bh)) * bh
+        for r0 in range(0, h, step):
+            rows = slice(T + r0 * w, T + min(h, r0 + step) * w)
+            q, k, v = project(x[:, rows]) if full is None else (t[:, rows] for t in full)
+            out[:, rows] = output(block_local(q, k, v, (min(h, r0 + step) - r0, w), self.block_size, attend))
+        return out
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, block_size={self.block_size}, use_softmax={self.use_softmax}, "

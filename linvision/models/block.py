@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Tuple, Type
 
-from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, register_notrace_module
+from timm.layers import LayerNorm, LayerScale, Mlp, register_notrace_module
 from torch import Tensor, nn
 
 from ..kernels.validation import check_choice
 from ..mixers import TokenMixer, create_mixer
+from .drop_path import DropPath
 from .glumbconv import GLUMBConv
 
 MLP_LAYERS = ("mlp", "glumbconv")

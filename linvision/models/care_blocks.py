@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
-from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..kernels.linear_attn import linear_attention
+from .drop_path import DropPath
 
 ATT_EPS = 1e-6  # official: z = 1 / (q · mean(k) + 1e-6)
 

@@ -63,13 +63,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import SelectAdaptivePool2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..mixers import create_mixer
+from .drop_path import DropPath
 from .layout import layer_options, resolve_mixers
 
 __all__ = ["NaLaFormer", "resolve_stage_mixers", "default_cfgs"]  # register_model appends the entry points
@@ -182,6 +183,7 @@ class Block(nn.Module):
         self.norm1 = LayerNorm2d(embed_dim, eps=1e-6)
         self.attn = create_mixer(mixer, embed_dim, num_heads, **dict(mixer_kwargs or {}))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # one instance per residual branch, so each draws its own per-sample mask (drop_path.py)
         self.norm2 = LayerNorm2d(embed_dim, eps=1e-6)
         self.ffn = FeedForwardNetwork(embed_dim, ffn_dim)
         self.cpe1 = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1, groups=embed_dim)
@@ -202,7 +204,7 @@ class Block(nn.Module):
         x = x + self.drop_path(self.gamma_1 * y if self.layerscale else y)
         x = x + self.cpe2(x)
         y = self.ffn(self.norm2(x))
-        return x + self.drop_path(self.gamma_2 * y if self.layerscale else y)
+        return x + self.drop_path2(self.gamma_2 * y if self.layerscale else y)
 
 
 class PatchMerging(nn.Module):

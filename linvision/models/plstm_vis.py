@@ -64,7 +64,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, to_2tuple, trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
@@ -72,6 +72,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..mixers import create_mixer
 from ..mixers.plstm import convert_official_state_dict as convert_plstm_layer
+from .drop_path import DropPath
 from .layout import MixerSpec, layer_options, resolve_mixers
 
 __all__ = ["PLSTMVisionModel", "convert_official_state_dict", "default_cfgs"]
@@ -148,13 +149,14 @@ class PostUpProjectionBlock(nn.Module):
         self.norm = RMSNorm(dim, norm_eps)
         self.norm2 = RMSNorm(dim, norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # one instance per residual branch, so each draws its own per-sample mask (drop_path.py)
         self.upproj = nn.Linear(dim, inner_dim)
         self.interaction_module = create_mixer(mixer, dim, num_heads, **dict(mixer_kwargs or {}))
         self.downproj = nn.Linear(inner_dim, dim)
 
     def forward(self, x: Tensor, hw: Tuple[int, int]) -> Tensor:
         x = x + self.drop_path(self.interaction_module(self.norm(x), hw, 0))
-        return x + self.drop_path(self.downproj(F.gelu(self.upproj(self.norm2(x)))))
+        return x + self.drop_path2(self.downproj(F.gelu(self.upproj(self.norm2(x)))))
 
 
 class VisionBlock(nn.Module):

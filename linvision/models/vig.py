@@ -27,11 +27,12 @@ from typing import Any, Dict, Optional, Set, Tuple
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from ..mixers import create_mixer
+from .drop_path import DropPath
 
 __all__ = ["ViG", "default_cfgs"]
 
@@ -85,10 +86,11 @@ class GLABlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # one instance per residual branch, so each draws its own per-sample mask (drop_path.py)
 
     def forward(self, x: Tensor, hw: Tuple[int, int]) -> Tensor:
         x = x + self.drop_path(self.attn(self.attn_norm(x), hw))
-        return x + self.drop_path(self.mlp(self.mlp_norm(x)))
+        return x + self.drop_path2(self.mlp(self.mlp_norm(x)))
 
 
 class ViG(nn.Module):

@@ -274,8 +274,8 @@ def test_linearize_reports_what_it_cannot_inherit(monkeypatch):
     with pytest.warns(UserWarning, match="cannot inherit"):
         lin = linearize(ref, "renamed", strict=False)
     assert lin(images()).shape == (2, 5)
-    with pytest.raises(ValueError, match="q_norm"):  # q/k norms have no counterpart in a mixer
-        linearize(timm_vit(qk_norm=True), "linear")
+    with pytest.raises(ValueError, match="q_norm"):  # q/k norms have no counterpart in this mixer
+        linearize(timm_vit(qk_norm=True), "liger")
 
 
 def test_linearize_errors():

@@ -4,7 +4,7 @@ import json
 import sys
 import types
 
-from linvision.benchmarks.growth import growth_failures, growth_ratios
+from linvision.benchmarks.growth import QUADRATIC_MAX_SIZE, growth_failures, growth_ratios, growth_sizes, print_growth
 from linvision.benchmarks.linfusion_official import official_linfusion_class
 from linvision.cli import main
 from linvision.mixers import list_mixers, mixer_class
@@ -72,3 +72,16 @@ def test_official_linfusion_comparison_skips_or_runs(monkeypatch, capsys):
                  "--heads", "2"]) == 0
     out = capsys.readouterr().out
     assert "LinFusion vs official GeneralizedLinearAttention" in out and "0.00e+00" in out
+
+
+def test_quadratic_mixers_stop_at_the_cap_unless_named(capsys):
+    sizes = [64, 128, 256]
+    assert QUADRATIC_MAX_SIZE == 128
+    assert growth_sizes("softmax", sizes, named=False) == [64, 128]
+    assert growth_sizes("nala_softmax", sizes, named=False) == [64, 128]
+    assert growth_sizes("softmax", sizes, named=True) == sizes
+    assert growth_sizes("linear", sizes, named=False) == sizes  # linear-cost mixers always run every size
+    rows = _rows("linear", [10, 40, 170], [1, 4, 16]) + _rows("softmax", [10, 160], [1, 16], sizes=(64, 128))
+    print_growth(rows, growth_ratios(rows), 4.5)
+    softmax_line = next(line for line in capsys.readouterr().out.splitlines() if line.split()[0] == "softmax")
+    assert softmax_line.split()[2:] == ["10.0", "160.0", "-", "16.00x", "-", "16.00x", "-"]

@@ -23,6 +23,7 @@ from linvision.train.config import ConfigError, build_config, load_config
 from linvision.train.data import EpochSampler, build_transforms, posterize_any_bits
 from linvision.train.metrics import topk_correct
 from linvision.train.schedule import warmup_cosine_factor
+from tests.helpers import rel_err
 from tests.jobs.user_errors import user_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -280,6 +281,35 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert len(state["processes"]) == 2
     assert not torch.equal(state["processes"][0]["rng"]["torch"], state["processes"][1]["rng"]["torch"])
+
+
+def test_one_and_two_processes_train_the_same_with_drop_path(tmp_path):
+    """Drop-path is seeded per sample, so at the same global batch (8 = 1 x 8 = 2 x 4) one process and two
+    processes (accelerate launch, gloo) make the same updates: losses and weights agree to fp32 tolerance."""
+    def tree(out, batch_size):
+        return tiny(out, model={"drop_path_rate": 0.5}, data={"batch_size": batch_size}, train={"cpu": True},
+                    ema={"enabled": False})
+
+    one = run(build_config(tree(tmp_path / "one", 8)))  # this process
+    w1 = load_file(tmp_path / "one" / "model.safetensors")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tree(tmp_path / "two", 4)))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launcher = [str(accelerate), "launch"] if accelerate.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    command = launcher + [
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+        "no", "--main_process_port", str(_free_port()), "-m", "linvision.train.classify", "--config", str(config)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es), 8 steps/epoch" in done.stdout + done.stderr
+    (two,) = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    w2 = load_file(tmp_path / "two" / "model.safetensors")
+    assert one["step"] == two["step"] == 8
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    for name, value in w1.items():
+        assert rel_err(w2[name], value) <= 1e-4, name
 
 
 # --- atomic files and the command line ---------------------------------------------------------------------

@@ -154,3 +154,26 @@ def test_errors_only_the_loaded_files_show_write_nothing(tmp_path, teacher, caps
     (cut / "model.safetensors").write_bytes((teacher / "model.safetensors").read_bytes()[:1000])
     assert "is not a readable .safetensors file" in says(teacher={"path": str(cut)})
     assert not out.exists()
+
+
+def test_rope_vit_teacher_transfer_lora_and_export(tmp_path):
+    """A tiny ``vit_*_rope_*`` teacher (a classify run directory) linearized to LoLCATs: RoPE reaches the mixers,
+    two transfer and two LoRA steps run, and the export loads with the architecture's sizes."""
+    import yaml
+    from safetensors.torch import save_file
+
+    teacher_dir, out = tmp_path / "teacher", tmp_path / "out"
+    teacher_dir.mkdir()
+    model_cfg = {"name": "vit_small_patch16_rope_224", "img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1,
+                 "num_heads": 2}
+    (teacher_dir / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg}))
+    sizes = {k: v for k, v in model_cfg.items() if k != "name"}
+    model = timm.create_model(model_cfg["name"], num_classes=10, **sizes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(teacher_dir / "model.safetensors"))
+    tree = tiny_linearize(out, teacher_dir, student={"options": {"lolcats": {"radius": 1}}},
+                          data={"max_train_samples": 16, "max_val_samples": 8})
+    result = run(build_linearize_config(tree))
+    assert [(r["epoch"], r["stage"]) for r in records(out)] == [(0, 0), (1, 1), (2, 2)] and result["epoch"] == 2
+    student = load_pretrained(out / "student", **sizes).eval()
+    assert student.blocks[0].attn.rope_half is False and type(student.blocks[0].attn.mixer).__name__ == "LolcatsAttention"
+    assert torch.isfinite(student(torch.randn(2, 3, 16, 16))).all()

@@ -143,7 +143,9 @@ def test_bad_inputs_raise_value_errors():
         gated_scan(q, k, v, g, allow_neg_eigval=True)
     with pytest.raises(ValueError, match="chunk_size"):
         gated_scan(q, k, v, g, chunk_size=0)
-    with pytest.raises(ValueError, match="Triton"):
+    with pytest.raises(ValueError, match="backend"):
+        gated_scan(q, k, v, g, backend="cuda")
+    with pytest.raises(ValueError, match="fp64"):
         gated_scan(q, k, v, g, backend="triton")
     with pytest.raises(ValueError, match="scale"):
         gated_scan(q, k, v, g, scale=-1.0)

@@ -76,6 +76,7 @@ BAD = {
         "conv_kernel_size": ints(-1),  # 0: no convolution
         "eps": floats(-1e-15),
         "key_norm": choices(),
+        "num_householder": ints(0, -1),
         "order": choices(),
         "chunk_size": ints(0, -1, optional=True),
     },

@@ -1,0 +1,47 @@
+"""Per-token work in chunks of tokens, so that its temporaries stay cache-sized.
+
+A chain of per-token ops over ``(B, N, C)`` (add, norm, gate, output projection) evaluated on the
+whole sequence allocates a full-size temporary per op. Past the cache, and past the allocator's
+reuse threshold (glibc hands blocks over 32 MiB back to the system, so each is page-faulted again on
+every call), that makes the cost per token grow with ``N``. The same chain run on chunks of about
+:data:`CHUNK_ELEMENTS` elements writes one output and keeps everything else in cache. Every op in the
+chain must act token by token (no reduction across tokens), so the result does not depend on the
+chunking beyond the rounding of matrix products.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from torch import Tensor
+
+from ..kernels.chunks import stack_chunks
+
+CHUNK_ELEMENTS = 1 << 18  # elements of one [B, chunk, C] temporary (1 MiB in fp32)
+
+
+def chunk_tokens(batch, channels: int) -> int:
+    """Tokens per chunk for ``[batch, ·, channels]`` rows: about :data:`CHUNK_ELEMENTS` elements, at least 64.
+
+    A symbolic batch (``torch.export`` with a dynamic batch) counts as one sample, so the chunking never
+    depends on it.
+    """
+    per_batch = batch if isinstance(batch, int) else 1
+    return max(64, CHUNK_ELEMENTS // max(1, per_batch * channels))
+
+
+def map_token_chunks(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+    """``fn(*tensors)`` evaluated on chunks of tokens: ``out[:, a:b] = fn(*(t[:, a:b] for t in tensors))``.
+
+    ``tensors``: ``[B, N, ...]`` each (same ``B`` and ``N``); ``fn`` must be token-wise and return
+    ``[B, b − a, ...]``. The chunk size follows the widest input's row.
+    """
+    B, N = tensors[0].shape[:2]
+    row = max(math.prod(t.shape[2:]) for t in tensors)
+    return map_token_ranges(lambda a, b: fn(*(t[:, a:b] for t in tensors)), B, N, row)
+
+
+def map_token_ranges(fn: Callable[[int, int], Tensor], batch: int, num_tokens: int, row: int) -> Tensor:
+    """``out[:, a:b] = fn(a, b)`` over chunks ``[a, b)`` of ``num_tokens`` tokens, sized for rows of ``row``
+    elements (:func:`chunk_tokens`); ``fn`` returns ``[batch, b − a, ...]`` and must act token by token."""
+    return stack_chunks(fn, num_tokens, chunk_tokens(batch, row))

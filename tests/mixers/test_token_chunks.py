@@ -1,0 +1,41 @@
+"""Token-chunked per-token work (``map_token_chunks``/``map_token_ranges``) and the row-range depth-wise
+convolution of token-major grids (``depthwise_conv_tokens``) against the whole-sequence computations."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linvision.mixers import token_chunks
+from linvision.mixers.token_chunks import chunk_tokens, map_token_chunks, map_token_ranges
+from linvision.mixers.token_conv import depthwise_conv_tokens
+
+
+def test_chunks_cover_every_token_once(monkeypatch):
+    monkeypatch.setattr(token_chunks, "CHUNK_ELEMENTS", 1)  # 64-token chunks
+    assert chunk_tokens(2, 8) == 64 and chunk_tokens(object(), 1) == 64  # a symbolic batch counts as one
+    x, g = torch.randn(2, 150, 8), torch.randn(2, 150, 3, 4)
+    seen = []
+    out = map_token_chunks(lambda x, g: (seen.append(x.shape[1]), x * g.flatten(2).sum(-1, keepdim=True))[1], x, g)
+    assert torch.equal(out, x * g.flatten(2).sum(-1, keepdim=True)) and seen == [64, 64, 22]
+    ranges = []
+    out = map_token_ranges(lambda a, b: (ranges.append((a, b)), x[:, a:b] + a)[1], 2, 150, 8)
+    assert ranges == [(0, 64), (64, 128), (128, 150)]
+    assert torch.equal(out[:, 100], x[:, 100] + 64)
+    assert map_token_ranges(lambda a, b: x[:, a:b], 2, 10, 8).shape == (2, 10, 8)  # one chunk: fn's own result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("h,w,P,k", [(7, 9, 0, 5), (7, 9, 2, 3), (40, 37, 1, 5), (3, 50, 0, 7), (1, 6, 1, 3)])
+def test_depthwise_conv_tokens_matches_conv2d_for_any_range(dtype, h, w, P, k):
+    torch.manual_seed(0)
+    B, C = 2, 8
+    x = torch.randn(B, P + h * w, 3 * C, dtype=dtype)[..., C : 2 * C]  # a strided slice, as of a qkv projection
+    weight, bias = torch.randn(C, 1, k, k, dtype=dtype), torch.randn(C, dtype=dtype)
+    img = x[:, P:].transpose(1, 2).reshape(B, C, h, w)
+    ref = F.pad(F.conv2d(img, weight, bias, padding=k // 2, groups=C).flatten(2).transpose(1, 2), (0, 0, P, 0))
+    full = depthwise_conv_tokens(x, (h, w), P, weight, bias)
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert full.shape == ref.shape and ((full - ref).norm() / ref.norm()).item() < tol
+    for step in (1, 5, 13, 64):
+        parts = [depthwise_conv_tokens(x, (h, w), P, weight, bias, a, a + step) for a in range(0, P + h * w, step)]
+        assert torch.equal(torch.cat(parts, 1), full)
+    assert torch.equal(depthwise_conv_tokens(x, (h, w), P, weight, None)[:, :P], torch.zeros(B, P, C, dtype=dtype))
