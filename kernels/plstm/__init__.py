@@ -53,6 +53,7 @@ DEFAULT_CHUNK = {"torch": 4, "triton": 16}  # CPU: inter-chunk work grows with C
 GATE_NAMES = ("s_r", "s_d", "t_rl", "t_du", "t_dl", "t_ru", "m_l", "m_u")
 
 
+@torch.compiler.disable  # runs eagerly inside a compiled model: its per-diagonal Python loops would be unrolled
 def plstm2d(
     q: Tensor,
     k: Tensor,
@@ -92,6 +93,11 @@ def plstm2d(
     States and sums are fp32 (fp64 for fp64 inputs); the output has ``out_dtype``, default the dtype of q
     (``torch.float32`` keeps an fp16 result that a norm follows from overflowing).
     ``backend``: ``"auto"`` (Triton for CUDA tensors with ``method="chunked"``), ``"torch"``, ``"triton"``.
+
+    Under ``torch.compile`` this function is a graph break and runs eagerly (``torch.compiler.disable``):
+    traced, its per-anti-diagonal loops and the log-doubling unroll into thousands of graph nodes per
+    layer (minutes of compile time for a 12-layer model); the surrounding projections and norms still
+    compile. Outputs are the eager ones.
     """
     gates, d, hw, scale = _validated_2d(q, k, v, (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u), d, hw, scale)
     check_choice("method", method, METHODS)

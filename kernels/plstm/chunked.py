@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .doubling import CellMatrices, cell_matrices
 from .naive import ORIENTATION_FLIPS, compute_dtype, direct_term
+from .wavefront import piece_shape, strip_order, wavefront_nograd
 
 
 def next_pow2(n: int) -> int:
@@ -120,12 +121,11 @@ def _border_inputs(r_prev: Tensor, b_prev: Tensor, s: int, lo: int, hi: int, lo_
 
 
 def chunk_scan(qf: Tensor, kf: Tensor, vf: Tensor, cm: CellMatrices, scale: float) -> Tensor:
-    """Chunked scan of frames ``[..., Xp, Yp, D]`` with cell matrices ``[..., NX, NY, ·, ·]``.
+    """Chunked scan of frames ``[*lead, Xp, Yp, D]`` with cell matrices ``[*lead, NX, NY, ·, ·]``.
 
-    Returns ``[..., Xp, Yp, Dv]`` in the dtype of ``qf``: ``s·q (M^l L + M^u U)`` from the chunk's input
+    Returns ``[*lead, Xp, Yp, Dv]`` in the dtype of ``qf``: ``s·q (M^l L + M^u U)`` from the chunk's input
     borders ``L, U`` plus the intra-chunk ``s·Σ G (q·k′) v′``. Border states cross the chunks along a
-    wavefront over anti-diagonals, every anti-diagonal one batched step; a diagonal's states are read by
-    its own queries at once and only the latest diagonal's states are alive (memory ``O(√N)`` for them).
+    wavefront over anti-diagonals; only the latest diagonal's states are alive (memory ``O(√N)`` for them).
 
     Per anti-diagonal of ``n`` chunks (``L`` = flattened leading dims; the ``2C`` border states of a chunk
     laid out ``[2C·Dk, Dv]``, so transitions, sources and reads are each one batched matmul)::
@@ -135,24 +135,66 @@ def chunk_scan(qf: Tensor, kf: Tensor, vf: Tensor, cm: CellMatrices, scale: floa
         h   = ([M^l M^u] ⊗ q) X                            [n, L, C², Dv]
 
     with ``(S ⊗ k)[(a, i), p] = S[a, p] k_p[i]`` and ``(M ⊗ q)[p, (a, i)] = M[p, a] q_p[i]``.
+    Under autograd every anti-diagonal is one batched step (:func:`_wavefront_autograd`). Without it
+    (inference) the leading entries go in groups and the chunk rows in strips, each group scanned strip by
+    strip with its border states in one small buffer updated in place (:mod:`.wavefront`): the same
+    numbers, cache-sized memory traffic, so the time grows linearly with the grid.
     """
     C = cm.size
-    q, k, v = (_chunk_nodes(t, C) for t in (qf, kf, vf))  # [..., NX, NY, C², D]
-    lead = q.shape[:-4]
-    NX, NY = q.shape[-4], q.shape[-3]
-    Dk, Dv = k.shape[-1], v.shape[-1]
+    lead, (Xp, Yp) = qf.shape[:-3], qf.shape[-3:-1]
+    L = qf.shape[:-3].numel()
+    q, k, v = (t.reshape(L, *t.shape[-3:]) for t in (qf, kf, vf))
+    cms = CellMatrices(*(t.reshape(L, *t.shape[-4:]) for t in cm))
+    NX, NY = Xp // C, Yp // C
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *cms)):
+        order, diags, back = _diagonal_order(NX, NY)
+
+        def wavefront(*args):
+            return _wavefront_autograd(*args, diags=diags)
+
+        return _scan_flat(q, k, v, cms, scale, order, back, wavefront).reshape(*lead, Xp, Yp, -1)
+    g, T = piece_shape(L, NX, NY, 2 * C * k.shape[-1] * v.shape[-1] * q.element_size())
+    order, steps, back = strip_order(NX, NY, T)
+
+    def wavefront(*args):
+        return wavefront_nograd(*args, steps=steps, NY=NY)
+
+    out = q.new_empty(L, Xp, Yp, v.shape[-1])
+    for l0 in range(0, L, g):
+        part = CellMatrices(*(t[l0 : l0 + g] for t in cms))
+        out[l0 : l0 + g] = _scan_flat(q[l0 : l0 + g], k[l0 : l0 + g], v[l0 : l0 + g], part, scale, order, back, wavefront)
+    return out.reshape(*lead, Xp, Yp, out.shape[-1])
+
+
+def _scan_flat(q, k, v, cm: CellMatrices, scale: float, order, back, wavefront) -> Tensor:
+    """:func:`chunk_scan` on one flat leading axis: frames ``[L, Xp, Yp, D]``, cell matrices
+    ``[L, NX, NY, ·, ·]``; ``wavefront(qd, kd, vd, trans, src, mark)`` computes the border reads of the
+    chunks listed in ``order`` (``back``: its inverse)."""
+    C = cm.size
+    q, k, v = (_chunk_nodes(t, C) for t in (q, k, v))  # [L, NX, NY, C², D]
+    L, NX, NY = q.shape[:3]
+    Dv = v.shape[-1]
     intra = (cm.g * (q @ k.transpose(-1, -2))) @ v
-    order, diags, back = _diagonal_order(NX, NY)
     order_t = torch.tensor(order, device=q.device)
 
-    def diag_major(t):  # [..., NX, NY, r, c] -> [NX·NY (diagonal order), L, r, c]
-        t = t.flatten(-4, -3).flatten(0, -4) if t.dim() > 4 else t.flatten(-4, -3)[None]
-        return t.movedim(1, 0).index_select(0, order_t)
+    def in_order(t):  # [L, NX, NY, r, c] -> [NX·NY (in ``order``), L, r, c], contiguous
+        return t.flatten(1, 2).transpose(0, 1).index_select(0, order_t)
 
-    trans = diag_major(torch.cat([torch.cat([cm.trl, cm.tru], -1), torch.cat([cm.tdl, cm.tdu], -1)], -2))
-    src = diag_major(torch.cat([cm.sr, cm.sd], -2))  # [cells, L, 2C, C²]
-    mark = diag_major(torch.cat([cm.ml, cm.mu], -1))  # [cells, L, C², 2C]
-    qd, kd, vd = diag_major(q), diag_major(k), diag_major(v)
+    trans = in_order(torch.cat([torch.cat([cm.trl, cm.tru], -1), torch.cat([cm.tdl, cm.tdu], -1)], -2))
+    src = in_order(torch.cat([cm.sr, cm.sd], -2))  # [cells, L, 2C, C²]
+    mark = in_order(torch.cat([cm.ml, cm.mu], -1))  # [cells, L, C², 2C]
+    reads = wavefront(in_order(q), in_order(k), in_order(v), trans, src, mark)
+    inter = reads.index_select(0, torch.tensor(back, device=q.device)).transpose(0, 1)  # [L, NX·NY, C², Dv]
+    inter = inter.reshape(L, NX, NY, C * C, Dv)
+    return _unchunk_nodes((inter + intra) * scale, C)
+
+
+def _wavefront_autograd(qd, kd, vd, trans, src, mark, diags) -> Tensor:
+    """The wavefront of :func:`chunk_scan` as plain differentiable ops, one batched step per anti-diagonal
+    of the whole chunk grid (cells in :func:`_diagonal_order`, ``diags`` its ``(start, lo, hi)``; tensors as
+    :func:`.wavefront.wavefront_nograd`). Returns the reads ``[cells, L, C², Dv]``."""
+    C = trans.shape[-1] // 2
+    Dk, Dv = kd.shape[-1], vd.shape[-1]
     reads = []
     r_prev = b_prev = None
     lo_prev = 0
@@ -169,10 +211,7 @@ def chunk_scan(qf: Tensor, kf: Tensor, vf: Tensor, cm: CellMatrices, scale: floa
             reads.append(qd.new_zeros(b - a, *qd.shape[1:-1], Dv))
         r_prev, b_prev = out[:, :, :C], out[:, :, C:]
         lo_prev = lo
-    back_t = torch.tensor(back, device=q.device)
-    inter = torch.cat(reads).index_select(0, back_t).movedim(0, 1)  # [L, NX·NY, C², Dv]
-    inter = inter.reshape(*lead, NX, NY, C * C, Dv)
-    return _unchunk_nodes((inter + intra) * scale, C)
+    return torch.cat(reads)
 
 
 def plstm2d_chunked(q, k, v, s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, d, hw, scale, chunk_size: int) -> Tensor:

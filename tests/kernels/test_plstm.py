@@ -65,6 +65,28 @@ def test_chunked_full_naive_agree(mode, hw, chunk, O):
         assert rel_err(run("full", q, k, v, gates, d, hw), ref) < 1e-6
 
 
+@pytest.mark.parametrize("piece_bytes", [1, 3 * 4 * 3 * 4 * 8, None])
+@pytest.mark.parametrize("mode", ["P", "D"])
+def test_inference_wavefront_equals_autograd_wavefront(monkeypatch, piece_bytes, mode):
+    """Without autograd the border states go through one in-place buffer, in groups of leading entries and
+    strips of chunk rows (:mod:`linvision.kernels.plstm.wavefront`); strips of one chunk row, of three (the
+    last one partial: 7 chunk rows) and the default single strip must give the autograd form's numbers (and
+    the oracle's)."""
+    from linvision.kernels.plstm import wavefront
+
+    if piece_bytes is not None:
+        monkeypatch.setattr(wavefront, "PIECE_BYTES", piece_bytes)
+    hw = (13, 11)
+    q, k, v, gates, d = problem(hw, O=4, mode=mode)
+    with torch.no_grad():
+        fast = run("chunked", q, k, v, gates, d, hw, chunk_size=2)
+    q.requires_grad_(True)
+    slow = run("chunked", q, k, v, gates, d, hw, chunk_size=2)
+    assert slow.requires_grad and not fast.requires_grad
+    assert rel_err(fast, slow.detach()) < 1e-12
+    assert rel_err(fast, run("naive", q.detach(), k, v, gates, d, hw)) < 1e-10
+
+
 def test_full_g_form_at_16x16_four_orientations():
     hw = (16, 16)
     q, k, v, gates, d = problem(hw, O=4, B=1, H=1, mode="P")

@@ -167,3 +167,24 @@ def test_bad_options_raise_value_error():
     with pytest.raises(ValueError, match="mode"):
         convert_official_state_dict({}, mode="X")
     assert isinstance(make(), PLSTMMixer)
+
+
+def test_scan_is_a_compile_boundary():
+    """Under ``torch.compile`` the 2-D scan runs eagerly (a graph break): traced, its per-anti-diagonal loops
+    and the log doubling unroll into the graph (450 ops for one layer on 8×8, minutes of compile time for
+    pLSTM-Vis); compiled outputs are the eager ones, with and without autograd."""
+    m = randomise(make())
+    x = torch.randn(1, 64, DIM)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(m)(x, (8, 8))
+    assert explained.op_count < 100
+    compiled = torch.compile(m, backend="eager")
+    with torch.no_grad():
+        assert rel_err(compiled(x, (8, 8)), m(x, (8, 8))) < 1e-6
+    xg = x.clone().requires_grad_(True)
+    compiled(xg, (8, 8)).square().sum().backward()
+    xe = x.clone().requires_grad_(True)
+    m(xe, (8, 8)).square().sum().backward()
+    assert rel_err(xg.grad, xe.grad) < 1e-6
+    torch._dynamo.reset()
