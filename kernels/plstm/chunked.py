@@ -152,7 +152,7 @@ def chunk_scan(qf: Tensor, kf: Tensor, vf: Tensor, cm: CellMatrices, scale: floa
         def wavefront(*args):
             return _wavefront_autograd(*args, diags=diags)
 
-        return _scan_flat(q, k, v, cms, scale, order, back, wavefront).reshape(*lead, Xp, Yp, -1)
+        return _scan_flat(q, k, v, cms, scale, order, back, wavefront).reshape(*lead, Xp, Yp, vf.shape[-1])
     g, T = piece_shape(L, NX, NY, 2 * C * k.shape[-1] * v.shape[-1] * q.element_size())
     order, steps, back = strip_order(NX, NY, T)
 
