@@ -24,7 +24,7 @@ from torch import Tensor
 from .. import backend as backends
 from ..backend import resolve_backend
 from ..validation import check_bool, check_choice, check_float, check_int, check_qkv, check_triton_dtype
-from .chunked import gated_scan_chunked
+from .chunked import gated_scan_chunked, l2norm
 from .householder import flip_tokens, interleave, reads
 from .naive import gated_scan_naive
 
@@ -156,39 +156,45 @@ def gated_scan(
     if chosen == "triton" and q.numel() == 0:  # B = 0 or H = 0: no program to launch
         chosen = "torch"
     out_dtype = q.dtype
-    if qk_l2norm:
-        q, k = _l2norm(q), _l2norm(k)
     if chosen == "triton":
         check_triton_dtype(q)
         from .triton import gated_scan_triton
 
+        if qk_l2norm:
+            q, k = l2norm(q), l2norm(k)
         return gated_scan_triton(q, k, v, g, beta, g_backward, scale, direction).to(out_dtype)
 
     nh = num_householder
     state = dict(initial_state=initial_state, output_final_state=True) if direction != "bidirectional" else {}
+    gb = g if g_backward is None or direction != "bidirectional" else g_backward
 
-    def scan(qq, kk, vv, gg, bb, exclusive=False):
+    def scan(qq, kk, vv, gg, bb, exclusive=False, reverse=False, add_to=None):
+        """One direction, added to ``add_to`` when given. The chunked method walks a reverse scan backwards
+        itself; the oracle and DeltaProduct's interleaved sub-steps scan reversed copies (each token's
+        sub-steps kept in order)."""
+        copies = reverse and (nh > 1 or method == "naive")
+        if copies:
+            qq, gg = flip_tokens(qq, 1), flip_tokens(gg, 1)
+            kk, vv, bb = (flip_tokens(t, nh) for t in (kk, vv, bb))
         qq, gg = interleave(qq, gg, nh, exclusive)
         if method == "naive":
+            if qk_l2norm:
+                qq, kk = l2norm(qq), l2norm(kk)
             gg = None if gg is None else gg.expand(*qq.shape)
             res = gated_scan_naive(qq, kk, vv, gg, bb, scale, exclusive, **state)
         else:
-            res = gated_scan_chunked(qq, kk, vv, gg, bb, scale, exclusive, chunk_size, **state)
+            res = gated_scan_chunked(qq, kk, vv, gg, bb, scale, exclusive, chunk_size, **state, qk_l2norm=qk_l2norm,
+                                     reverse=reverse and not copies, add_to=None if nh > 1 else add_to)
         o, final = res if state else (res, None)
-        return reads(o, nh, exclusive), final
+        o = reads(o, nh, exclusive)
+        o = o.flip(1) if copies else o
+        return (o if add_to is None or (method != "naive" and nh == 1) else add_to + o), final
 
-    def flip(t):
-        return None if t is None else t.flip(1)
-
-    if direction == "forward":
-        out, final = scan(q, k, v, g, beta)
-    elif direction == "backward":
-        out, final = scan(flip(q), *(flip_tokens(t, nh) for t in (k, v)), flip(g), flip_tokens(beta, nh))
-        out = out.flip(1)
+    if direction == "bidirectional":  # the backward half reads before token t writes, added to the forward half
+        out, final = scan(q, k, v, g, beta)[0], None
+        out = scan(q, k, v, gb, beta, exclusive=True, reverse=True, add_to=out)[0]
     else:
-        gb = g if g_backward is None else g_backward
-        bwd = scan(flip(q), *(flip_tokens(t, nh) for t in (k, v)), flip(gb), flip_tokens(beta, nh), exclusive=True)
-        out, final = scan(q, k, v, g, beta)[0] + bwd[0].flip(1), None
+        out, final = scan(q, k, v, g, beta, reverse=direction == "backward")
     return (out.to(out_dtype), final) if output_final_state else out.to(out_dtype)
 
 
@@ -209,13 +215,6 @@ def _check_gate(name: str, g: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
     if tuple(g.shape) == (B, N, H, K):
         return g
     raise ValueError(f"{name} must be [B, N, H] = {[B, N, H]} or [B, N, H, Dk] = {[B, N, H, K]}, got {tuple(g.shape)}")
-
-
-def _l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """``x / sqrt(Σ x² + eps)`` over the last dim, in fp32 (fp64 for fp64 inputs); fla's ``l2norm``."""
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(dt)
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
 __all__ = ["BACKENDS", "DIRECTIONS", "METHODS", "check_backend", "gated_scan"]

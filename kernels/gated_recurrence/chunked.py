@@ -12,11 +12,15 @@ cumulative log decay inside the chunk (per key channel) and ``Γ_t = diag(exp b_
   exclusive), next state ``S_C = Γ_C S_0 + ΔS − M S_0`` with ``ΔS = Σ_s (k_s ⊙ e^{b_C − b_s}) u₀_sᵀ`` and
   ``M = Σ_s (k_s ⊙ e^{b_C − b_s}) w_sᵀ``.
 
-Chunks are processed in groups whose temporaries (the pairwise-decay tensor and the q, k, v, u tiles) stay under
-``GROUP_ELEMENTS`` (about half a core's L2 in fp32, so the cost per token does not grow with N), each group end to
-end (intra-chunk products, its part of the state recursion, its outputs) with the state carried to the next, so
-no temporary is sized by the whole sequence; the recursion itself is two or three small ops per chunk. Pairwise decays
-are masked before ``exp`` (no overflow for ``g ≤ 0``). Gradients come from autograd through these tensors.
+The scan walks the sequence in groups of whole chunks whose temporaries (the pairwise-decay tensor and the q, k,
+v, u tiles) stay under ``GROUP_ELEMENTS`` (about half a core's L2 in fp32, so the cost per token does not grow
+with N). Each group is cut from the inputs where they lie (``[B, N, H, D]``, any dtype), cast, reversed for a
+backward scan and padded only there, run end to end (intra-chunk products, its part of the state recursion, its
+outputs) with the state carried to the next, and its outputs are written to their tokens: no temporary is sized
+by the whole sequence, and a backward or bidirectional scan needs no reversed copy of any input. Pairwise decays
+are masked before ``exp`` (no overflow for ``g ≤ 0``). Gradients come from autograd through these tensors; with
+autograd recording, the group outputs are concatenated once instead of written in place (a slice write per group
+would copy the whole output's gradient per group in the backward).
 """
 from __future__ import annotations
 
@@ -30,9 +34,9 @@ GROUP_ELEMENTS = 1 << 18  # cap on one group's [B, H, chunks, C, C·(1 or Dk) + 
 
 
 def _chunks(t: Tensor, C: int) -> Tensor:
-    """``[B, N, H, *]`` (N a multiple of C) → ``[B, H, N/C, C, *]``."""
-    B, N, H = t.shape[:3]
-    return t.reshape(B, N // C, C, H, *t.shape[3:]).permute(0, 3, 1, 2, *range(4, t.dim() + 1))
+    """``[B, L, H, *]`` (L a multiple of C) → ``[B, H, L/C, C, *]``."""
+    B, L, H = t.shape[:3]
+    return t.reshape(B, L // C, C, H, *t.shape[3:]).permute(0, 3, 1, 2, *range(4, t.dim() + 1))
 
 
 def _pairwise(x: Tensor, y: Tensor, b: Tensor, lower: Tensor) -> Tensor:
@@ -43,41 +47,85 @@ def _pairwise(x: Tensor, y: Tensor, b: Tensor, lower: Tensor) -> Tensor:
     return (x[..., :, None, :] * y[..., None, :, :] * diff.exp()).sum(-1)
 
 
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(Σ x² + eps)`` over the last dim, in fp32 (fp64 for fp64 inputs); fla's ``l2norm``."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dt)
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+
+
+def _token_writer(add_to: Optional[Tensor], recording: bool, reverse: bool, shape: Tuple[int, ...], like: Tensor):
+    """``(write(rows, piece), result())`` for the group outputs ``piece [B, L, H, Dv]`` of the tokens ``rows``.
+
+    Without autograd recording the pieces go straight into one output ``[B, N, H, Dv]`` (``add_to`` itself,
+    added to it, when given); with it they are kept and concatenated in token order once (then added)."""
+    pieces: List[Tensor] = []
+    out = None if recording else (torch.empty(shape, dtype=like.dtype, device=like.device) if add_to is None else add_to)
+
+    def write(rows: slice, piece: Tensor) -> None:
+        if recording:
+            pieces.append(piece)
+        elif add_to is None:
+            out[:, rows] = piece
+        else:
+            out[:, rows] += piece
+
+    def result() -> Tensor:
+        if not recording:
+            return out
+        whole = torch.cat(pieces[::-1] if reverse else pieces, 1)
+        return whole if add_to is None else add_to + whole
+
+    return write, result
+
+
 def gated_scan_chunked(
     q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], scale: float,
     exclusive: bool = False, chunk_size: int = 64, initial_state: Optional[Tensor] = None,
-    output_final_state: bool = False,
+    output_final_state: bool = False, reverse: bool = False, qk_l2norm: bool = False,
+    add_to: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Forward-direction scan, same contract as :func:`.naive.gated_scan_naive` (``initial_state``,
-    ``output_final_state`` included); ``g [B, N, H, 1 or Dk]``. Padded tail tokens have ``k = 0, g = 0``, so they
-    leave the final state as it is."""
+    """Scan over ``N`` tokens, same contract as :func:`.naive.gated_scan_naive` (``initial_state``,
+    ``output_final_state`` included); ``g [B, N, H, 1 or Dk]`` or ``None``, ``beta [B, N, H]`` or ``None``.
+
+    ``reverse=True`` scans from token ``N − 1`` down to 0 (the forward scan of the reversed order, outputs in the
+    original order); ``qk_l2norm`` L2-normalises q and k (:func:`l2norm`) group by group; ``add_to [B, N, H, Dv]``
+    (compute dtype): the outputs are added to it (in place unless autograd is recording) and the sum returned.
+    Returns ``[B, N, H, Dv]`` in the compute dtype (fp32, fp64 for fp64 inputs). The padded tail tokens of the
+    last group have ``k = 0, g = 0``, so they leave the final state as it is."""
     B, N, H, K = q.shape
     V = v.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     C = chunk_size
-    pad = (-N) % C
-    q, k, v = (F.pad(t.to(dt), (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
-    g = q.new_zeros(B, N + pad, H, 1) if g is None else F.pad(g.to(dt), (0, 0, 0, 0, 0, pad))
-    qc, kc, vc = _chunks(q, C), _chunks(k, C), _chunks(v, C)  # [B, H, n, C, D]
-    gc = _chunks(g, C)  # [B, H, n, C, 1 or K]; its cumulative sum is taken per group
-    bc = None if beta is None else _chunks(F.pad(beta.to(dt), (0, 0, 0, pad))[..., None], C)  # [B, H, n, C, 1]
-    n = qc.shape[2]
+    width = 1 if g is None else g.shape[-1]
+    per_chunk = B * H * C * (C * width + 2 * K + V)
+    span = C * max(1, GROUP_ELEMENTS // max(1, per_chunk))  # tokens per group (B = 0: one group)
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = lower.tril(-1)
     eye = torch.eye(C, dtype=dt, device=q.device)
-    per_chunk = B * H * C * (C * gc.shape[-1] + 2 * K + V)
-    group = max(1, GROUP_ELEMENTS // max(1, per_chunk))  # B = 0: one group
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
-    outs: List[Tensor] = []
-    for a in range(0, n, group):  # each group end to end, the state carried: temporaries stay group-sized
-        sl = slice(a, a + group)
-        qg, kg, vg, bg = qc[:, :, sl], kc[:, :, sl], vc[:, :, sl], gc[:, :, sl].cumsum(3)
+    S = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
+    recording = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, add_to))
+    write, result = _token_writer(add_to, recording, reverse, (B, N, H, V), S)
+    for a in range(0, N, span):  # scan positions [a, a + span): each group end to end, the state carried
+        L = min(span, N - a)
+        rows = slice(N - a - L, N - a) if reverse else slice(a, a + L)
+        pad = (-L) % C
+
+        def take(t: Tensor, norm: bool = False) -> Tensor:
+            """The group's rows in scan order, compute dtype, padded to whole chunks."""
+            part = l2norm(t[:, rows]) if norm else t[:, rows].to(dt)
+            part = part.flip(1) if reverse else part
+            return F.pad(part, (0, 0) * (part.dim() - 2) + (0, pad)) if pad else part
+
+        qg, kg, vg = _chunks(take(q, qk_l2norm), C), _chunks(take(k, qk_l2norm), C), _chunks(take(v), C)
+        bg = (qg.new_zeros(B, H, qg.shape[2], C, 1) if g is None else _chunks(take(g), C)).cumsum(3)
         qk = _pairwise(qg, kg, bg, lower)
         if exclusive:
             qk = qk.masked_fill(~strict, 0.0)
         u0, w = vg, None
-        if bc is not None:
-            betag = bc[:, :, sl]
+        if beta is not None:
+            betag = _chunks(take(beta[..., None]), C)  # [B, H, g, C, 1]
             A = (betag * _pairwise(kg, kg, bg, lower)).masked_fill(~strict, 0.0) + eye
             rhs = torch.cat([betag * vg, betag * kg * bg.exp()], -1)
             sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
@@ -93,10 +141,11 @@ def gated_scan_chunked(
             S = last[:, :, i] * S + dS[:, :, i] if M is None else last[:, :, i] * S + dS[:, :, i] - M[:, :, i] @ S
         S0 = torch.stack(starts, 2)  # [B, H, g, K, V]
         u = u0 if w is None else u0 - w @ S0
-        outs.append(scale * ((qg * eb) @ S0 + qk @ u))  # [B, H, g, C, V]
-    o = torch.cat(outs, 2)
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :N]
+        o = scale * ((qg * eb) @ S0 + qk @ u)  # [B, H, g, C, V]
+        o = o.permute(0, 2, 3, 1, 4).reshape(B, L + pad, H, V)[:, :L]
+        write(rows, o.flip(1) if reverse else o)
+    o = result() if N else q.new_zeros(B, 0, H, V, dtype=dt)
     return (o, S) if output_final_state else o
 
 
-__all__ = ["GROUP_ELEMENTS", "gated_scan_chunked"]
+__all__ = ["GROUP_ELEMENTS", "gated_scan_chunked", "l2norm"]

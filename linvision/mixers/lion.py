@@ -82,19 +82,28 @@ class LionAttention(QKVMixer):
         elif mask_type == "Selective":
             self.a_i = nn.Linear(dim, num_heads)
 
-    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        B, N, C = x.shape
-        acc = accumulation_dtype(x.dtype)  # gates, scan output and ratio: fp32 (fp64 for fp64)
+    def features(self, x: Tensor) -> Tensor:
+        """Token-wise ``(B, n, C)`` → ``[B, n, H, 3D + 1 (+ 1)]``: ``φ(q), φ(k), v, 1`` and, for the Selective mask,
+        the log gate ``log(1 − σ(a_i(x)))``; fp32 as the official (fp64 for fp64)."""
+        acc = accumulation_dtype(x.dtype)
         q, k, v = (t.to(acc) for t in self.project_qkv(x))
         phi = (lambda t: F.elu(t) + 1) if self.mask_type == "Lit" else silu_shifted
-        q, k = phi(q), phi(k)
-        v1 = torch.cat([v, v.new_ones(B, N, self.num_heads, 1)], -1)
+        parts = [phi(q), phi(k), v, v.new_ones(*v.shape[:-1], 1)]
         if self.mask_type == "Selective":
-            log_a = F.logsigmoid(-self.a_i(x).to(acc))  # log(1 − σ(z)), fp32 as the official (fp64 for fp64)
+            parts.append(F.logsigmoid(-self.a_i(x).to(acc))[..., None])
+        return torch.cat(parts, -1)
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        B, N, C = x.shape
+        D = self.head_dim
+        f = map_token_chunks(self.features, x)  # one [B, N, H, 3D + 1 (+ 1)] buffer, cache-sized temporaries
+        q, k, v1 = f[..., :D], f[..., D : 2 * D], f[..., 2 * D : 3 * D + 1]
+        if self.mask_type == "Selective":
+            log_a = (f[..., -1],)
         elif self.mask_type == "Decay":
-            log_a = F.logsigmoid(self.a_i.to(acc)).expand(B, N, -1)
+            log_a = (F.logsigmoid(self.a_i.to(f.dtype)).expand(B, N, -1),)
         else:
-            log_a = None
+            log_a = ()
 
         def scan(q, k, v1, *log_a):
             g = gb = None
@@ -102,13 +111,12 @@ class LionAttention(QKVMixer):
                 g, gb = shift_gates(torch.cat([log_a[0].new_zeros(B, 1, self.num_heads), log_a[0][:, 1:]], 1))
             elif self.mask_type == "Decay":
                 g = gb = log_a[0]
-            out = gated_scan(q, k, v1, g, direction="bidirectional", g_backward=gb, scale=self.scale,
-                             chunk_size=self.chunk_size, backend=self.backend)
-            return out[..., :-1] / (out[..., -1:] + self.eps)
+            return gated_scan(q, k, v1, g, direction="bidirectional", g_backward=gb, scale=self.scale,
+                              chunk_size=self.chunk_size, backend=self.backend)
 
-        tensors = (q, k, v1) + (() if log_a is None else (log_a,))
-        o = scan_in_orders(scan, tensors, hw, num_prefix_tokens, self.order)
-        return map_token_chunks(lambda o: self.proj(o.to(x.dtype).flatten(2)), o)  # cache-sized temporaries
+        o = scan_in_orders(scan, (q, k, v1) + log_a, hw, num_prefix_tokens, self.order)
+        ratio = lambda o: self.proj((o[..., :-1] / (o[..., -1:] + self.eps)).to(x.dtype).flatten(2))  # noqa: E731
+        return map_token_chunks(ratio, o)  # cache-sized temporaries
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mask_type={self.mask_type!r}, order={self.order!r}"

@@ -1,0 +1,64 @@
+"""gated_scan's chunked path over many groups: reverse scans walk the groups backwards, the outputs go to
+their tokens (in place without autograd, concatenated with it), partial last groups; against the oracle."""
+import pytest
+import torch
+
+from linvision.kernels import gated_scan
+from linvision.kernels.gated_recurrence import chunked
+from tests.helpers import rel_err
+from tests.kernels.test_gated_scan import problem
+
+
+@pytest.fixture
+def small_groups(monkeypatch):
+    """Groups of one or two chunks, so N = 63 spans many groups with a partial last one."""
+    monkeypatch.setattr(chunked, "GROUP_ELEMENTS", 1)
+
+
+def scan(method, q, k, v, g, beta, direction, **kw):
+    return gated_scan(q, k, v, g, beta, direction=direction, delta=beta is not None, qk_l2norm=beta is not None,
+                      method=method, **kw)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward", "bidirectional"])
+@pytest.mark.parametrize("per_channel,delta", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_many_groups_equal_the_oracle(small_groups, direction, per_channel, delta, chunk):
+    q, k, v, g, beta = problem(63, per_channel, delta)
+    ref = scan("naive", q, k, v, g, beta, direction)
+    with torch.no_grad():
+        out = scan("chunked", q, k, v, g, beta, direction, chunk_size=chunk)
+    assert rel_err(out, ref) < 1e-10
+
+
+@pytest.mark.parametrize("direction", ["backward", "bidirectional"])
+def test_gradients_over_many_groups(small_groups, direction):
+    """With autograd recording the outputs are concatenated: values equal the in-place path, gradients the oracle's."""
+    q, k, v, g, beta = problem(37, True, True)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
+    oracle = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
+    out = scan("chunked", *leaves, direction, chunk_size=4)
+    ref = scan("naive", *oracle, direction)
+    with torch.no_grad():
+        assert torch.equal(scan("chunked", q, k, v, g, beta, direction, chunk_size=4), out)
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, b in zip(leaves, oracle):
+        assert rel_err(a.grad, b.grad) < 1e-10
+
+
+def test_final_state_of_a_reverse_scan_over_many_groups(small_groups):
+    q, k, v, g, beta = problem(29, False, True)
+    out, state = gated_scan(q, k, v, g, beta, delta=True, direction="backward", chunk_size=3, output_final_state=True)
+    ref, ref_state = gated_scan(q, k, v, g, beta, delta=True, direction="backward", method="naive",
+                                output_final_state=True)
+    assert rel_err(out, ref) < 1e-10 and rel_err(state, ref_state) < 1e-10
+
+
+def test_the_output_is_written_everywhere(small_groups):
+    """fp32 inputs without autograd: every token of the one output is written (the test run poisons empty)."""
+    q, k, v, g, _ = (None if t is None else t.float() for t in problem(41, True, False))
+    with torch.no_grad():
+        out = gated_scan(q, k, v, g, direction="bidirectional", chunk_size=8)
+    assert torch.isfinite(out).all()
