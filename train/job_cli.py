@@ -1,4 +1,4 @@
-"""The command line the config-driven jobs share (``linvision classify | distill | linearize``, the demo).
+"""The command line the config-driven jobs share (``linvision classify | distill | linearize | sample``, the demo).
 
 ``--config YAML``, ``--resume [CHECKPOINT]`` (the override ``train.resume=...``) and ``section.key=value``
 overrides; the config's keys in the epilog; the result as one JSON line from the main process; and
@@ -16,11 +16,13 @@ from .config import ConfigError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_example: str, overrides_example: str,
-                         keys: str) -> None:
-    """``--config``, ``--resume`` and the overrides, with ``keys`` (the job's ``describe()``) in the epilog."""
+                         keys: str, resume: bool = True) -> None:
+    """``--config``, ``--resume`` (jobs that checkpoint: ``resume``) and the overrides, with ``keys`` (the job's
+    ``describe()``) in the epilog."""
     parser.add_argument("--config", default=None, metavar="YAML", help=f"config file, e.g. {config_example}")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="continue from output_dir/checkpoint.pt (or the given checkpoint)")
+    if resume:
+        parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                            help="continue from output_dir/checkpoint.pt (or the given checkpoint)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help=f"config overrides, YAML values ({overrides_example})")
     parser.epilog = (parser.epilog or "") + "\n" + keys
