@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, random_inputs
+from .base import Family, class_conditional_inputs
 from .conditioner import LabelConditioner
 from .tiny import in_eval_mode, tiny_vae
 
@@ -67,9 +67,7 @@ class DiTFamily(Family):
                                attention_head_dim=width // heads).eval()
 
     def example_inputs(self, model, size, batch=2, text=16):
-        rand, t = random_inputs(model)
-        return {"hidden_states": rand(batch, 4, size, size), "timestep": t(batch),
-                "class_labels": torch.arange(batch, device=next(model.parameters()).device)}
+        return class_conditional_inputs(model, size, batch)
 
 
 DIT = DiTFamily()
