@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from linvision.cli_text import PlainHelpFormatter
+from linvision.errors import reports_user_errors
 
 from .config import ConfigError
 
@@ -62,4 +64,41 @@ def module_cli(prog: str, description: Optional[str], add_arguments: Callable[[a
     return main(parser.parse_args(argv))
 
 
-__all__ = ["add_config_arguments", "module_cli", "run_config_job", "say"]
+@dataclass(frozen=True)
+class ConfigJob:
+    """One config-driven job's command line (``linvision <name>`` and ``python -m linvision.train.<name>``):
+    its module exposes ``add_arguments, main, cli = JOB.add_arguments, JOB.main, JOB.cli``.
+
+    ``config_example``: a config file of the job, in the folder of its examples; ``overrides_example``: a few
+    ``section.key=value`` for the help; ``describe()``: the config keys for the epilog; ``load(path,
+    overrides)``: the checked config; ``run(config)``: the result dict printed as JSON.
+    """
+
+    name: str
+    doc: Optional[str]
+    config_example: str
+    overrides_example: str
+    describe: Callable[[], str]
+    load: Callable[[Optional[str], List[str]], Any]
+    run: Callable[[Any], Dict[str, Any]]
+    formatter_class: type = PlainHelpFormatter
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The job's options: ``--config``, ``--resume`` and the overrides (see :func:`add_config_arguments`)."""
+        add_config_arguments(parser, self.config_example, self.overrides_example, self.describe())
+
+    def main(self, args: argparse.Namespace) -> int:
+        """Run the job from parsed arguments; a user error (config, data, checkpoint, ...) is one line, exit 2."""
+        return reports_user_errors(f"linvision {self.name}")(self._run)(args)
+
+    def cli(self, argv: Optional[List[str]] = None) -> int:
+        """The module's own entry point (what ``accelerate launch -m`` runs on every process)."""
+        return module_cli(f"linvision {self.name}", self.doc, self.add_arguments, self.main, argv,
+                          formatter_class=self.formatter_class)
+
+    def _run(self, args: argparse.Namespace) -> int:
+        folder = self.config_example.rsplit("/", 1)[0] + "/"
+        return run_config_job(args, folder, self.load, self.run)
+
+
+__all__ = ["ConfigJob", "add_config_arguments", "module_cli", "run_config_job", "say"]
