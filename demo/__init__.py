@@ -38,9 +38,10 @@ import torch
 from linvision.configs import ROOT as CONFIGS
 from linvision.train import rng
 from linvision.train.digits_dit import DigitsDiTSettings
+from linvision.train.distill_sampling import save_pair_grid
 from linvision.train.job_cli import module_cli
 
-from .report import plot_bench, plot_losses, render_report, save_grid, save_pair_grid
+from .report import plot_bench, plot_losses, render_report, save_grid
 
 TRAINING_RESOLUTION = 16  # the teacher's pixels (latent 8×8 with its factor-2 VAE, patch 1: 64 tokens)
 SCALES = (1, 2, 4)
@@ -358,7 +359,7 @@ def _run_stages(root: Path, s: DemoSettings, progress: bool) -> Dict[str, Any]:
             row["student_minus_teacher_accuracy"] = row["student"]["accuracy"] - row["teacher"]["accuracy"]
             table[f"{scale}x"] = row
             grid = root / f"samples_{scale}x.png"
-            save_pair_grid(teacher_x, student_x, 10, grid, upscale=max(1, 4 // scale))
+            save_pair_grid(teacher_x, student_x, grid, columns=10, separator=True, upscale=max(1, 4 // scale))
             row["grid"] = grid.name
         return table
 

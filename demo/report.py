@@ -17,13 +17,6 @@ def save_grid(images: torch.Tensor, columns: int, path: Path, upscale: int = 1) 
     make_grid(tensor_images(images, upscale), columns=columns).save(path)
 
 
-def save_pair_grid(teacher: torch.Tensor, student: torch.Tensor, columns: int, path: Path, upscale: int = 1) -> None:
-    """Teacher rows above student rows (``columns`` images a row), separated by a blank row."""
-    from linvision.sample.output import pair_grid
-
-    pair_grid(teacher, student, columns, separator=True, upscale=upscale).save(path)
-
-
 def plot_bench(rows: Sequence[Dict[str, Any]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -158,5 +151,4 @@ def render_report(r: Dict[str, Any], root: Path) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ACCURACY_MARGIN", "plot_bench", "plot_losses", "render_report", "save_grid",
-           "save_pair_grid"]
+__all__ = ["ACCURACY_MARGIN", "plot_bench", "plot_losses", "render_report", "save_grid"]

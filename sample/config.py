@@ -3,8 +3,9 @@
 A config is plain YAML with the sections below; every key is optional except ``pipeline.model``, and an
 unknown key is an error listing the valid ones. Overrides use dotted keys and YAML values:
 ``sampling.height=1024 sampling.seeds=[0,1,2] pipeline.adapter=null highres.enabled=true``.
-Nothing in a config is executed: values are plain data. Parsing, overrides, type and range checks are the
-classify job's (:mod:`linvision.train.config`); each key's range is in its field below.
+Nothing in a config is executed: values are plain data. Parsing, overrides, sections, type and range checks and
+the help text are the jobs' one config engine (:mod:`linvision.train.config`); each key's range is in its field
+below. A single prompt, seed or label where a list is expected is read as a one-item list.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from linvision.dtypes import DTYPES
-from linvision.train.config import ConfigError, build_section, doc_field, load_tree, valid_values
+from linvision.train.config import (ConfigError, build_sections, describe_sections, doc_field, load_tree,
+                                    section_tree)
 
 _doc = doc_field
 DTYPE_NAMES = tuple(DTYPES)  # ("float32", "float16", "bfloat16")
@@ -93,8 +96,8 @@ class OutputConfig:
     grid: bool = _doc(True, "also write grid.png with every image")
 
 
-SECTIONS = {"pipeline": PipelineConfig, "sampling": SamplingConfig, "memory": MemoryConfig,
-            "highres": HighresConfig, "output": OutputConfig}
+SECTIONS = MappingProxyType({"pipeline": PipelineConfig, "sampling": SamplingConfig, "memory": MemoryConfig,
+                             "highres": HighresConfig, "output": OutputConfig})
 
 
 @dataclass
@@ -109,31 +112,33 @@ class SampleConfig:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
+def build(data: Any) -> SampleConfig:
+    """A checked :class:`SampleConfig` from nested plain data: the jobs' one config engine (sections, types,
+    ranges, unknown keys listing the valid ones), then the cross-field checks of :func:`validate`."""
+    tree = section_tree(data, list(SECTIONS))
+    config = SampleConfig(**build_sections(_single_items_as_lists(tree), SECTIONS))
+    validate(config)
+    return config
+
+
+def _single_items_as_lists(tree: Mapping[str, Any]) -> Dict[str, Any]:
+    """``tree`` with a single prompt / seed / label given where a list is expected as a one-item list
+    (``sampling.seeds=5`` is ``[5]``); anything else is left for the engine to check."""
+    out = dict(tree)
+    for name, cls in SECTIONS.items():
+        values = tree.get(name)
+        if isinstance(values, Mapping):
+            hints = typing.get_type_hints(cls)
+            out[name] = {k: _as_list(v, hints[k]) if k in hints else v for k, v in values.items()}
+    return out
+
+
 def _as_list(value: Any, tp: Any) -> Any:
-    """A single prompt / seed / label given where a list is expected, as a one-item list."""
+    """``[value]`` when ``tp`` is a list type and ``value`` a single str or number, else ``value``."""
     list_type = typing.get_origin(tp) in (list, List, Sequence)
     if list_type and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return [value]
     return value
-
-
-def build(data: Any) -> SampleConfig:
-    """A checked :class:`SampleConfig` from nested plain data (types, ranges, then cross-field checks)."""
-    if not isinstance(data, dict):
-        raise ConfigError("a sample config must be a mapping of sections")
-    unknown = sorted(map(str, set(data) - set(SECTIONS)))
-    if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
-    sections = {}
-    for name, cls in SECTIONS.items():
-        values = data.get(name)
-        if isinstance(values, dict):
-            hints = typing.get_type_hints(cls)
-            values = {k: _as_list(v, hints[k]) if k in hints else v for k, v in values.items()}
-        sections[name] = build_section(cls, values, name)
-    config = SampleConfig(**sections)
-    validate(config)
-    return config
 
 
 def validate(config: SampleConfig) -> None:
@@ -164,14 +169,8 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> SampleCon
 
 
 def describe() -> str:
-    """Every section and key with its default and help, for ``--help``."""
-    lines = []
-    for name, cls in SECTIONS.items():
-        lines.append(f"{name}:  {(cls.__doc__ or '').replace(f'``{name}:``', '').strip()}")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}{valid_values(f.metadata)}")
-    return "\n".join(lines)
+    """Every section and key with its default, help and valid values, for ``--help``."""
+    return "\n".join(["config keys (section.key: default  help):", *describe_sections(SECTIONS, headers=True)])
 
 
-__all__ = ["ConfigError", "DTYPE_NAMES", "SampleConfig", "build", "describe", "load_config", "validate"]
+__all__ = ["ConfigError", "DTYPE_NAMES", "SECTIONS", "SampleConfig", "build", "describe", "load_config", "validate"]

@@ -22,6 +22,7 @@ import torch
 
 from linvision.diffusers.files import LOAD_ERRORS
 from linvision.errors import reports_user_errors
+from linvision.train.job_cli import add_config_arguments
 
 from .config import ConfigError, SampleConfig, describe, load_config
 from .dit import encode_images, sample_dit
@@ -32,9 +33,8 @@ from .pipeline import check_class_labels, check_size, latent_stride, load_pipeli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, metavar="YAML", help="config file (see configs/sample/)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (YAML values)")
-    parser.epilog = "config keys (section.key = default: meaning):\n" + describe()
+    add_config_arguments(parser, "configs/sample/tiny_dit.yaml", "sampling.height=64 output.dir=runs/sample",
+                         describe(), resume=False)
 
 
 @reports_user_errors("linvision sample")

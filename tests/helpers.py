@@ -13,7 +13,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def one_thread():
     """Tiny models run fastest on one thread (and the jobs' ``train.threads`` must not leak into later tests).
     Autouse in every module that imports it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    from linvision.train.rng import cpu_threads
+
+    with cpu_threads(1):
+        yield

@@ -22,14 +22,13 @@ step, with the same data order, augmentation and random state as an uninterrupte
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import yaml
@@ -39,7 +38,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import rng
-from linvision.errors import reports_user_errors
 from linvision.models.drop_path import per_sample_drop_path
 
 from .build import (build_criterion, build_ema, build_mixup, build_model, build_optimizer, check_input_size,
@@ -47,7 +45,7 @@ from .build import (build_criterion, build_ema, build_mixup, build_model, build_
 from .checkpoint import atomic_write, export_safetensors, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import Config, ConfigError, describe, load_config
 from .data import EpochSampler, build_datasets, build_loader
-from .job_cli import add_config_arguments, module_cli, run_config_job, say
+from .job_cli import ConfigJob, say
 from .metrics import MetricsLog, plot_metrics, topk_correct
 from .resume import CHECKPOINT, checkpoint_to_resume, config_change_warning, load_scaler_state, scaler_state
 from .schedule import build_scheduler
@@ -68,25 +66,6 @@ class Progress:
     loss_sum: float = 0.0
     samples: int = 0
     images_per_s: float = 0.0  # throughput of the last epoch (all processes); not checkpointed
-
-
-# --- command line -----------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``classify`` options (shared by ``linvision classify`` and ``python -m linvision.train.classify``)."""
-    add_config_arguments(parser, "configs/classify/digits_linear.yaml", "train.epochs=3 model.mixer=lit optim.lr=1e-3", describe())
-
-
-@reports_user_errors("linvision classify")
-def main(args: argparse.Namespace) -> int:
-    """Run the job from parsed arguments; a user error (config, data, checkpoint) is one line and exit code 2."""
-    return run_config_job(args, "configs/classify/", load_config, run)
-
-
-def cli(argv: Optional[List[str]] = None) -> int:
-    """``python -m linvision.train.classify`` (what ``accelerate launch -m`` runs on every process)."""
-    return module_cli("linvision classify", __doc__, add_arguments, main, argv)
 
 
 # --- the job ----------------------------------------------------------------------------------------------
@@ -355,6 +334,11 @@ def _restore(state: Dict[str, Any], cfg: Config, accelerator: Accelerator, model
         loss_sum, samples = 0.0, 0
     return Progress(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], global_step=state["global_step"],
                     loss_sum=loss_sum, samples=samples)
+
+
+JOB = ConfigJob("classify", __doc__, "configs/classify/digits_linear.yaml",
+                "train.epochs=3 model.mixer=lit optim.lr=1e-3", describe, load_config, run)
+add_arguments, main, cli = JOB.add_arguments, JOB.main, JOB.cli  # for linvision.cli and python -m
 
 
 if __name__ == "__main__":

@@ -438,10 +438,13 @@ def valid_values(checks: Mapping[str, Any]) -> str:
     return f" [valid: {'; '.join(parts)}]" if parts else ""
 
 
-def describe_sections(sections: Mapping[str, Any]) -> List[str]:
-    """One ``  section.key: default  help [valid: ...]`` line per field of each dataclass in ``sections``."""
+def describe_sections(sections: Mapping[str, Any], headers: bool = False) -> List[str]:
+    """One ``  section.key: default  help [valid: ...]`` line per field of each dataclass in ``sections``; with
+    ``headers``, each section's lines follow a ``section:  what it is`` line (its docstring)."""
     lines = []
     for name, cls in sections.items():
+        if headers:
+            lines.append(f"{name}:  {(cls.__doc__ or '').replace(f'``{name}:``', '').strip()}")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {name}.{f.name}: {default!r}  {f.metadata.get('help', '')}{valid_values(f.metadata)}")

@@ -132,13 +132,10 @@ def build_dit(s: DigitsDiTSettings, latent_size: int):
                             num_attention_heads=s.dit_heads, attention_head_dim=s.dit_head_dim, mixer=s.mixer,
                             mixer_kwargs=s.mixer_kwargs, mlp_layer=s.mlp_layer, mlp_ratio=ratio,
                             pos_embed=s.dit_pos_embed, num_classes=1000, class_dropout_prob=0.1)
-    from diffusers import DiTTransformer2DModel
+    from linvision.diffusers.families.dit import dit_transformer
 
-    return DiTTransformer2DModel(
-        sample_size=latent_size, num_layers=s.dit_layers, patch_size=1, attention_head_dim=s.dit_head_dim,
-        num_attention_heads=s.dit_heads, in_channels=4, out_channels=8, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
-        norm_elementwise_affine=False)
+    return dit_transformer(sample_size=latent_size, num_layers=s.dit_layers, patch_size=1,
+                           num_attention_heads=s.dit_heads, attention_head_dim=s.dit_head_dim)
 
 
 def _batches(n: int, batch: int, generator: torch.Generator):

@@ -22,14 +22,13 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import yaml
@@ -41,7 +40,6 @@ from linvision.distill import DistillPair, LossWeights, Objective, conditioner_f
 from linvision.distill.conditioning import to as cond_to
 from linvision.distill.transfer import transfer_mixers
 from linvision.dtypes import MIXED_PRECISION_DTYPES
-from linvision.errors import reports_user_errors
 
 from . import rng
 from .checkpoint import atomic_folder, atomic_write, load_checkpoint, remove_stale_temporaries
@@ -52,31 +50,12 @@ from .distill_config import DistillConfig, describe, load_distill_config
 from .distill_data import (Conditions, LatentDataset, PixelDataset, encode_all, encode_pixels, encode_texts,
                            fingerprint, list_records, read_cache, split_text_cache, write_cache)
 from .distill_sampling import SampleComparer, draw
-from .job_cli import add_config_arguments, module_cli, run_config_job, say
+from .job_cli import ConfigJob, say
 from .metrics import MetricsLog, plot_series
 from .resume import checkpoint_to_resume
 from .schedule import build_scheduler
 
 TERMS = ("loss", "task", "output", "feature", "variance", "attention")
-
-
-# --- command line -----------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``distill`` options (shared by ``linvision distill`` and ``python -m linvision.train.distill``)."""
-    add_config_arguments(parser, "configs/distill/tiny_dit_digits.yaml", "train.steps=100 student.mechanism=lit", describe())
-
-
-@reports_user_errors("linvision distill")
-def main(args: argparse.Namespace) -> int:
-    """Run the job from parsed arguments; a user error (config, pipeline, data, checkpoint) is one line, exit 2."""
-    return run_config_job(args, "configs/distill/", load_distill_config, run)
-
-
-def cli(argv: Optional[List[str]] = None) -> int:
-    """``python -m linvision.train.distill`` (what ``accelerate launch -m`` runs on every process)."""
-    return module_cli("linvision distill", __doc__, add_arguments, main, argv)
 
 
 # --- the job ----------------------------------------------------------------------------------------------
@@ -487,6 +466,11 @@ def _finish(job: Job, log: MetricsLog, evals: MetricsLog, wall: float) -> Dict[s
     atomic_write(job.out / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     _say(acc, f"done: {job.global_step} steps in {wall:.1f} s; adapter in {job.out / 'adapter'}")
     return result
+
+
+JOB = ConfigJob("distill", __doc__, "configs/distill/tiny_dit_digits.yaml", "train.steps=100 student.mechanism=lit",
+                describe, load_distill_config, run)
+add_arguments, main, cli = JOB.add_arguments, JOB.main, JOB.cli  # for linvision.cli and python -m
 
 
 if __name__ == "__main__":

@@ -99,13 +99,17 @@ def to_pil(images: Tensor) -> List:
     return [Image.fromarray(a) for a in array]
 
 
-def save_pair_grid(teacher: Tensor, student: Tensor, path: Path) -> None:
-    """Teacher images on the top row, student images below (atomic PNG write)."""
+def save_pair_grid(teacher: Tensor, student: Tensor, path: Path, columns: Optional[int] = None,
+                   separator: bool = False, upscale: int = 1) -> None:
+    """Teacher images ``(B, 3, H, W)`` in [0, 1] in rows above the student's, as one PNG at ``path`` (atomic
+    write): ``columns`` a row (default ``B``: one row each), a blank row between them with ``separator``, each
+    image enlarged ``upscale`` times (see :func:`linvision.sample.output.pair_grid`). The distillation job's
+    step grids and the demo's sample grids."""
     from linvision.sample.output import pair_grid
 
     from .checkpoint import atomic_write
 
-    grid = pair_grid(teacher, student)
+    grid = pair_grid(teacher, student, columns, separator=separator, upscale=upscale)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 

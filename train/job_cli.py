@@ -1,4 +1,4 @@
-"""The command line the config-driven jobs share (``linvision classify | distill | linearize``, the demo).
+"""The command line the config-driven jobs share (``linvision classify | distill | linearize | sample``, the demo).
 
 ``--config YAML``, ``--resume [CHECKPOINT]`` (the override ``train.resume=...``) and ``section.key=value``
 overrides; the config's keys in the epilog; the result as one JSON line from the main process; and
@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from linvision.cli_text import PlainHelpFormatter
+from linvision.errors import reports_user_errors
 
 from .config import ConfigError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_example: str, overrides_example: str,
-                         keys: str) -> None:
-    """``--config``, ``--resume`` and the overrides, with ``keys`` (the job's ``describe()``) in the epilog."""
+                         keys: str, resume: bool = True) -> None:
+    """``--config``, ``--resume`` (jobs that checkpoint: ``resume``) and the overrides, with ``keys`` (the job's
+    ``describe()``) in the epilog."""
     parser.add_argument("--config", default=None, metavar="YAML", help=f"config file, e.g. {config_example}")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="continue from output_dir/checkpoint.pt (or the given checkpoint)")
+    if resume:
+        parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                            help="continue from output_dir/checkpoint.pt (or the given checkpoint)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help=f"config overrides, YAML values ({overrides_example})")
     parser.epilog = (parser.epilog or "") + "\n" + keys
@@ -60,4 +64,41 @@ def module_cli(prog: str, description: Optional[str], add_arguments: Callable[[a
     return main(parser.parse_args(argv))
 
 
-__all__ = ["add_config_arguments", "module_cli", "run_config_job", "say"]
+@dataclass(frozen=True)
+class ConfigJob:
+    """One config-driven job's command line (``linvision <name>`` and ``python -m linvision.train.<name>``):
+    its module exposes ``add_arguments, main, cli = JOB.add_arguments, JOB.main, JOB.cli``.
+
+    ``config_example``: a config file of the job, in the folder of its examples; ``overrides_example``: a few
+    ``section.key=value`` for the help; ``describe()``: the config keys for the epilog; ``load(path,
+    overrides)``: the checked config; ``run(config)``: the result dict printed as JSON.
+    """
+
+    name: str
+    doc: Optional[str]
+    config_example: str
+    overrides_example: str
+    describe: Callable[[], str]
+    load: Callable[[Optional[str], List[str]], Any]
+    run: Callable[[Any], Dict[str, Any]]
+    formatter_class: type = PlainHelpFormatter
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The job's options: ``--config``, ``--resume`` and the overrides (see :func:`add_config_arguments`)."""
+        add_config_arguments(parser, self.config_example, self.overrides_example, self.describe())
+
+    def main(self, args: argparse.Namespace) -> int:
+        """Run the job from parsed arguments; a user error (config, data, checkpoint, ...) is one line, exit 2."""
+        return reports_user_errors(f"linvision {self.name}")(self._run)(args)
+
+    def cli(self, argv: Optional[List[str]] = None) -> int:
+        """The module's own entry point (what ``accelerate launch -m`` runs on every process)."""
+        return module_cli(f"linvision {self.name}", self.doc, self.add_arguments, self.main, argv,
+                          formatter_class=self.formatter_class)
+
+    def _run(self, args: argparse.Namespace) -> int:
+        folder = self.config_example.rsplit("/", 1)[0] + "/"
+        return run_config_job(args, folder, self.load, self.run)
+
+
+__all__ = ["ConfigJob", "add_config_arguments", "module_cli", "run_config_job", "say"]

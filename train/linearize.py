@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -42,37 +42,17 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from linvision.errors import reports_user_errors
-
 from . import rng
 from .build import build_optimizer, check_input_size, scaled_lr
 from .checkpoint import atomic_write, load_checkpoint, remove_stale_temporaries
 from .classify import Progress, _check_resumable, _restore, _save, _train_epoch, evaluate
 from .config import ConfigError
 from .data import EpochSampler, build_datasets, build_loader
-from .job_cli import add_config_arguments, module_cli, run_config_job, say
+from .job_cli import ConfigJob, say
 from .linearize_config import LinearizeConfig, describe, load_linearize_config
 from .metrics import MetricsLog, plot_metrics
 from .resume import checkpoint_to_resume
 from .schedule import build_scheduler
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``linearize`` options (``linvision linearize`` and ``python -m linvision.train.linearize``)."""
-    add_config_arguments(parser, "configs/linearize/digits_lolcats.yaml", "transfer.epochs=1 student.mixer=hedgehog",
-                         describe())
-
-
-@reports_user_errors("linvision linearize")
-def main(args: argparse.Namespace) -> int:
-    """Run the job; a user error (config, teacher, data, checkpoint) is one line and exit code 2."""
-    return run_config_job(args, "configs/linearize/", load_linearize_config, run)
-
-
-def cli(argv: Optional[List[str]] = None) -> int:
-    """``python -m linvision.train.linearize``."""
-    return module_cli("linvision linearize", __doc__, add_arguments, main, argv,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # --- models -----------------------------------------------------------------------------------------------
@@ -372,6 +352,12 @@ def _export(cfg: LinearizeConfig, model: nn.Module, folder: Path) -> None:
     from linvision.linearized import save_pretrained
 
     save_pretrained(merge_lora(model), folder)
+
+
+JOB = ConfigJob("linearize", __doc__, "configs/linearize/digits_lolcats.yaml",
+                "transfer.epochs=1 student.mixer=hedgehog", describe, load_linearize_config, run,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+add_arguments, main, cli = JOB.add_arguments, JOB.main, JOB.cli  # for linvision.cli and python -m
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import backend as backends
 from ..backend import resolve_backend
 from ..validation import check_bool, check_choice, check_float, check_int, check_qkv, check_triton_dtype
 from .chunked import gated_scan_chunked, l2norm
@@ -30,7 +29,6 @@ from .naive import gated_scan_naive
 
 DIRECTIONS = ("forward", "backward", "bidirectional")
 METHODS = ("chunked", "naive")
-BACKENDS = ("auto", "torch", "triton")
 DEFAULT_CHUNK = {"scalar": 32, "channel": 16}  # per-channel decays build a [C, C, Dk] pairwise tensor
 
 
@@ -143,7 +141,7 @@ def gated_scan(
         per_channel = any(t is not None and t.shape[-1] != 1 for t in (g, g_backward))
         chunk_size = DEFAULT_CHUNK["channel" if per_channel else "scalar"]
     chunk_size = check_int("chunk_size", chunk_size, min=1)
-    chosen = resolve_backend(check_backend(backend), q, k, v)
+    chosen = resolve_backend(backend, q, k, v)
     if chosen == "triton" and method == "naive":
         if backend == "triton":
             raise ValueError("method='naive' is the PyTorch oracle; use backend='torch' (or 'auto') with it")
@@ -198,11 +196,6 @@ def gated_scan(
     return (out.to(out_dtype), final) if output_final_state else out.to(out_dtype)
 
 
-def check_backend(backend: str) -> str:
-    """``backend`` is one of :data:`BACKENDS` (``"auto"``, ``"torch"``, ``"triton"``); returned as is."""
-    return backends.check_backend(backend, BACKENDS)
-
-
 def _check_gate(name: str, g: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
     """``None``, or ``g`` as ``[B, N, H, 1]`` (per head) or ``[B, N, H, Dk]`` (per channel)."""
     if g is None:
@@ -217,4 +210,4 @@ def _check_gate(name: str, g: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
     raise ValueError(f"{name} must be [B, N, H] = {[B, N, H]} or [B, N, H, Dk] = {[B, N, H, K]}, got {tuple(g.shape)}")
 
 
-__all__ = ["BACKENDS", "DIRECTIONS", "METHODS", "check_backend", "gated_scan"]
+__all__ = ["DIRECTIONS", "METHODS", "gated_scan"]

@@ -63,8 +63,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS, accumulation_dtype
-from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
+from ..kernels.backend import accumulation_dtype, check_backend
+from ..kernels.validation import check_bool, check_float, check_int, check_optional
 from ..kernels.window_attn import pool_tokens, window_attention
 from .base import QKVMixer
 from .rotary import Rotation
@@ -228,7 +228,7 @@ class ClearAttention(QKVMixer):
         self.rope_ntk_factor = check_float("rope_ntk_factor", rope_ntk_factor, min=0.0, min_open=True)
         self.train_seq_len = check_optional(check_int, "train_seq_len", train_seq_len, min=2)
         self.pooled_log_factor = check_float("pooled_log_factor", pooled_log_factor, min=0.0, min_open=True)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         self.register_parameter("spatial_weight", pooling_weight(self.pool_factor))
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None) -> Tensor:

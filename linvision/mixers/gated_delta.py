@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import accumulation_dtype
-from ..kernels.gated_recurrence import check_backend, gated_scan
+from ..kernels.backend import accumulation_dtype, check_backend
+from ..kernels.gated_recurrence import gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
 from .orders import ORDERS, scan_in_orders

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
-from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.backend import accumulation_dtype, check_backend
 from .base import QKVMixer
 from .rotary import Rotation, rotary_linear_attention
 
@@ -105,7 +105,7 @@ class HedgehogAttention(QKVMixer):
                  eps: float = 1e-12, backend: str = "auto"):
         super().__init__(dim, num_heads, check_bool("qkv_bias", qkv_bias), check_bool("proj_bias", proj_bias))
         self.eps = check_float("eps", eps, min=0.0)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         check_bool("feature_bias", feature_bias)
         self.feature_map_q = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)
         self.feature_map_k = HedgehogFeatureMap(num_heads, self.head_dim, feature_dim, form, feature_bias)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.infsa import linear_infsa, linear_infsa_pooled, linear_infsa_scores, pure_infsa, pure_infsa_scores
 from ..kernels.validation import check_bool, check_choice, check_float
 from .base import QKVMixer
@@ -80,7 +80,7 @@ class InfSAAttention(QKVMixer):
         self.per_token = check_bool("per_token", per_token)
         self.attn_drop = check_float("attn_drop", attn_drop, min=0.0, max=1.0, max_open=True)
         self.eps = check_float("eps", eps, min=0.0)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         if per_token and mode != "linear":
             raise ValueError("per_token applies to mode='linear' only")
         if per_token and attn_drop > 0:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels.backend import resolve_backend
+from ..kernels.backend import check_backend
 from ..kernels.gated_recurrence import gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from ..kernels.window_attn import window_attention
@@ -90,8 +90,7 @@ class LigerAttention(QKVMixer):
         self.window_mix = check_float("window_mix", window_mix, min=0.0, max=1.0)
         self.gate_normalizer = check_float("gate_normalizer", gate_normalizer, min=0.0, min_open=True)
         self.order = check_choice("order", order, ORDERS)
-        resolve_backend(backend)
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         q, k, v = self.project_qkv(x)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.additive_recurrence import additive_scan, additive_scan_streamed
-from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
 from .token_chunks import map_token_chunks
@@ -266,7 +266,7 @@ class LightNetAttention(QKVMixer):
         self.use_tpe = check_bool("use_tpe", use_tpe)
         self.tpe_mode = check_choice("tpe_mode", tpe_mode, TPE_MODES)
         tpe_direction = check_optional(check_choice, "tpe_direction", tpe_direction, TPE_DIRECTIONS)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         if use_lrpe and lrpe_learnable:
             self.theta = nn.Parameter(md_lrpe_theta(num_heads, self.head_dim, 2, lrpe_base, lrpe_theta))
         if use_output_gate:

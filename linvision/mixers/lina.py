@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import (
     check_bool,
@@ -129,7 +129,7 @@ class LinaAttention(QKVMixer):
         gate_prefix_tokens = check_int("gate_prefix_tokens", gate_prefix_tokens, min=0, max=gate_tokens - 1)
         gate_resize = check_choice("gate_resize", gate_resize, GATE_RESIZE)
         post_norm = check_bool("post_norm", post_norm)
-        backend = check_choice("backend", backend, BACKENDS)
+        backend = check_backend(backend)
         if gate_grid is not None:
             check_hw(gate_grid, name="gate_grid")  # its product is checked against the gate below
         self.normalization = normalization

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS, accumulation_dtype, resolve_backend
+from ..kernels.backend import accumulation_dtype, check_backend, resolve_backend
 from ..kernels.linear_attn import apply_state, chunk_tokens, linear_attention, state_of
 from ..kernels.linear_attn.feature_maps import apply_feature_map
 from ..kernels.validation import check_choice, check_float
@@ -50,7 +50,7 @@ class LinearAttention(QKVMixer):
         super().__init__(dim, num_heads, qkv_bias, proj_bias)
         self.feature_map = check_choice("feature_map", feature_map, tuple(FEATURE_MAPS))
         self.eps = check_float("eps", eps, min=0.0)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None) -> Tensor:
         phi = FEATURE_MAPS[self.feature_map]

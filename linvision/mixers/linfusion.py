@@ -13,10 +13,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import check_backend
 from ..kernels.linear_attn import linear_attention
 from ..kernels.linear_attn.streamed import linear_attention_streamed
-from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
+from ..kernels.validation import check_bool, check_float, check_int, check_optional
 from .base import TokenMixer
 from .inherit import softmax_attention_weights
 
@@ -105,7 +105,7 @@ class LinFusionAttention(TokenMixer):
         qkv_bias = check_bool("qkv_bias", qkv_bias)
         out_bias = check_bool("out_bias", out_bias)
         dropout = check_float("dropout", dropout, min=0.0, max=1.0, max_open=True)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(dim, dim, bias=qkv_bias)

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import check_backend
 from ..kernels.linear_attn import linear_attention
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_odd_int
@@ -128,7 +128,7 @@ class LiTAttention(QKVMixer):
         self.dwc_kernel_size = check_odd_int("dwc_kernel_size", dwc_kernel_size)
         self.dwc_shared_across_heads = check_bool("dwc_shared_across_heads", dwc_shared_across_heads)
         self.eps = check_float("eps", eps, min=0.0)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         self.dwc = lit_dwc(dim, num_heads, self.dwc_kernel_size, self.dwc_shared_across_heads)
         self.register_load_state_dict_pre_hook(fuse_q_kv_state_dict)
 

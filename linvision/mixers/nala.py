@@ -69,9 +69,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.linear_attn.streamed import linear_attention_streamed
-from ..kernels.validation import check_bool, check_choice, check_float
+from ..kernels.validation import check_bool, check_float
 from .base import TokenMixer
 from .token_chunks import map_token_ranges
 from .token_conv import depthwise_conv_tokens
@@ -150,7 +150,7 @@ class _NaLaWrapper(TokenMixer):
         super().__init__(dim, num_heads)
         self.rope = check_bool("rope", rope)
         self.rope_base = check_float("rope_base", rope_base, min=1.0, min_open=True)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         # Official names and creation order: qkvg, act, lepe, out_proj, ln.
         self.qkvg = nn.Linear(dim, 4 * dim, bias=check_bool("qkv_bias", qkv_bias))
         self.act = nn.SiLU()

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.plstm import METHODS, check_chunk_size, plstm2d
 from ..kernels.validation import check_choice, check_float, check_optional
 from .base import QKVMixer
@@ -106,7 +106,7 @@ class PLSTMMixer(QKVMixer):
         self.dmode_chirality = check_choice("dmode_chirality", dmode_chirality, ("L", "R"))
         self.method = check_choice("method", method, METHODS)
         self.chunk_size = check_optional(check_chunk_size, "chunk_size", chunk_size)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         self.transition_scale = check_float("transition_scale", transition_scale)
         self.orientation_scale = check_float("orientation_scale", orientation_scale)
         self.norm_eps = check_float("norm_eps", norm_eps, min=0.0)

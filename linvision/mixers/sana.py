@@ -16,9 +16,9 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS
+from ..kernels.backend import check_backend
 from ..kernels.linear_attn import linear_attention
-from ..kernels.validation import check_bool, check_choice, check_float
+from ..kernels.validation import check_bool, check_float
 from .base import TokenMixer
 
 # Rescaling keeps every ReLU feature and value below 2**GUARD_EXPONENT before the fp32 sums (see below).
@@ -112,7 +112,7 @@ class SanaAttention(TokenMixer):
         norm_eps = check_float("norm_eps", norm_eps, min=0, min_open=True)
         self.eps = check_float("eps", eps, min=0)
         dropout = check_float("dropout", dropout, min=0, max=1, max_open=True)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(dim, dim, bias=qkv_bias)

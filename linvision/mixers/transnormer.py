@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.backend import BACKENDS, accumulation_dtype
+from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.linear_attn import linear_attention
 from ..kernels.validation import check_bool, check_choice
 from .base import TokenMixer
@@ -74,7 +74,7 @@ class NormAttention(TokenMixer):
         super().__init__(dim, num_heads)
         self.act_fun = check_choice("act_fun", act_fun, tuple(ACT_FUNS))
         self.norm_type = check_choice("norm_type", norm_type, NORM_TYPES)
-        self.backend = check_choice("backend", backend, BACKENDS)
+        self.backend = check_backend(backend)
         bias = check_bool("bias", bias)
         self.k_proj = nn.Linear(dim, dim, bias=bias)  # the official creation order
         self.q_proj = nn.Linear(dim, dim, bias=bias)

@@ -181,10 +181,9 @@ def test_clear_errors(folders, tmp_path):
     with pytest.raises(ValueError, match="built for a dit denoiser"):
         adapter.install(tiny.load(folders["pixart"]))
     # a checkpoint from a differently sized denoiser
-    from diffusers import DiTTransformer2DModel
+    from linvision.diffusers.families.dit import dit_transformer
 
-    other = DiTTransformer2DModel(sample_size=4, num_layers=2, patch_size=2, attention_head_dim=4,
-                                  num_attention_heads=2, in_channels=4, out_channels=8, norm_type="ada_norm_zero")
+    other = dit_transformer(attention_head_dim=4)
     wrong = DiffusersAdapter.construct_for(other, "lit", install=False)
     with pytest.raises(ValueError, match="does not match this denoiser"):
         wrong.install(pipe)

@@ -10,18 +10,10 @@ from linvision.distill import DistillPair, LossWeights, Objective, conditioner_f
 from linvision.distill.conditioning import pack_flux, unpack_flux
 from linvision.distill.loss import distill_loss, split_prediction
 from tests import tiny_diffusers as tiny
+from tests.helpers import one_thread  # noqa: F401  (autouse)
 
 # latent shape (C, h, w) and a condition per family (random text embeddings, as the tiny pipelines expect)
 LATENT = {"unet": (4, 8, 8), "dit": (4, 4, 4), "pixart": (4, 8, 8), "sd3": (4, 8, 8), "flux": (1, 8, 8)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def condition(family: str, batch: int, conditioner):

@@ -27,6 +27,7 @@ from linvision.train.distill_config import build_distill_config, load_distill_co
 from linvision.train.distill_data import list_records
 from linvision.train.metrics import MetricsLog
 from tests import tiny_diffusers
+from tests.helpers import one_thread  # noqa: F401  (autouse)
 from tests.jobs.user_errors import user_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,14 +39,6 @@ TERMS = {"loss", "task", "output", "feature", "variance"}
 def dit(tmp_path_factory):
     """A tiny random DiT pipeline (32 px, learned sigma, 2x2 tokens)."""
     return build_tiny_dit(str(tmp_path_factory.mktemp("dit") / "pipe"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(out: Path, model: str, **sections) -> dict:

@@ -115,11 +115,10 @@ def test_joint_processor_core_is_the_mixers_own(name):
 
 @pytest.fixture(scope="module")
 def tiny_dit():
-    from diffusers import DiTTransformer2DModel
+    from linvision.diffusers.families.dit import dit_transformer
 
     torch.manual_seed(0)
-    return DiTTransformer2DModel(sample_size=4, num_layers=1, patch_size=2, attention_head_dim=8,
-                                 num_attention_heads=2, in_channels=4, out_channels=8, norm_type="ada_norm_zero")
+    return dit_transformer(num_layers=1)
 
 
 @pytest.mark.parametrize("name", MIXERS)

@@ -74,6 +74,15 @@ def random_inputs(model):
     return rand, t
 
 
+def class_conditional_inputs(model, size: int, batch: int = 2) -> Dict[str, Any]:
+    """One call's keyword arguments for a class-conditional DiT (diffusers' or linvision's): ``hidden_states``
+    ``(batch, 4, size, size)`` seeded normal latents, ``timestep (batch,)`` at 500, ``class_labels (batch,)``
+    ``0 … batch − 1``, on ``model``'s device (latents in its dtype)."""
+    rand, t = random_inputs(model)
+    return {"hidden_states": rand(batch, 4, size, size), "timestep": t(batch),
+            "class_labels": torch.arange(batch, device=next(model.parameters()).device)}
+
+
 class Family:
     """One denoiser family (see the module docstring); subclasses set the class attributes and override what
     differs. ``str(family)`` is its name, as adapters save it in ``config.json``."""
@@ -155,4 +164,4 @@ class Family:
         raise NotImplementedError
 
 
-__all__ = ["Family", "KINDS", "denoiser_of", "random_inputs", "vae_scale_factor"]
+__all__ = ["Family", "KINDS", "class_conditional_inputs", "denoiser_of", "random_inputs", "vae_scale_factor"]

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .base import Family, denoiser_of, random_inputs
+from .base import Family, class_conditional_inputs, denoiser_of
 from .conditioner import LabelConditioner
 from .tiny import in_eval_mode, tiny_vae
 
@@ -213,9 +213,7 @@ class LinVisionDiTFamily(Family):
                             attention_head_dim=width // heads, mixer=mixer).eval()
 
     def example_inputs(self, model, size, batch=2, text=16):
-        rand, t = random_inputs(model)
-        return {"hidden_states": rand(batch, 4, size, size), "timestep": t(batch),
-                "class_labels": torch.arange(batch, device=next(model.parameters()).device)}
+        return class_conditional_inputs(model, size, batch)
 
 
 LINVISION_DIT = LinVisionDiTFamily()
