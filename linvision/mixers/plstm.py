@@ -70,6 +70,7 @@ from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.plstm import METHODS, check_chunk_size, plstm2d
 from ..kernels.validation import check_choice, check_float, check_optional
 from .base import QKVMixer
+from .token_chunks import map_token_chunks
 
 MODES = ("P", "D")
 PREFIX_MODES = ("global", "bypass")
@@ -235,8 +236,7 @@ class PLSTMMixer(QKVMixer):
             o = torch.cat([pre, img], dim=1)
         else:
             o = img
-        o = self._norm(o).to(x.dtype)
-        return self.proj(o.flatten(2))
+        return map_token_chunks(lambda o: self.proj(self._norm(o).to(x.dtype).flatten(2)), o)  # cache-sized temporaries
 
 
 def convert_official_state_dict(sd: Dict[str, Tensor], mode: str = "P") -> Dict[str, Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ..kernels.chunks import stack_chunks
@@ -38,6 +39,11 @@ def map_token_chunks(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
     """
     B, N = tensors[0].shape[:2]
     row = max(math.prod(t.shape[2:]) for t in tensors)
+    step = chunk_tokens(B, row)
+    if N > step and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # autograd: split (its backward is one cat) and cat, never a slice or slice write per chunk, each of
+        # whose backwards would touch the whole tensor
+        return torch.cat([fn(*parts) for parts in zip(*(t.split(step, 1) for t in tensors))], 1)
     return map_token_ranges(lambda a, b: fn(*(t[:, a:b] for t in tensors)), B, N, row)
 
 

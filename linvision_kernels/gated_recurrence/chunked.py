@@ -79,6 +79,13 @@ def _token_writer(add_to: Optional[Tensor], recording: bool, reverse: bool, shap
     return write, result
 
 
+def _group_rows(N: int, span: int, reverse: bool) -> List[slice]:
+    """The token rows of each group of ``span`` scan positions, in scan order (from the last token when
+    ``reverse``; the last group in scan order is the shorter one)."""
+    starts = range(0, N, span)
+    return [slice(N - a - min(span, N - a), N - a) if reverse else slice(a, a + min(span, N - a)) for a in starts]
+
+
 def gated_scan_chunked(
     q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor], scale: float,
     exclusive: bool = False, chunk_size: int = 64, initial_state: Optional[Tensor] = None,
@@ -107,14 +114,22 @@ def gated_scan_chunked(
     recording = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, add_to))
     write, result = _token_writer(add_to, recording, reverse, (B, N, H, V), S)
-    for a in range(0, N, span):  # scan positions [a, a + span): each group end to end, the state carried
-        L = min(span, N - a)
-        rows = slice(N - a - L, N - a) if reverse else slice(a, a + L)
+    groups = _group_rows(N, span, reverse)
+    pieces = {}  # with autograd, each input split once (a slice per group would cost a whole-size gradient each)
+    for j, rows in enumerate(groups):  # each group end to end in scan order, the state carried
+        L = rows.stop - rows.start
         pad = (-L) % C
+
+        def rows_of(t: Tensor) -> Tensor:
+            if not recording:
+                return t[:, rows]
+            if id(t) not in pieces:
+                pieces[id(t)] = t.split([r.stop - r.start for r in sorted(groups, key=lambda r: r.start)], 1)
+            return pieces[id(t)][len(groups) - 1 - j if reverse else j]
 
         def take(t: Tensor, norm: bool = False) -> Tensor:
             """The group's rows in scan order, compute dtype, padded to whole chunks."""
-            part = l2norm(t[:, rows]) if norm else t[:, rows].to(dt)
+            part = l2norm(rows_of(t)) if norm else rows_of(t).to(dt)
             part = part.flip(1) if reverse else part
             return F.pad(part, (0, 0) * (part.dim() - 2) + (0, pad)) if pad else part
 
@@ -125,7 +140,7 @@ def gated_scan_chunked(
             qk = qk.masked_fill(~strict, 0.0)
         u0, w = vg, None
         if beta is not None:
-            betag = _chunks(take(beta[..., None]), C)  # [B, H, g, C, 1]
+            betag = _chunks(take(beta)[..., None], C)  # [B, H, g, C, 1]
             A = (betag * _pairwise(kg, kg, bg, lower)).masked_fill(~strict, 0.0) + eye
             rhs = torch.cat([betag * vg, betag * kg * bg.exp()], -1)
             sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .doubling import CellMatrices, cell_matrices
+from .frames import frame_sum, from_frames, to_frames
 from .naive import ORIENTATION_FLIPS, compute_dtype, direct_term
 from .wavefront import piece_shape, strip_order, wavefront_nograd
 
@@ -45,29 +46,11 @@ def _frames(per_orientation, hw: Tuple[int, int], O: int, padded: Tuple[int, int
     return torch.nn.functional.pad(f, pad) if (Xp > X or Yp > Y) else f
 
 
-def to_frames(t: Tensor, hw: Tuple[int, int], O: int, padded: Tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """``[B, N, H, *rest]`` → ``[B, H, O, Xp, Yp, *rest]``: one flipped, zero-padded copy per orientation."""
-    return _frames(lambda o: t, hw, O, padded, dtype)
-
-
 def gate_frames(t: Optional[Tensor], hw, padded, dtype) -> Optional[Tensor]:
     """Gates ``[B, N, H, O]`` → ``[B, H, O, Xp, Yp]``, orientation ``o`` flipped by its own flips."""
     if t is None:
         return None
     return _frames(lambda o: t[..., o], hw, t.shape[-1], padded, dtype)
-
-
-def from_frames(f: Tensor, hw: Tuple[int, int]) -> Tensor:
-    """``[B, H, O, Xp, Yp, D]`` → ``[B, N, H, D]``: crop, flip back, sum the orientations."""
-    X, Y = hw
-    f = f[:, :, :, :X, :Y]
-    out = None
-    for o in range(f.shape[2]):
-        fx, fy = ORIENTATION_FLIPS[o]
-        dims = [d for d, fl in ((2, fx), (3, fy)) if fl]
-        g = f[:, :, o].flip(dims) if dims else f[:, :, o]
-        out = g if out is None else out + g
-    return out.movedim(1, 3).flatten(1, 2)
 
 
 def frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, chunk: int, dtype) -> CellMatrices:
@@ -223,10 +206,18 @@ def plstm2d_chunked(q, k, v, s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, d, hw, 
     O = s_r.shape[-1]
     cm = frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, C, ct)
     qf, kf, vf = (to_frames(t, hw, O, padded, ct) for t in (q, k, v))
-    out = from_frames(chunk_scan(qf, kf, vf, cm, scale), hw)
-    if d is not None:
-        out = out + direct_term(q, k, v, d, scale)
-    return out
+    scanned = chunk_scan(qf, kf, vf, cm, scale)
+    if d is None:
+        return from_frames(scanned, hw)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (scanned, q, k, v, d)):
+        return from_frames(scanned, hw) + direct_term(q, k, v, d, scale)
+    Y = hw[1]
+
+    def direct(a: int, b: int) -> Tensor:  # the direct term of grid rows a:b, added strip by strip
+        rows = slice(a * Y, b * Y)
+        return direct_term(q[:, rows], k[:, rows], v[:, rows], d[:, rows], scale)
+
+    return frame_sum(scanned, hw, extra=direct)
 
 
 def frame_index(hw: Tuple[int, int], padded: Tuple[int, int], o: int, device=None) -> Tensor:

@@ -49,7 +49,8 @@ from torch import Tensor
 
 from ..triton_device import block_range, load_tile
 from ..triton_support import dot_precision, pow2_block
-from .chunked import chunk_scan, frame_cell_matrices, from_frames, to_frames
+from .chunked import chunk_scan, frame_cell_matrices
+from .frames import from_frames, to_frames
 from .naive import direct_term
 
 _CM_FIELDS = ("trl", "tru", "tdl", "tdu", "sr", "sd", "ml", "mu", "g")
