@@ -9,9 +9,10 @@
   (``C`` states of ``Dk × Dv`` per border) are passed along a wavefront over the chunk anti-diagonals,
   each anti-diagonal batched (the official ``pLSTM2D_torch`` inter-chunk loop).
 
-Orientations: orientation ``o`` works on the grid flipped by ``ORIENTATION_FLIPS[o]`` (a *frame*). Frames
-are padded at their high-x / high-y end to whole chunks with zero gates and zero q, k, v; every monotone
-path between two real nodes stays inside their bounding box, so padding never changes a real output.
+Orientations: orientation ``o`` works on the grid flipped by ``ORIENTATION_FLIPS[o]`` (a *frame*,
+:mod:`.frames`). Frames are padded at their high-x / high-y end to whole chunks with zero gates and zero q, k,
+v; every monotone path between two real nodes stays inside their bounding box, so padding never changes a real
+output.
 """
 from __future__ import annotations
 
