@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import accumulation_dtype, check_backend
-from ..kernels.infsa import linear_infsa, linear_infsa_pooled, linear_infsa_scores, pure_infsa, pure_infsa_scores
+from ..kernels.infsa import linear_infsa, linear_infsa_pooled_streamed, linear_infsa_scores, pure_infsa, pure_infsa_scores
 from ..kernels.validation import check_bool, check_choice, check_float
 from .base import QKVMixer
+from .token_chunks import chunk_tokens
 
 MODES = ("linear", "quadratic")
 
@@ -30,7 +31,9 @@ class InfSAAttention(QKVMixer):
     - ``mode="linear"`` (default; the paper's headline "Linear InfViT"): ``w_i = ‖q̂_i‖/(Σ‖q̂‖ + eps)``,
       ``q̄ = Σ_i w_i q̂_i``, ``a_j = ReLU(q̄·k̂_j)/(Σ_l ReLU(q̄·k̂_l) + eps)``, and **every** token gets the
       same ``ρ Σ_j a_j v_j``: rank-1 token mixing, O(N·d). Per-token differences come only from the
-      residual path and the MLP of the host block. ``proj`` is applied once to that vector.
+      residual path and the MLP of the host block. ``proj`` is applied once to that vector. On the PyTorch
+      path ``q̄`` and ``Σ_j a_j v_j`` are sums over chunks of tokens (a pass projecting the queries, then one
+      projecting keys and values), so the ``[B, N, 3C]`` projection is never held whole.
     - ``mode="quadratic"`` ("pure InfSA"): ``o = ρ · A/(‖A‖_F + eps) · V`` with ``A = ReLU(q̂k̂ᵀ)`` (1/d
       total scaling, Frobenius norm over the whole N×N matrix per sample and head). O(N²·d).
 
@@ -105,11 +108,30 @@ class InfSAAttention(QKVMixer):
         rho = torch.sigmoid(self.rho_logit.to(accumulation_dtype(self.rho_logit.dtype)))
         return rho if self.rho_learnable else rho.detach()
 
+    def pooled(self, x: Tensor, rho: Tensor) -> Tensor:
+        """Linear-InfSA's pooled vector ``[B, H, d]`` (``x`` dtype) of ``x (B, N, C)``, projected chunk by chunk: the
+        queries in a first pass over the tokens (``q̄``), keys and values in a second (the ``a``-weighted sum of
+        ``v``), each from its rows of ``qkv``, so the ``[B, N, 3C]`` projection is never held whole."""
+        B, N, C = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+
+        def rows(a: int, b: int, part: slice) -> Tensor:  # contiguous rows: F.linear fuses the bias (as for x whole)
+            return F.linear(x[:, a:b].contiguous(), weight[part], None if bias is None else bias[part])
+
+        def keys(a: int, b: int) -> Tuple[Tensor, Tensor]:
+            return tuple(rows(a, b, slice(C, None)).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(2))
+
+        return linear_infsa_pooled_streamed(lambda a, b: self.split_heads(rows(a, b, slice(C))), keys, N, N,
+                                            step=chunk_tokens(B, 2 * C), rho=rho, eps=self.eps, backend=self.backend)
+
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
         B, N, C = x.shape
-        q, k, v = self.project_qkv(x)
         rho = self.rho
         dropout = self.attn_drop > 0 and self.training
+        if self.mode == "linear" and not self.per_token and not dropout:
+            y = self.proj(self.pooled(x, rho).reshape(B, 1, C))  # the same row for every token: project it once
+            return y.expand(B, N, C).contiguous()
+        q, k, v = self.project_qkv(x)
         if self.mode == "quadratic":
             if dropout:
                 scores = F.dropout(pure_infsa_scores(q, k, rho=rho, eps=self.eps), self.attn_drop)
@@ -120,14 +142,10 @@ class InfSAAttention(QKVMixer):
         if self.per_token:
             o = linear_infsa(q, k, v, rho=rho, eps=self.eps, per_token=True, backend=self.backend)
             return self.proj(o.flatten(2))
-        if dropout:
-            _, _, a = linear_infsa_scores(q, k, eps=self.eps)  # [B, N, H]
-            a = F.dropout(rho.to(a.dtype) * a, self.attn_drop)
-            pooled = torch.einsum("bmh,bmhd->bhd", a, v.to(a.dtype)).to(x.dtype)
-        else:
-            pooled = linear_infsa_pooled(q, k, v, rho=rho, eps=self.eps, backend=self.backend)  # [B, H, d]
-        y = self.proj(pooled.reshape(B, 1, C))  # the same row for every token: project it once
-        return y.expand(B, N, C).contiguous()
+        _, _, a = linear_infsa_scores(q, k, eps=self.eps)  # [B, N, H]; with dropout in training
+        a = F.dropout(rho.to(a.dtype) * a, self.attn_drop)
+        pooled = torch.einsum("bmh,bmhd->bhd", a, v.to(a.dtype)).to(x.dtype)
+        return self.proj(pooled.reshape(B, 1, C)).expand(B, N, C).contiguous()
 
     def extra_repr(self) -> str:
         return (

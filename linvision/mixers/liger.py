@@ -19,18 +19,26 @@ from ..kernels.validation import check_bool, check_choice, check_float, check_in
 from ..kernels.window_attn import window_attention
 from .base import QKVMixer
 from .orders import BASE_ORDERS, ORDERS, order_index, scan_in_orders
+from .token_chunks import map_token_chunks
 from .window2d import window_rows
 
 GATE_LOGIT_NORMALIZER = 16  # official: g = logsigmoid(pool(k)) / 16
 
 
-def liger_gates(q: Tensor, k: Tensor, normalizer: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(φ(q), φ(k), g)``, all ``[B, N, H, D]`` in fp32 (fp64 for fp64): ``φ = softmax`` over the head dim and
-    the per-channel log decay ``g = logsigmoid(k) / normalizer`` (the official gate, pooled from the raw key
-    projection before its feature map)."""
+def packed_gates(q: Tensor, k: Tensor, normalizer: float) -> Tensor:
+    """``[φ(q), φ(k), g]`` packed along the last dim, ``[B, n, H, 3D]`` in fp32 (fp64 for fp64), token-wise in
+    ``q, k [B, n, H, D]``: ``φ = softmax`` over the head dim and the per-channel log decay
+    ``g = logsigmoid(k) / normalizer`` (the official gate, pooled from the raw key projection before its
+    feature map)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.to(acc), k.to(acc)
-    return q.softmax(-1), k.softmax(-1), F.logsigmoid(k) / normalizer
+    return torch.cat([q.softmax(-1), k.softmax(-1), F.logsigmoid(k) / normalizer], -1)
+
+
+def liger_gates(q: Tensor, k: Tensor, normalizer: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(φ(q), φ(k), g)``, all ``[B, N, H, D]`` in fp32 (fp64 for fp64): the views of :func:`packed_gates`.
+    Computed in chunks of tokens (one buffer, cache-sized temporaries)."""
+    return map_token_chunks(lambda q, k: packed_gates(q, k, normalizer), q, k).split(q.shape[-1], -1)
 
 
 def gated_rows(fq: Tensor, fk: Tensor, g: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, order: str,
@@ -69,7 +77,10 @@ class LigerAttention(QKVMixer):
     attention (scale ``D^-1/2``) in CLEAR's disc of ``radius`` on the image grid
     (:func:`linvision.kernels.window_attn.window_attention`; ``backend`` selects its kernel and the gated
     scan's), for the official 64-token causal sliding window. ``window_mix = 0.5`` is the official
-    ``0.5 * y + 0.5 * o_``; ``window_mix = 0`` leaves gated linear attention alone.
+    ``0.5 * y + 0.5 * o_``; ``window_mix = 0`` leaves gated linear attention alone. Order of the computation:
+the gates (:func:`packed_gates`) are built in chunks of tokens into one buffer whose views feed the scan; the
+window part then hands its output rows, as it computes them, to the mix with the scan's rows and to ``proj``
+(no full-size window output or mixed temporary).
 
     Deviations from the official causal decoder: the recurrence ``S_t = diag(exp g_t) S_{t−1} + φ(k_t) v_tᵀ``,
     ``o_t = φ(q_t)ᵀ S_t`` runs in both directions along a 2-D ``order`` of the grid (:mod:`.orders`:
@@ -100,11 +111,15 @@ class LigerAttention(QKVMixer):
             return gated_scan(fq, fk, v, g, direction="bidirectional", scale=1.0, backend=self.backend)
 
         o = scan_in_orders(scan, (fq, fk, v.to(fq.dtype), g), hw, num_prefix_tokens, self.order)
-        if self.window_mix > 0:
-            o_win = window_attention(q, k, v, hw, radius=self.radius, num_prefix_tokens=num_prefix_tokens,
-                                     backend=self.backend)
-            o = self.window_mix * o_win.to(o.dtype) + (1 - self.window_mix) * o
-        return self.proj(o.to(x.dtype).flatten(2))
+        if self.window_mix == 0:
+            return map_token_chunks(lambda o: self.proj(o.to(x.dtype).flatten(2)), o)
+
+        def mixed(a: int, b: int, o_win: Tensor) -> Tensor:  # rows a:b of both parts, mixed and projected
+            o_ab = self.window_mix * o_win.to(o.dtype) + (1 - self.window_mix) * o[:, a:b]
+            return self.proj(o_ab.to(x.dtype).flatten(2))
+
+        return window_attention(q, k, v, hw, radius=self.radius, num_prefix_tokens=num_prefix_tokens,
+                                backend=self.backend, output=mixed)
 
     def attention_rows(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int
                        ) -> Tuple[Tensor, Tensor, Callable[[int, int], Tensor]]:
@@ -128,4 +143,4 @@ class LigerAttention(QKVMixer):
         return f"{super().extra_repr()}, radius={self.radius}, window_mix={self.window_mix}, order={self.order!r}"
 
 
-__all__ = ["GATE_LOGIT_NORMALIZER", "LigerAttention", "gated_rows", "liger_gates"]
+__all__ = ["GATE_LOGIT_NORMALIZER", "LigerAttention", "gated_rows", "liger_gates", "packed_gates"]

@@ -7,16 +7,22 @@ Official code: HazyResearch/lolcats ``src/model/linear_attention/linear_window_a
 from __future__ import annotations
 
 import math
+import operator
+from functools import reduce
 from itertools import repeat
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..kernels.chunks import stack_ranges
+from ..kernels.linear_attn.naive import chunk_tokens
+from ..kernels.linear_attn.state import state_of
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .base import QKVMixer
 from .hedgehog import FORMS, HedgehogFeatureMap
 from .rotary import Rotation
+from .token_chunks import map_token_chunks
 from .window2d import SHAPES, shifted, window_offsets, window_rows
 
 # σ(−2.1972…) = 0.1: the ``init_window_factor`` of every ``*_w01`` LoLCATs config.
@@ -98,7 +104,8 @@ def _image_band(qg: Tensor, fqg: Tensor, rfqg: Optional[Tensor], k_pre: Tensor, 
 
 def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw: Tuple[int, int],
                      num_prefix_tokens: int, window_factor: Tensor, linear_factor, shape: str, radius: int,
-                     rfq: Optional[Tensor] = None, rfk: Optional[Tensor] = None) -> Tensor:
+                     rfq: Optional[Tensor] = None, rfk: Optional[Tensor] = None,
+                     output: Optional[Callable[[int, int, Tensor], Tensor]] = None) -> Tensor:
     """``o [B, N, H, Dv]`` of the weights of :func:`hybrid_rows`, in ``O(N·(|W| + T)·D + N·F·Dv)``.
 
     Shapes: ``q, k [B, N, H, D]``, ``v [B, N, H, Dv]``, ``fq, fk [B, N, H, F]`` with ``N = T + h·w``.
@@ -106,6 +113,12 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw
     linear part outside the window is the global state ``Σ_j φ(k_j) v_jᵀ`` minus the window's own terms.
     Prefix queries: their window is every key, so they get exact softmax attention. fp32 (fp64 for fp64).
     ``rfq, rfk`` (both or neither): the numerator's linear features (RoPE-rotated), as in :func:`hybrid_rows`.
+
+    Order of the computation: the global state is summed over chunks of image tokens, then the image queries
+    go by bands of grid rows, each against shifted views of a padded copy of only the key rows it reaches. So
+    no temporary grows past a band. ``output(a, b, o)``: a token-wise epilogue applied to the output rows
+    ``a:b`` as they are computed (the prefix rows, then each band); the result is then the stacked ``output``
+    results ``[B, N, ...]`` and ``o`` is never held whole.
     """
     acc = _acc(q)
     B, N, H, D = q.shape
@@ -113,6 +126,7 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw
     T = num_prefix_tokens
     q, k, v, fq, fk = (t.to(acc) for t in (q, k, v, fq, fk))
     rfq, rfk = (fq, fk) if rfq is None else (rfq.to(acc), rfk.to(acc))
+    epilogue = (lambda a, b, o: o) if output is None else output  # noqa: E731
     scale = 1.0 / math.sqrt(D)
     offsets = window_offsets(shape, radius)
     wf = window_factor.to(acc)  # [H]
@@ -120,30 +134,36 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, hw
     qg = q[:, T:].reshape(B, h, w, H, D)
     fqg = fq[:, T:].reshape(B, h, w, H, fq.shape[-1])  # sizes given: B may be 0
     rfqg = None if rfq is fq else rfq[:, T:].reshape(B, h, w, H, fq.shape[-1])
-    fk_img, v_img = fk[:, T:], v[:, T:]
-    state = torch.einsum("bnhf,bnhv->bhfv", fk_img if rfk is fk else rfk[:, T:], v_img)
-    z = fk_img.sum(1)  # [B, H, F]
-    rfk_views = repeat((None, None)) if rfk is fk else shifted(rfk[:, T:], hw, offsets)
-    views = [(k_o, valid, fk_o, v_o, fk_o if rfk_o is None else rfk_o)
-             for (k_o, valid), (fk_o, _), (v_o, _), (rfk_o, _) in
-             zip(shifted(k[:, T:], hw, offsets), shifted(fk[:, T:], hw, offsets), shifted(v_img, hw, offsets),
-                 rfk_views)]
+    k_img, fk_img, v_img = k[:, T:], fk[:, T:], v[:, T:]
+    rfk_img = None if rfk is fk else rfk[:, T:]
+    step = chunk_tokens(v_img)  # state = Σ rφ(k) vᵀ, z = Σ φ(k) over the image keys, chunk by chunk
+    parts = (state_of((fk_img if rfk_img is None else rfk_img)[:, a : a + step], v_img[:, a : a + step],
+                      fk_img[:, a : a + step]) for a in range(0, h * w, step))
+    key_state = reduce(operator.add, parts)
+    state, z = key_state.kv, key_state.k_sum  # [B, H, F, Dv], [B, H, F]
     rows = max(1, BAND_TOKENS // w)
-    bands = []
-    for a in range(0, h, rows):
-        band = slice(a, a + rows)
-        band_views = [(k_o[:, band], valid[band], fk_o[:, band], v_o[:, band], rfk_o[:, band])
-                      for k_o, valid, fk_o, v_o, rfk_o in views]
-        rfq_band = None if rfqg is None else rfqg[:, band]
-        bands.append(_image_band(qg[:, band], fqg[:, band], rfq_band, k[:, :T], v[:, :T], state, z, band_views,
-                                 wf, lf, scale))
-    out_img = torch.cat(bands, 1)
-    out_img = out_img.reshape(B, h * w, H, v.shape[-1])
-    if not T:
-        return out_img
-    s = torch.einsum("bthd,bnhd->bhtn", q[:, :T], k) * scale
-    out_pre = torch.einsum("bhtn,bnhv->bthv", s.softmax(-1), v)
-    return torch.cat([out_pre, out_img], 1)
+
+    def band(a: int, b: int) -> Tensor:
+        """Outputs ``[B, (b − a)·w, H, Dv]`` of the image queries of grid rows ``a:b``."""
+        views = [shifted(t, hw, offsets, (a, b)) for t in (k_img, fk_img, v_img)]
+        views.append(repeat((None, None)) if rfk_img is None else shifted(rfk_img, hw, offsets, (a, b)))
+        band_views = [(k_o, valid, fk_o, v_o, fk_o if rfk_o is None else rfk_o)
+                      for (k_o, valid), (fk_o, _), (v_o, _), (rfk_o, _) in zip(*views)]
+        rfq_band = None if rfqg is None else rfqg[:, a:b]
+        o = _image_band(qg[:, a:b], fqg[:, a:b], rfq_band, k[:, :T], v[:, :T], state, z, band_views, wf, lf, scale)
+        return o.reshape(B, (b - a) * w, H, v.shape[-1])
+
+    def prefix() -> Tensor:
+        """Outputs ``[B, T, H, Dv]`` of the prefix queries: softmax over every key."""
+        s = torch.einsum("bthd,bnhd->bhtn", q[:, :T], k) * scale
+        return torch.einsum("bhtn,bnhv->bthv", s.softmax(-1), v)
+
+    def rows_of(a: int, b: int) -> Tensor:
+        return epilogue(a, b, prefix() if a < T else band((a - T) // w, (b - T) // w))
+
+    ranges = [(0, T)] if T else []
+    ranges += [(T + a * w, T + min(a + rows, h) * w) for a in range(0, h, rows)]
+    return stack_ranges(rows_of, ranges, N)
 
 
 class LolcatsAttention(QKVMixer):
@@ -196,9 +216,10 @@ class LolcatsAttention(QKVMixer):
 
     def _features(self, x: Tensor, num_prefix_tokens: int, rope: Optional[Rotation]):
         """``(q, k, v, φq, φk, rφq, rφk)``: q, k rotated and ``rφ`` the rotated features with ``rope``, else
-        ``rφ = None`` and q, k as projected."""
+        ``rφ = None`` and q, k as projected. ``φq, φk`` are views of one buffer filled in chunks of tokens."""
         q, k, v = self.project_qkv(x)
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        f = map_token_chunks(lambda q, k: torch.cat([self.feature_map_q(q), self.feature_map_k(k)], -1), q, k)
+        fq, fk = f.split(2 * self.feature_map_q.feature_dim, -1)
         if rope is None:
             return q, k, v, fq, fk, None, None
         T = num_prefix_tokens
@@ -207,8 +228,8 @@ class LolcatsAttention(QKVMixer):
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None) -> Tensor:
         q, k, v, fq, fk, rfq, rfk = self._features(x, num_prefix_tokens, rope)
         wf, lf = self.factors()
-        o = hybrid_attention(q, k, v, fq, fk, hw, num_prefix_tokens, wf, lf, self.window, self.radius, rfq, rfk)
-        return self.proj(o.to(x.dtype).flatten(2))
+        return hybrid_attention(q, k, v, fq, fk, hw, num_prefix_tokens, wf, lf, self.window, self.radius, rfq, rfk,
+                                output=lambda a, b, o: self.proj(o.to(x.dtype).flatten(2)))
 
     def attention_rows(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, rope: Optional[Rotation] = None
                        ) -> Tuple[Tensor, Tensor, Callable[[int, int], Tensor]]:

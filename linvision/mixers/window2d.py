@@ -8,7 +8,7 @@ Each offset is one shifted view of a zero-padded grid, so the work is ``O(N · |
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,17 +50,26 @@ def window_rows(hw: Tuple[int, int], num_prefix_tokens: int, shape: str, radius:
     return mask
 
 
-def shifted(t: Tensor, hw: Tuple[int, int], offsets: List[Tuple[int, int]]) -> Iterator[Tuple[Tensor, Tensor]]:
+def shifted(t: Tensor, hw: Tuple[int, int], offsets: List[Tuple[int, int]], rows: Optional[Tuple[int, int]] = None
+            ) -> Iterator[Tuple[Tensor, Tensor]]:
     """For image tokens ``t [B, h·w, H, D]``: per offset, ``(t at (y + dy, x + dx) [B, h, w, H, D] (zeros
     outside), valid [h, w] bool)``. The shifted tensors are strided views of one padded copy (no per-offset
-    copy, also not in what autograd saves)."""
+    copy, also not in what autograd saves).
+
+    ``rows = (a, b)``: only the grid rows ``a:b`` of each view (``[B, b − a, w, H, D]``, ``valid [b − a, w]``),
+    and the padded copy holds only the rows they reach (a band of ``b − a + 2p`` rows, not the whole grid).
+    """
     h, w = hw
+    a, b = (0, h) if rows is None else rows
     B, _, H, D = t.shape
     p = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    grid = F.pad(t.reshape(B, h, w, H, D), (0, 0, 0, 0, p, p, p, p))
-    ones = F.pad(torch.ones(h, w, dtype=torch.bool, device=t.device), (p, p, p, p))
+    lo, hi = max(a - p, 0), min(b + p, h)  # the grid rows the band's windows reach
+    pad = (p, p, p - (a - lo), b + p - hi)  # padded row r is grid row a − p + r
+    grid = F.pad(t.reshape(B, h, w, H, D)[:, lo:hi], (0, 0, 0, 0) + pad)
+    ones = F.pad(torch.ones(hi - lo, w, dtype=torch.bool, device=t.device), pad)
+    n = b - a
     for dy, dx in offsets:
-        yield grid[:, p + dy : p + dy + h, p + dx : p + dx + w], ones[p + dy : p + dy + h, p + dx : p + dx + w]
+        yield grid[:, p + dy : p + dy + n, p + dx : p + dx + w], ones[p + dy : p + dy + n, p + dx : p + dx + w]
 
 
 __all__ = ["SHAPES", "shifted", "window_offsets", "window_rows"]

@@ -29,6 +29,9 @@ Options and deviations from upstream (outputs identical unless stated):
   :func:`linvision.kernels.linear_attn.linear_attention`.
 - :func:`linear_infsa` returns the pooled vector broadcast as a stride-0 view ``[B, N, H, Dv]`` (like
   upstream's ``expand_as``); :func:`linear_infsa_pooled` returns the ``[B, H, Dv]`` vector itself.
+- :func:`linear_infsa_pooled_streamed` takes the query and key/value rows as functions of a token range and,
+  on the PyTorch path, sums ``q̄`` and ``Σ_j a_j v_j`` over chunks of tokens (a caller's projection then
+  happens chunk by chunk); the PyTorch :func:`linear_infsa_pooled` runs the same chunked sums on its tensors.
 - The Triton pure InfSA never materialises the N×M matrix (flash-style, two reductions in one pass);
   the PyTorch reference does.
 - Masks and causality: upstream accepts and ignores them; these functions take none.
@@ -45,6 +48,9 @@ from torch import Tensor
 from ..backend import resolve_backend
 from ..validation import check_bool, check_float, check_qkv, check_triton_dtype
 from .naive import (
+    KeyRows,
+    Rows,
+    linear_infsa_pooled_chunked,
     linear_infsa_pooled_naive,
     linear_infsa_scores_naive,
     pure_infsa_naive,
@@ -70,6 +76,29 @@ def linear_infsa_pooled(
 ) -> Tensor:
     """Linear InfSA's pooled vector ``ρ Σ_j a_j v_j`` per (batch, head): ``[B, H, Dv]``, O(N·D)."""
     return _dispatch(q, k, v, rho, eps, backend, linear_infsa_pooled_naive, "linear_infsa_pooled_triton")
+
+
+def linear_infsa_pooled_streamed(
+    queries: Rows, keys: KeyRows, num_queries: int, num_keys: int, *, step: int, rho: Rho = DEFAULT_RHO,
+    eps: float = DEFAULT_EPS, backend: str = "auto",
+) -> Tensor:
+    """:func:`linear_infsa_pooled` of ``q = queries(0, N)``, ``(k, v) = keys(0, M)`` given by token range
+    (``queries(a, b) [B, b − a, H, D]``, ``keys(a, b) → (k [B, b − a, H, D], v [B, b − a, H, Dv])``, token-wise:
+    the same rows for a range as for the whole sequence sliced to it), ``[B, H, Dv]``.
+
+    On the PyTorch path the sums run over chunks of ``step`` tokens, one pass over the queries and one over the
+    keys, so no ``[B, N, H, ·]`` tensor is held (a caller's projection can happen chunk by chunk). The Triton path
+    builds ``q, k, v`` whole, checks them and runs :func:`linear_infsa_pooled`; the PyTorch path checks ρ and
+    eps only. ``backend`` is resolved on the first chunk of queries.
+    """
+    first = queries(0, min(step, num_queries))
+    if resolve_backend(backend, first) == "triton":
+        k, v = keys(0, num_keys)
+        return linear_infsa_pooled(queries(0, num_queries), k, v, rho=rho, eps=eps, backend=backend)
+    if not isinstance(rho, Tensor):
+        rho = check_float("rho", rho)
+    rows = lambda a, b: first if (a, b) == (0, first.shape[1]) else queries(a, b)  # noqa: E731
+    return linear_infsa_pooled_chunked(rows, keys, num_queries, num_keys, step, rho, check_float("eps", eps, min=0.0))
 
 
 def linear_infsa(
@@ -145,6 +174,7 @@ __all__ = [
     "DEFAULT_RHO",
     "linear_infsa",
     "linear_infsa_pooled",
+    "linear_infsa_pooled_streamed",
     "linear_infsa_scores",
     "pure_infsa",
     "pure_infsa_scores",

@@ -6,12 +6,14 @@ The operator of CLEAR (arXiv 2412.16112; ``Huage001/CLEAR: attention_processor.p
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
+from ..chunks import stack_chunks
+from ..linear_attn.naive import chunk_tokens
 from ..validation import check_4d, check_float, check_hw, check_int, check_qkv, check_triton_dtype
 from .naive import window_attention_blocked, window_attention_dense, window_mask
 
@@ -28,6 +30,7 @@ def window_attention(
     pooled_v: Optional[Tensor] = None,
     scale: Optional[float] = None,
     backend: str = "auto",
+    output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
 ) -> Tensor:
     """Softmax attention restricted to an open disc of radius ``r`` on the image grid, plus global tokens.
 
@@ -51,6 +54,10 @@ def window_attention(
     with the image. Accumulation in fp32 (fp64 on the torch backend for fp64 inputs); output in the
     input dtype. ``backend``: ``"auto"`` (Triton for CUDA tensors, else the blocked PyTorch
     reference), ``"torch"``, ``"triton"``. Differentiable in q, k, v, pooled_k, pooled_v.
+
+    ``output(a, b, o)``: a token-wise epilogue (the caller's mixing and projection) applied to each range of
+    output rows ``o [B, b − a, H, Dv]``; the result is then the stacked ``output`` results ``[B, N, ...]``. On the
+    PyTorch path the rows are handed over as they are computed, so the attention output is never held whole.
     """
     hw, radius, T, scale = _validated(q, k, v, hw, radius, num_prefix_tokens, pooled_k, pooled_v, scale)
     if pooled_k is not None and pooled_k.shape[1] == 0:
@@ -63,8 +70,9 @@ def window_attention(
         check_triton_dtype(q)
         from .triton import window_attention_triton
 
-        return window_attention_triton(q, k, v, hw, radius, T, pooled_k, pooled_v, scale)
-    return window_attention_blocked(q, k, v, hw, radius, T, pooled_k, pooled_v, scale)
+        o = window_attention_triton(q, k, v, hw, radius, T, pooled_k, pooled_v, scale)
+        return o if output is None else stack_chunks(lambda a, b: output(a, b, o[:, a:b]), o.shape[1], chunk_tokens(o))
+    return window_attention_blocked(q, k, v, hw, radius, T, pooled_k, pooled_v, scale, output=output)
 
 
 def pool_tokens(

@@ -18,11 +18,16 @@ the public :func:`linvision.kernels.window_attn.window_attention`.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..chunks import stack_ranges
+
+# (a, b, o [B, b − a, H, Dv]) → the caller's token-wise epilogue of the output rows a:b
+Epilogue = Callable[[int, int, Tensor], Tensor]
 
 SCORE_ELEMENTS = 1 << 24  # score elements of one chunk of prefix queries (64 MB in fp32)
 BLOCK_SCORE_ELEMENTS = 1 << 20  # score elements of one chunk of image-query blocks (4 MB in fp32: stays in cache)
@@ -89,13 +94,16 @@ def _image_blocks(t: Tensor, hw: Tuple[int, int], block: Tuple[int, int], rows: 
     return t.reshape(B, n, by, nbx, bx, H, D).permute(0, 5, 1, 3, 2, 4, 6).reshape(B, H, n, nbx, by * bx, D)
 
 
-def _padded_image(t: Tensor, hw: Tuple[int, int], padded: Tuple[int, int], pad: Tuple[int, int]) -> Tensor:
-    """Image tokens ``[B, h·w, H, D]`` → ``[B, H, Hp·Wp, D]``: zero-padded by ``pad = (py, px)`` before and up
-    to ``padded = (Hp, Wp)`` after, raster order (so a key row gather is one contiguous ``D`` vector)."""
+def _padded_rows(t: Tensor, hw: Tuple[int, int], width: int, pad: Tuple[int, int], rows: Tuple[int, int]) -> Tensor:
+    """Rows ``r0:r1`` of the zero-padded image of tokens ``t [B, h·w, H, D]``: ``[B, H, (r1 − r0)·Wp, D]``, raster
+    order (so a key row gather is one contiguous ``D`` vector). The padded image has ``pad = (py, px)`` zero
+    rows/columns before the image and reaches ``width = Wp`` columns; its row ``r`` is image row ``r − py``
+    (zeros outside ``[0, h)``). Only the band is built, never the whole padded image."""
     B, _, H, D = t.shape
-    (h, w), (Hp, Wp), (py, px) = hw, padded, pad
-    t = t.reshape(B, h, w, H, D).permute(0, 3, 1, 2, 4)
-    return F.pad(t, (0, 0, px, Wp - w - px, py, Hp - h - py)).reshape(B, H, Hp * Wp, D)
+    (h, w), (py, px), (r0, r1) = hw, pad, rows
+    lo, hi = max(r0 - py, 0), min(r1 - py, h)  # the image rows inside the band
+    t = t.reshape(B, h, w, H, D)[:, lo:hi].permute(0, 3, 1, 2, 4)
+    return F.pad(t, (0, 0, px, width - w - px, lo - (r0 - py), r1 - py - hi)).reshape(B, H, (r1 - r0) * width, D)
 
 
 def _block_disc(block: Tuple[int, int], pad: Tuple[int, int], radius: int, device) -> Tensor:
@@ -125,10 +133,15 @@ def window_attention_blocked(
     pooled_v: Optional[Tensor],
     scale: float,
     block: Optional[int] = None,
+    output: Optional[Epilogue] = None,
 ) -> Tensor:
     """Lean reference: the same operator without an N×N matrix (see the module docstring).
 
-    ``block``: query block side (default :func:`default_block`). Differentiable through autograd.
+    ``block``: query block side (default :func:`default_block`). ``output(a, b, o)``: a token-wise epilogue
+    applied to each range of output rows ``o [B, b − a, H, Dv]`` (input dtype) as it is computed; the result is
+    then the stacked epilogue results, and the attention output is never held whole. Work goes by bands of
+    block rows, each against only the rows of padded keys it reaches: no temporary grows past a band.
+    Differentiable through autograd.
     """
     acc = accumulation_dtype(q.dtype)
     B, N, H, Dk = q.shape
@@ -142,6 +155,7 @@ def window_attention_blocked(
     wy, wx = by + 2 * py, bx + 2 * px
     nby, nbx = -(-h // by), -(-w // bx)
     device = q.device
+    epilogue = (lambda a, b, o: o) if output is None else output  # noqa: E731
 
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     k_pre, v_pre = kf[:, :T], vf[:, :T]
@@ -149,41 +163,36 @@ def window_attention_blocked(
     pv = pooled_v.to(acc) if pooled_v is not None else vf.new_zeros(B, 0, H, Dv)
     P = pk.shape[1]
 
-    out = q.new_empty(B, N, H, Dv)  # every row written below; the sums are in acc, cast as they are stored
-    # Prefix queries: dense over the T + h·w prefix and image keys (never the pooled ones).
-    if T:
-        step = max(1, SCORE_ELEMENTS // max(1, B * H * N))
-        for a in range(0, T, step):
-            s = torch.einsum("bqhd,bmhd->bhqm", qf[:, a : min(a + step, T)], kf) * scale
-            out[:, a : min(a + step, T)] = torch.einsum("bhqm,bmhd->bqhd", s.softmax(-1), vf)
+    def prefix_rows(a: int, b: int) -> Tensor:
+        """Prefix queries ``a:b``: dense over the T + h·w prefix and image keys (never the pooled ones)."""
+        s = torch.einsum("bqhd,bmhd->bhqm", qf[:, a:b], kf) * scale
+        return epilogue(a, b, torch.einsum("bhqm,bmhd->bqhd", s.softmax(-1), vf).to(q.dtype))
 
     # Image queries: 2-D blocks against the keys of their window that meet some query's disc, gathered
     # from the padded image by a fixed offset pattern (the same for every block).
-    Hp, Wp = nby * by + 2 * py, nbx * bx + 2 * px
-    kp = _padded_image(kf[:, T:], hw, (Hp, Wp), (py, px))  # [B, H, Hp·Wp, Dk]
-    vp = _padded_image(vf[:, T:], hw, (Hp, Wp), (py, px))
+    Wp = nbx * bx + 2 * px
     keep = _window_keys((by, bx), (py, px), r, device)  # [W] window positions that meet the block's discs
     W = keep.numel()
     offsets = (keep // wx) * Wp + keep % wx  # [W] in the padded image, from a block's window origin
     origin = (torch.arange(nby, device=device) * by * Wp)[:, None] + torch.arange(nbx, device=device) * bx
     key_idx = origin[:, :, None] + offsets  # [nby, nbx, W]
-    inside = F.pad(torch.ones(h, w, dtype=torch.bool, device=device), (px, Wp - w - px, py, Hp - h - py))
+    inside = F.pad(torch.ones(h, w, dtype=torch.bool, device=device), (px, Wp - w - px, py, nby * by + py - h))
     k_ok = inside.flatten()[key_idx].unsqueeze(2)  # [nby, nbx, 1, W] kept keys inside the image
     q_ok = F.pad(torch.ones(h, w, dtype=torch.bool, device=device), (0, nbx * bx - w, 0, nby * by - h))
     q_ok = q_ok.reshape(nby, by, nbx, bx).permute(0, 2, 1, 3).reshape(nby, nbx, by * bx, 1)
     disc = _block_disc((by, bx), (py, px), r, device).index_select(-1, keep)  # [by·bx, W]
     # Padded query rows get an all-True row: finite (and then discarded) instead of NaN.
     allowed = (disc & k_ok) | ~q_ok  # [nby, nbx, by·bx, W]
-
     rows_per_chunk = max(1, BLOCK_SCORE_ELEMENTS // max(1, B * nbx * H * by * bx * (W + T + P)))
-    out_img = out[:, T:].view(B, h, w, H, Dv)
-    for a in range(0, nby, rows_per_chunk):
-        c = slice(a, min(a + rows_per_chunk, nby))
+
+    def image_rows(c: slice) -> Tensor:
+        """The outputs of the image rows of block rows ``c``, ``[B, rows·w, H, Dv]`` (input dtype)."""
         qc = _image_blocks(qf[:, T:], hw, (by, bx), c)  # [B, H, n, nbx, Q, Dk]
         n = qc.shape[2]
-        idx = key_idx[c].flatten()
-        kc = kp.index_select(2, idx).view(B, H, n, nbx, W, Dk)
-        vc = vp.index_select(2, idx).view(B, H, n, nbx, W, Dv)
+        band = (c.start * by, (c.start + n) * by + 2 * py)  # the padded rows these blocks' windows reach
+        idx = key_idx[c].flatten() - band[0] * Wp
+        kc = _padded_rows(kf[:, T:], hw, Wp, (py, px), band).index_select(2, idx).view(B, H, n, nbx, W, Dk)
+        vc = _padded_rows(vf[:, T:], hw, Wp, (py, px), band).index_select(2, idx).view(B, H, n, nbx, W, Dv)
         s_loc = (qc @ kc.transpose(-1, -2)) * scale  # [B, H, n, nbx, Q, W]
         s_loc = s_loc.masked_fill_(~allowed[c], float("-inf"))
         if T or P:
@@ -196,10 +205,19 @@ def window_attention_blocked(
         else:
             o = s_loc.softmax(-1) @ vc
         o = o.reshape(B, H, n, nbx, by, bx, Dv).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, n * by, nbx * bx, H, Dv)
-        r0 = a * by
-        rows = min(n * by, h - r0)
-        out_img[:, r0 : r0 + rows] = o[:, :rows, :w]
-    return out
+        rows = min(n * by, h - c.start * by)
+        return o[:, :rows, :w].to(q.dtype).reshape(B, rows * w, H, Dv)
+
+    def rows_of(a: int, b: int) -> Tensor:
+        if a < T:
+            return prefix_rows(a, b)
+        c = slice((a - T) // w // by, -(-((b - T) // w) // by))
+        return epilogue(a, b, image_rows(c))
+
+    prefix_step = max(1, SCORE_ELEMENTS // max(1, B * H * N))
+    ranges = [(a, min(a + prefix_step, T)) for a in range(0, T, prefix_step)]
+    ranges += [(T + a * by * w, T + min((a + rows_per_chunk) * by, h) * w) for a in range(0, nby, rows_per_chunk)]
+    return stack_ranges(rows_of, ranges, N)
 
 
 __all__ = ["window_mask", "window_attention_dense", "window_attention_blocked", "default_block"]

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from linvision.kernels.infsa import (
     linear_infsa,
     linear_infsa_pooled,
+    linear_infsa_pooled_streamed,
     linear_infsa_scores,
     pure_infsa,
     pure_infsa_scores,
@@ -85,6 +86,36 @@ def test_linear_output_is_rank_one():
     o = linear_infsa(q, k, v)
     assert torch.equal(o, o[:, :1].expand_as(o))
     assert torch.equal(o[:, 0], linear_infsa_pooled(q, k, v))
+
+
+@pytest.mark.parametrize("step", [1, 7, 64, 500])
+def test_pooled_streamed_sums_chunks_of_rows(step):
+    """Queries and keys given by range (different counts), summed over chunks of ``step`` tokens: the pooled
+    vector of the whole tensors, with the gradients of q, k, v and ρ; every query and key row read once."""
+    q, k, v = qkv(2, 37, 3, 8, Dv=5, M=29, dtype=torch.float64, requires_grad=True)
+    rho = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    reads = {"q": 0, "k": 0}
+
+    def rows(name, t, a, b):
+        reads[name] += b - a
+        return t[:, a:b]
+
+    got = linear_infsa_pooled_streamed(lambda a, b: rows("q", q, a, b), lambda a, b: (rows("k", k, a, b), v[:, a:b]),
+                                       37, 29, step=step, rho=rho, backend="torch")
+    assert reads == {"q": 37, "k": 29}
+    want = linear_infsa_pooled(q, k, v, rho=rho, backend="torch")
+    _, _, a = linear_infsa_scores(q, k)
+    spec = rho * torch.einsum("bmh,bmhd->bhd", a, v)  # the scores' form, summed over all keys at once
+    assert rel_err(got, want) < 1e-13 and rel_err(got, spec) < 1e-13
+    for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v, rho)), torch.autograd.grad(spec.sum(), (q, k, v, rho))):
+        assert rel_err(g, w) < 1e-12
+
+
+def test_pooled_streamed_on_triton_builds_the_rows_whole():
+    q, k, v = qkv(1, 70, 2, 8, M=40)
+    got = linear_infsa_pooled_streamed(lambda a, b: q[:, a:b], lambda a, b: (k[:, a:b], v[:, a:b]), 70, 40, step=16,
+                                       rho=0.9, backend="triton")
+    assert rel_err(got, linear_infsa_pooled(q, k, v, rho=0.9, backend="torch")) < 1e-5
 
 
 @pytest.mark.golden

@@ -10,8 +10,10 @@ from linvision.kernels.window_attn.naive import window_mask
 from linvision.mixers.hedgehog import HedgehogFeatureMap, normalised_rows
 from linvision.kernels.gated_recurrence import gated_scan
 from linvision.mixers.liger import gated_rows, liger_gates
+from linvision.kernels.linear_attn import naive as linear_naive
+from linvision.mixers import lolcats
 from linvision.mixers.lolcats import hybrid_attention, hybrid_rows
-from linvision.mixers.window2d import window_rows
+from linvision.mixers.window2d import shifted, window_offsets, window_rows
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 FIXTURE = FIXTURES / "linearize" / "official.safetensors"
@@ -81,6 +83,43 @@ def test_hybrid_attention_equals_dense_rows_fp64(shape, T):
         y = hybrid_attention(q, k, v, fq, fk, hw, T, wf, lf, shape, 3)
         ref = torch.einsum("bhnm,bmhv->bnhv", hybrid_rows(q, k, fq, fk, hw, T, wf, lf, shape, 3, 0, N), v)
         assert rel(y, ref) < 1e-12
+
+
+@pytest.mark.parametrize("rows", [(0, 7), (0, 1), (2, 5), (6, 7), (3, 4)])
+def test_shifted_band_is_the_band_of_the_whole_grid(rows):
+    """``shifted(rows=(a, b))`` equals rows a:b of the whole-grid views (values and validity), near either edge."""
+    t = torch.randn(2, 63, 3, 4)
+    offsets = window_offsets("disc", 3)
+    a, b = rows
+    for (whole, ok), (band, band_ok) in zip(shifted(t, (7, 9), offsets), shifted(t, (7, 9), offsets, rows)):
+        assert torch.equal(band, whole[:, a:b]) and torch.equal(band_ok, ok[a:b])
+
+
+@pytest.mark.parametrize("T", [0, 2])
+def test_hybrid_attention_bands_and_epilogue(monkeypatch, T):
+    """Bands of two grid rows, rotated numerator features, and the ``output`` epilogue: every range once, in
+    order, against the dense rows, with gradients."""
+    monkeypatch.setattr(lolcats, "BAND_TOKENS", 18)
+    monkeypatch.setattr(linear_naive, "CHUNK_ELEMENTS", 1)  # the key state summed over 64-token chunks
+    torch.manual_seed(3)
+    B, H, D, F, hw = 2, 3, 4, 5, (11, 9)  # 99 image keys: two chunks of the state
+    N = T + 99
+    q, k, v = (torch.randn(B, N, H, D, dtype=torch.float64) for _ in range(3))
+    fq, fk, rfq, rfk = (torch.rand(B, N, H, F, dtype=torch.float64) for _ in range(4))
+    wf = torch.rand(H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(H * D, 2, dtype=torch.float64)
+    seen = []
+
+    def output(a, b, o):
+        seen.append((a, b))
+        return o.flatten(2) @ weight
+
+    y = hybrid_attention(q, k, v, fq, fk, hw, T, wf, 1 - wf, "disc", 3, rfq, rfk, output=output)
+    assert seen == ([(0, T)] if T else []) + [(T + 9 * a, T + 9 * min(a + 2, 11)) for a in range(0, 11, 2)]
+    rows = hybrid_rows(q, k, fq, fk, hw, T, wf, 1 - wf, "disc", 3, 0, N, rfq, rfk)
+    ref = torch.einsum("bhnm,bmhv->bnhv", rows, v).flatten(2) @ weight
+    assert rel(y, ref) < 1e-12
+    assert rel(torch.autograd.grad(y.sum(), wf)[0], torch.autograd.grad(ref.sum(), wf)[0]) < 1e-12
 
 
 def test_hybrid_attention_gradcheck():
