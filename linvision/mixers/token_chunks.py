@@ -35,7 +35,8 @@ def map_token_chunks(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
     """``fn(*tensors)`` evaluated on chunks of tokens: ``out[:, a:b] = fn(*(t[:, a:b] for t in tensors))``.
 
     ``tensors``: ``[B, N, ...]`` each (same ``B`` and ``N``); ``fn`` must be token-wise and return
-    ``[B, b − a, ...]``. The chunk size follows the widest input's row.
+    ``[B, b − a, ...]``. The chunk size follows the widest input's row. Chunks are handed over contiguous (a
+    chunk of a batch is strided, and ``F.linear`` on a strided 3-D input adds its bias in a second rounding).
     """
     B, N = tensors[0].shape[:2]
     row = max(math.prod(t.shape[2:]) for t in tensors)
@@ -43,8 +44,8 @@ def map_token_chunks(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
     if N > step and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         # autograd: split (its backward is one cat) and cat, never a slice or slice write per chunk, each of
         # whose backwards would touch the whole tensor
-        return torch.cat([fn(*parts) for parts in zip(*(t.split(step, 1) for t in tensors))], 1)
-    return map_token_ranges(lambda a, b: fn(*(t[:, a:b] for t in tensors)), B, N, row)
+        return torch.cat([fn(*(p.contiguous() for p in parts)) for parts in zip(*(t.split(step, 1) for t in tensors))], 1)
+    return map_token_ranges(lambda a, b: fn(*(t[:, a:b].contiguous() for t in tensors)), B, N, row)
 
 
 def map_token_ranges(fn: Callable[[int, int], Tensor], batch: int, num_tokens: int, row: int) -> Tensor:
