@@ -64,7 +64,7 @@ from ..kernels.validation import check_bool, check_choice, check_float, check_in
 from .base import QKVMixer
 from .orders import BASE_ORDERS, ORDERS, scan_in_orders
 from .short_conv import conv_halo, short_conv, short_conv_rows
-from .token_chunks import map_token_chunks, map_token_ranges
+from .token_chunks import map_token_chunks, map_token_windows
 
 OUTPUT_GATE_INIT_BIAS = 1.278464542761074  # SiLU(b) = 1
 KEY_NORMS = ("l2", "official")
@@ -202,9 +202,9 @@ class BidirectionalGDN(QKVMixer):
     def scan(self, x: Tensor) -> Tensor:
         """Both halves on ``x (B, N, C)`` in scan order → ``[S q, z q]`` ``[B, N, H, D + 1]`` (its features one packed
         buffer, built in token chunks)."""
-        B, N, C = x.shape
+        N, C = x.shape[1:]
         row = C + self.num_householder * (C + self.num_heads * (self.head_dim + 2)) + self.num_heads
-        f = map_token_ranges(lambda a, b: self.features(x, a, b), B, N + 1, row)
+        f = map_token_windows(lambda a, b: self.features(x, a, b), x, N + 1, row)
         return delta_bidirectional(*self.unpack(f), self.num_householder, scale=1.0, chunk_size=self.chunk_size,
                                    backend=self.backend)
 

@@ -39,7 +39,7 @@ from ..kernels.gated_recurrence import gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import TokenMixer
 from .orders import ORDERS, scan_in_orders
-from .token_chunks import map_token_chunks, map_token_ranges
+from .token_chunks import map_token_chunks, map_token_windows
 from .token_conv import depthwise_conv_tokens
 
 
@@ -162,10 +162,10 @@ class ViGGatedLinearAttention(TokenMixer):
         return xs, q.unflatten(-1, (H, -1)), k.unflatten(-1, (H, -1)), v.unflatten(-1, (H, -1)), g.unflatten(-1, (2, H, -1))
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        B, N, C = x.shape
+        N, C = x.shape[1:]
         # one packed buffer of the token-wise features; scan output and epilogue in fp32 (fp64 for fp64)
         row = 2 * C + 4 * self.key_dim
-        f = map_token_ranges(lambda a, b: self.features(x, hw, num_prefix_tokens, a, b), B, N, row)
+        f = map_token_windows(lambda a, b: self.features(x, hw, num_prefix_tokens, a, b), x, N, row)
         _, q, k, v, g = self.unpack(f)
 
         def scan(q, k, v, g_f, g_b):

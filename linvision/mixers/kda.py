@@ -40,7 +40,7 @@ from .base import TokenMixer
 from .gla import rms_norm_wide
 from .orders import ORDERS, scan_in_orders
 from .short_conv import conv_halo, short_conv, short_conv_rows
-from .token_chunks import map_token_chunks, map_token_ranges
+from .token_chunks import map_token_chunks, map_token_windows
 
 
 class KimiDeltaAttention(TokenMixer):
@@ -139,11 +139,11 @@ class KimiDeltaAttention(TokenMixer):
         return self.o_proj(o.flatten(2).to(x.dtype))
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        B, N, _ = x.shape
+        N = x.shape[1]
         row = 3 * self.key_dim + self.value_dim + self.num_heads
 
         def scan(x):  # x in scan order; its features in one packed buffer (gates, scan, norm, output gate: fp32)
-            f = map_token_ranges(lambda a, b: self.features(x, a, b), B, N, row)
+            f = map_token_windows(lambda a, b: self.features(x, a, b), x, N, row)
             q, k, v, g, beta = self.unpack(f)
             return gated_scan(q, k, v, g, beta, delta=True, qk_l2norm=True, allow_neg_eigval=self.allow_neg_eigval,
                               direction="forward" if self.causal else "bidirectional", chunk_size=self.chunk_size,
