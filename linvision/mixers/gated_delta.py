@@ -196,7 +196,7 @@ class BidirectionalGDN(QKVMixer):
         B, T = f.shape[:2]
         H, D, n = self.num_heads, self.head_dim, self.num_householder
         q, k, v1, log_decay, beta = f.split([H * D, n * H * D, n * H * (D + 1), H, n * H], -1)
-        k, v1, beta = (t.reshape(B, T * n, H, -1) for t in (k, v1, beta))
+        k, v1, beta = (t.reshape(B, T * n, H, d) for t, d in ((k, D), (v1, D + 1), (beta, 1)))
         return q[:, :-1].unflatten(-1, (H, D)), k, v1, log_decay, beta[..., 0]
 
     def scan(self, x: Tensor) -> Tensor:
