@@ -16,7 +16,10 @@ Per head (``D = head_dim``), every token one step of the scan::
     y        = proj(o · SiLU(output_gate(x)))
 
 Both states are one :func:`linvision.kernels.gated_scan` over ``[v, 1]`` with ``delta=True`` and scale 1. The backward half reads the state of tokens ``t+1 …`` built with their own
-gates and no decay at ``t`` (SANA's ``flip_and_shift``): a backward scan of the inputs shifted by one.
+gates and no decay at ``t`` (SANA's ``flip_and_shift``): a backward scan of the inputs shifted by one. The
+token-wise inputs (projections, ``conv_k`` with its halo tokens, key norm, ``[v, 1]``, gates) are built in chunks
+of tokens into one packed buffer of ``N + 1`` tokens, the last one zeros, so the shifted inputs are views of it;
+the ratio, the output gate and ``proj`` are one chunked pass over the scan's output.
 
 Initialisation ``_init_gdn_gates_for_linear_equiv`` (the block starts as plain ReLU linear attention): beta_proj
 weight 0 / bias 5 (β ≈ 0.993), gate_proj weight 0 / bias 0, ``dt_bias = −5``, ``A_log = 0`` (α ≈ 0.993),

@@ -25,6 +25,10 @@ input itself (ViG's rule for its class token). Deviations: ``order`` adds column
 scans raster order only); ``expand_v`` must be 1 (the official local branch reshapes ``dim`` channels into
 heads of ``d_v``, which needs it); no RoPE or ``use_dirpe`` options (off in every ViG config); the scan's output,
 the norms and the gating run in fp32 whatever the input dtype (fp64 for fp64).
+Computation: the token-wise work runs in chunks of tokens (:mod:`.token_chunks`), so no temporary is sized by
+the sequence: the local branch (the depth-wise convolution read channels-last around each chunk's grid rows),
+``q, k, v`` and the gates go into one packed buffer whose views feed the scan, and the diagonal, norms, gating and
+``o_proj`` are one pass over the scan's output.
 """
 from __future__ import annotations
 

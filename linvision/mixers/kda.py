@@ -23,6 +23,9 @@ are the official ones (nn.Linear defaults, ``A_log = log U(1, 16)``, ``dt_bias =
 Prefix tokens lead the order (:mod:`.orders`). Deviations: bidirectional form and orders (none upstream); no
 grouped value heads (``num_v_heads``), ``safe_gate`` / ``lower_bound`` gates, caches or variable-length packing;
 states, gates, the norm and the output gate in fp32 (fp64 for fp64 inputs).
+Computation: per scan order, the projections, short convolutions (each chunk of tokens reads its ``conv_size − 1``
+halo tokens, :func:`.short_conv.short_conv_rows`), gates and β are built in chunks of tokens into one packed buffer
+whose views feed the scan; the norm, output gate and ``o_proj`` are one chunked pass over the scan's output.
 """
 from __future__ import annotations
 
