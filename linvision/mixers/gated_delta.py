@@ -16,7 +16,10 @@ Per head (``D = head_dim``), every token one step of the scan::
     y        = proj(o · SiLU(output_gate(x)))
 
 Both states are one :func:`linvision.kernels.gated_scan` over ``[v, 1]`` with ``delta=True`` and scale 1. The backward half reads the state of tokens ``t+1 …`` built with their own
-gates and no decay at ``t`` (SANA's ``flip_and_shift``): a backward scan of the inputs shifted by one.
+gates and no decay at ``t`` (SANA's ``flip_and_shift``): a backward scan of the inputs shifted by one. The
+token-wise inputs (projections, ``conv_k`` with its halo tokens, key norm, ``[v, 1]``, gates) are built in chunks
+of tokens into one packed buffer of ``N + 1`` tokens, the last one zeros, so the shifted inputs are views of it;
+the ratio, the output gate and ``proj`` are one chunked pass over the scan's output.
 
 Initialisation ``_init_gdn_gates_for_linear_equiv`` (the block starts as plain ReLU linear attention): beta_proj
 weight 0 / bias 5 (β ≈ 0.993), gate_proj weight 0 / bias 0, ``dt_bias = −5``, ``A_log = 0`` (α ≈ 0.993),
@@ -62,8 +65,9 @@ from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.gated_recurrence import gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import QKVMixer
-from .orders import ORDERS, scan_in_orders
-from .short_conv import bidirectional_conv, short_conv
+from .orders import BASE_ORDERS, ORDERS, scan_in_orders
+from .short_conv import conv_halo, short_conv, short_conv_rows
+from .token_chunks import map_token_chunks, map_token_windows
 
 OUTPUT_GATE_INIT_BIAS = 1.278464542761074  # SiLU(b) = 1
 KEY_NORMS = ("l2", "official")
@@ -74,22 +78,20 @@ def l2_normalize(k: Tensor, eps: float = 1e-6) -> Tensor:
     return k * torch.rsqrt(k.square().sum(-1, keepdim=True) + eps)
 
 
-def shift_next(t: Tensor, rows: int = 1) -> Tensor:
-    """``t'_i = t_{i+rows}`` along dim 1, zero at the end (SANA's ``flip_and_shift`` seen from the original order;
-    ``rows = n_h`` shifts the Householder sub-steps by one token)."""
-    return torch.cat([t[:, rows:], torch.zeros_like(t[:, :rows])], 1)
-
-
 def delta_bidirectional(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, num_householder: int = 1, **scan
 ) -> Tensor:
-    """SANA's fusion: forward gated-delta scan (inclusive) plus the backward scan of the next tokens;
-    ``k, v, beta`` with ``num_householder`` rows per token (``[B, N·n_h, ...]``)."""
-    n = num_householder
-    fwd = gated_scan(q, k, v, g, beta, delta=True, direction="forward", num_householder=n, **scan)
-    bwd = gated_scan(q, shift_next(k, n), shift_next(v, n), shift_next(g), shift_next(beta, n), delta=True,
-                     direction="backward", num_householder=n, **scan)
-    return fwd + bwd
+    """SANA's fusion: forward gated-delta scan (inclusive) plus the backward scan of the next tokens.
+
+    ``q [B, N, H, Dk]``; ``k, v, beta`` with ``num_householder`` rows per token and ``g [B, N + 1, H]`` over
+    ``N + 1`` tokens, the last one zeros (``k [B, (N + 1)·n_h, H, Dk]``): the backward half reads them shifted by
+    one token (SANA's ``flip_and_shift``, the zero token closing the order) as views, without shifted copies."""
+    N, n = q.shape[1], num_householder
+    fwd = gated_scan(q, k[:, : N * n], v[:, : N * n], g[:, :N], beta[:, : N * n], delta=True, direction="forward",
+                     num_householder=n, **scan)
+    bwd = gated_scan(q, k[:, n:], v[:, n:], g[:, 1:], beta[:, n:], delta=True, direction="backward",
+                     num_householder=n, **scan)
+    return fwd + bwd if fwd.requires_grad and torch.is_grad_enabled() else fwd.add_(bwd)
 
 
 class BidirectionalGDN(QKVMixer):
@@ -168,30 +170,64 @@ class BidirectionalGDN(QKVMixer):
         log_decay = -self.A_log.to(acc).exp() * F.softplus(self.gate_proj(x).to(acc) + self.dt_bias.to(acc))
         return beta, log_decay
 
-    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        B, N, C = x.shape
-        acc = accumulation_dtype(x.dtype)  # the scan, its ratio and the output gate: fp32 (fp64 for fp64)
-        q, k, v = (t.to(acc) for t in self.project_qkv_steps(x))
-        beta, log_decay = self.gates(x)
-        n, rows = self.num_householder, self.num_householder * self.num_heads
+    def features(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Tokens ``start:stop`` of ``x (B, N, C)`` in scan order (``stop ≤ N + 1``) → ``[B, stop − start, W]``:
+        ``ReLU(q)``, the normalised keys (``conv_k`` reading the halo tokens around the range), ``[v, 1]``, the log
+        decay and ``β`` packed (:meth:`unpack`), in the accumulation dtype; token ``N`` is all zeros."""
+        N = x.shape[1]
+        end = min(stop, N)
+        K = 1 if self.conv_k is None else self.conv_k.kernel_size[0]
+        lo, hi = conv_halo(start, end, N, K, causal=False)
+        q, k, v = (t.to(accumulation_dtype(x.dtype)) for t in self.project_qkv_steps(x[:, lo:hi]))
+        rows = slice(start - lo, end - lo)
+        q, v = q[:, rows], v[:, rows]
+        if self.conv_k is None:
+            k = k[:, rows]
+        else:
+            k = short_conv_rows(k.flatten(2), self.conv_k.weight, start, end, N, causal=False).unflatten(-1, (-1, self.head_dim))
+        q, k = F.relu(q), F.relu(k)
+        k = l2_normalize(k) if self.key_norm == "l2" else k * self.head_dim ** -0.5
+        v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+        beta, log_decay = self.gates(x[:, start:end])
+        f = torch.cat([q.flatten(2), k.flatten(2), v1.flatten(2), log_decay, beta], -1)
+        return F.pad(f, (0, 0, 0, stop - end))
 
-        def scan(q, k, v, log_decay, beta):
-            if self.conv_k is not None:
-                k = bidirectional_conv(k.flatten(2), self.conv_k).unflatten(-1, (rows, -1))
-            q, k = F.relu(q), F.relu(k)
-            k = l2_normalize(k) if self.key_norm == "l2" else k * self.head_dim ** -0.5
-            v1 = torch.cat([v, v.new_ones(B, N, rows, 1)], -1)
-            if n > 1:  # '(t n) h d': the n_h sub-steps of every token in a row
-                k, v1 = (t.reshape(B, N * n, self.num_heads, -1) for t in (k, v1))
-                beta = beta.reshape(B, N * n, self.num_heads)
-            out = delta_bidirectional(q, k, v1, log_decay, beta, n, scale=1.0, chunk_size=self.chunk_size,
-                                      backend=self.backend)
-            return out[..., :-1] / (out[..., -1:] + self.eps)
+    def unpack(self, f: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The packed features ``f [B, N + 1, W]`` of :meth:`features` → ``q [B, N, H, D]`` and, over the ``N + 1``
+        tokens in the ``(t n)`` layout, ``k [B, (N + 1)·n_h, H, D]``, ``[v, 1] [B, (N + 1)·n_h, H, D + 1]``,
+        ``log_decay [B, N + 1, H]``, ``β [B, (N + 1)·n_h, H]``: views for ``n_h = 1``."""
+        B, T = f.shape[:2]
+        H, D, n = self.num_heads, self.head_dim, self.num_householder
+        q, k, v1, log_decay, beta = f.split([H * D, n * H * D, n * H * (D + 1), H, n * H], -1)
+        k, v1, beta = (t.reshape(B, T * n, H, d) for t, d in ((k, D), (v1, D + 1), (beta, 1)))
+        return q[:, :-1].unflatten(-1, (H, D)), k, v1, log_decay, beta[..., 0]
 
-        o = scan_in_orders(scan, (q, k, v, log_decay, beta), hw, num_prefix_tokens, self.order).flatten(2)
+    def scan(self, x: Tensor) -> Tensor:
+        """Both halves on ``x (B, N, C)`` in scan order → ``[S q, z q]`` ``[B, N, H, D + 1]`` (its features one packed
+        buffer, built in token chunks)."""
+        N, C = x.shape[1:]
+        row = C + self.num_householder * (C + self.num_heads * (self.head_dim + 2)) + self.num_heads
+        f = map_token_windows(lambda a, b: self.features(x, a, b), x, N + 1, row)
+        return delta_bidirectional(*self.unpack(f), self.num_householder, scale=1.0, chunk_size=self.chunk_size,
+                                   backend=self.backend)
+
+    def ratio(self, out: Tensor) -> Tensor:
+        """``[S q, z q] [B, n, H, D + 1]`` → ``S q / (z q + eps)`` ``[B, n, H, D]``."""
+        return out[..., :-1] / (out[..., -1:] + self.eps)
+
+    def gate_output(self, o: Tensor, x: Tensor) -> Tensor:
+        """Token-wise epilogue: ``proj(o · SiLU(output_gate(x)))``, ``o [B, n, H, D]``, ``x (B, n, C)``."""
+        o = o.flatten(2)
         if self.output_gate is not None:
-            o = o * F.silu(self.output_gate(x).to(acc))
+            o = o * F.silu(self.output_gate(x).to(o.dtype))
         return self.proj(o.to(x.dtype))
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        if len(BASE_ORDERS[self.order]) == 1:  # the ratio is token-wise: taken in the epilogue, no buffer of its own
+            out = scan_in_orders(self.scan, (x,), hw, num_prefix_tokens, self.order)
+            return map_token_chunks(lambda out, x: self.gate_output(self.ratio(out), x), out, x)
+        o = scan_in_orders(lambda x: map_token_chunks(self.ratio, self.scan(x)), (x,), hw, num_prefix_tokens, self.order)
+        return map_token_chunks(self.gate_output, o, x)
 
     def extra_repr(self) -> str:
         steps = f", num_householder={self.num_householder}" if self.num_householder > 1 else ""

@@ -25,6 +25,10 @@ input itself (ViG's rule for its class token). Deviations: ``order`` adds column
 scans raster order only); ``expand_v`` must be 1 (the official local branch reshapes ``dim`` channels into
 heads of ``d_v``, which needs it); no RoPE or ``use_dirpe`` options (off in every ViG config); the scan's output,
 the norms and the gating run in fp32 whatever the input dtype (fp64 for fp64).
+Computation: the token-wise work runs in chunks of tokens (:mod:`.token_chunks`), so no temporary is sized by
+the sequence: the local branch (the depth-wise convolution read channels-last around each chunk's grid rows),
+``q, k, v`` and the gates go into one packed buffer whose views feed the scan, and the diagonal, norms, gating and
+``o_proj`` are one pass over the scan's output.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ from ..kernels.gated_recurrence import gated_scan
 from ..kernels.validation import check_bool, check_choice, check_float, check_int, check_optional
 from .base import TokenMixer
 from .orders import ORDERS, scan_in_orders
+from .token_chunks import map_token_chunks, map_token_windows
+from .token_conv import depthwise_conv_tokens
 
 
 def rms_norm_wide(x: Tensor, norm: nn.RMSNorm) -> Tensor:
@@ -114,37 +120,64 @@ class ViGGatedLinearAttention(TokenMixer):
         """Called by linvision's models after their own init, so the block keeps the official one."""
         self.reset_parameters()
 
-    def local_branch(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        """``in_proj`` on the image grid; prefix tokens pass through unchanged. ``(B, N, C)``."""
-        B, _, C = x.shape
-        img = x[:, num_prefix_tokens:].transpose(1, 2).reshape(B, C, *hw)
-        local = self.in_proj(img).flatten(2).transpose(1, 2)
-        return torch.cat([x[:, :num_prefix_tokens], local], 1)
+    def local_branch(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, start: int = 0,
+                     stop: Optional[int] = None) -> Tensor:
+        """``in_proj`` on the image grid for tokens ``start:stop`` of ``x (B, N, C)``; prefix tokens pass through
+        unchanged. ``(B, stop − start, C)``: the depth-wise convolution reads the grid rows around the range in place
+        (:func:`.token_conv.depthwise_conv_tokens`, channels-last)."""
+        P = num_prefix_tokens
+        stop = x.shape[1] if stop is None else stop
+        conv, act = self.in_proj
+        local = act(depthwise_conv_tokens(x, hw, P, conv.weight, conv.bias, start, stop))
+        if start >= P:
+            return local
+        return torch.cat([x[:, start : min(stop, P)], local[:, P - start :]], 1)
 
-    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        H = self.num_heads
-        acc = accumulation_dtype(x.dtype)  # the scan's output, the norms and the gating: fp32 (fp64 for fp64)
-        xs = self.local_branch(x, hw, num_prefix_tokens)
-        q, k, v = self.qkv_proj(xs).to(acc).split([self.key_dim, self.key_dim, self.value_dim], -1)
-        q, k, v = q.unflatten(-1, (H, -1)), k.unflatten(-1, (H, -1)), v.unflatten(-1, (H, -1))
+    def features(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, start: int, stop: int) -> Tensor:
+        """Tokens ``start:stop`` of ``x (B, N, C)`` → ``[B, stop − start, C + 2·key_dim + value_dim + 2·key_dim]``:
+        ``xs, q, k, v, g_f, g_b`` packed, in the accumulation dtype (``xs`` cast back losslessly where used)."""
+        acc = accumulation_dtype(x.dtype)
+        xs = self.local_branch(x, hw, num_prefix_tokens, start, stop)
         gk = F.logsigmoid(self.gk_proj(xs).to(acc)) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             gk = gk.clamp_min(self.clamp_min)
-        g_f, g_b = (t.unflatten(-1, (H, -1)) for t in gk.chunk(2, -1))
+        return torch.cat([xs.to(acc), self.qkv_proj(xs).to(acc), gk], -1)
+
+    def gate_output(self, both: Tensor, f: Tensor, dtype: torch.dtype) -> Tensor:
+        """Token-wise epilogue: ``both [B, n, H, d_v]`` (the two scans) and the packed features ``f`` of the same
+        tokens → ``o_proj(act(RMSNorm_g((both + diag)/2)·g + RMSNorm_l(xs)·(1 − g)))`` ``[B, n, C]`` in ``dtype``."""
+        H = self.num_heads
+        xs, q, k, v, _ = self.unpack(f)
+        diag = (q * k).sum(-1, keepdim=True) * v * self.head_qk_dim ** -0.5
+        o = rms_norm_wide((both + diag) / 2, self.g_norm)
+        xs = xs.to(dtype)
+        local = rms_norm_wide(xs.unflatten(-1, (H, -1)), self.l_norm)
+        g = torch.sigmoid(self.g_proj(xs).to(accumulation_dtype(dtype))).unflatten(-1, (H, -1))
+        o = (o * g + local * (1 - g)).flatten(2)
+        if self.use_out_act:
+            o = F.silu(o)
+        return self.o_proj(o.to(dtype))
+
+    def unpack(self, f: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Views of the packed features ``f [B, n, ·]``: ``xs [B, n, C]``, ``q, k [B, n, H, d_k]``,
+        ``v [B, n, H, d_v]`` and the gates ``g [B, n, 2, H, d_k]`` (forward, backward)."""
+        H = self.num_heads
+        xs, q, k, v, g = f.split([self.dim, self.key_dim, self.key_dim, self.value_dim, 2 * self.key_dim], -1)
+        return xs, q.unflatten(-1, (H, -1)), k.unflatten(-1, (H, -1)), v.unflatten(-1, (H, -1)), g.unflatten(-1, (2, H, -1))
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        N, C = x.shape[1:]
+        # one packed buffer of the token-wise features; scan output and epilogue in fp32 (fp64 for fp64)
+        row = 2 * C + 4 * self.key_dim
+        f = map_token_windows(lambda a, b: self.features(x, hw, num_prefix_tokens, a, b), x, N, row)
+        _, q, k, v, g = self.unpack(f)
 
         def scan(q, k, v, g_f, g_b):
             return gated_scan(q, k, v, g_f, direction="bidirectional", g_backward=g_b, chunk_size=self.chunk_size,
                               backend=self.backend)
 
-        both = scan_in_orders(scan, (q, k, v, g_f, g_b), hw, num_prefix_tokens, self.order)
-        diag = (q * k).sum(-1, keepdim=True) * v * self.head_qk_dim ** -0.5
-        o = rms_norm_wide((both + diag) / 2, self.g_norm)
-        local = rms_norm_wide(xs.unflatten(-1, (H, -1)), self.l_norm)
-        g = torch.sigmoid(self.g_proj(xs).to(acc)).unflatten(-1, (H, -1))
-        o = (o * g + local * (1 - g)).flatten(2)
-        if self.use_out_act:
-            o = F.silu(o)
-        return self.o_proj(o.to(x.dtype))
+        both = scan_in_orders(scan, (q, k, v, g[:, :, 0], g[:, :, 1]), hw, num_prefix_tokens, self.order)
+        return map_token_chunks(lambda both, f: self.gate_output(both, f, x.dtype), both, f)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, key_dim={self.key_dim}, order={self.order!r}"

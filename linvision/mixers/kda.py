@@ -23,6 +23,9 @@ are the official ones (nn.Linear defaults, ``A_log = log U(1, 16)``, ``dt_bias =
 Prefix tokens lead the order (:mod:`.orders`). Deviations: bidirectional form and orders (none upstream); no
 grouped value heads (``num_v_heads``), ``safe_gate`` / ``lower_bound`` gates, caches or variable-length packing;
 states, gates, the norm and the output gate in fp32 (fp64 for fp64 inputs).
+Computation: per scan order, the projections, short convolutions (each chunk of tokens reads its ``conv_size − 1``
+halo tokens, :func:`.short_conv.short_conv_rows`), gates and β are built in chunks of tokens into one packed buffer
+whose views feed the scan; the norm, output gate and ``o_proj`` are one chunked pass over the scan's output.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from ..kernels.validation import check_bool, check_choice, check_float, check_in
 from .base import TokenMixer
 from .gla import rms_norm_wide
 from .orders import ORDERS, scan_in_orders
-from .short_conv import bidirectional_conv, causal_conv, short_conv
+from .short_conv import conv_halo, short_conv, short_conv_rows
+from .token_chunks import map_token_chunks, map_token_windows
 
 
 class KimiDeltaAttention(TokenMixer):
@@ -97,37 +101,59 @@ class KimiDeltaAttention(TokenMixer):
         self.o_norm = nn.RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
 
-    def _conv(self, x: Tensor, name: str) -> Tensor:
-        """SiLU(short convolution) along the order, causal or bidirectional; SiLU alone without convolutions."""
+    def _conv(self, window: Tensor, name: str, start: int, stop: int, num_tokens: int) -> Tensor:
+        """SiLU(short convolution) along the order, causal or bidirectional, of tokens ``start:stop`` of ``num_tokens``
+        from their halo window ``[B, hi − lo, ·]`` (:func:`.short_conv.conv_halo`); SiLU alone without convolutions
+        (the window is then the tokens themselves)."""
         if not self.use_short_conv:
-            return F.silu(x)
+            return F.silu(window)
         conv = getattr(self, name)
-        y = causal_conv(x, conv) if self.causal else bidirectional_conv(x, conv)
+        y = short_conv_rows(window, conv.weight, start, stop, num_tokens, self.causal)
         if conv.bias is not None:
             y = y + conv.bias.to(y.dtype)
         return F.silu(y)
 
-    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        H = self.num_heads
-        acc = accumulation_dtype(x.dtype)  # gates, scan, norm and output gate: fp32 (fp64 for fp64)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def features(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Tokens ``start:stop`` of ``x (B, N, C)`` in scan order → ``[B, stop − start, 3·key_dim + value_dim + H]``:
+        ``q, k, v`` (short convolution and SiLU, reading the halo tokens around the range), the gate ``g`` and
+        ``β`` packed, in the accumulation dtype."""
+        H, N = self.num_heads, x.shape[1]
+        acc = accumulation_dtype(x.dtype)
+        K = self.q_conv1d.kernel_size[0] if self.use_short_conv else 1
+        window = x[:, slice(*conv_halo(start, stop, N, K, self.causal))]
+        q, k, v = (self._conv(proj(window).to(acc), name, start, stop, N)
+                   for proj, name in ((self.q_proj, "q_conv1d"), (self.k_proj, "k_conv1d"), (self.v_proj, "v_conv1d")))
+        x = x[:, start:stop]
         g = -self.A_log.to(acc).exp()[:, None] * F.softplus(
             (self.f_proj(x).to(acc) + self.dt_bias.to(acc)).unflatten(-1, (H, -1)))
         beta = torch.sigmoid(self.b_proj(x).to(acc))
+        return torch.cat([q, k, v, g.flatten(2), beta], -1)
 
-        def scan(q, k, v, g, beta):
-            q, k, v = (self._conv(t.to(acc), n).unflatten(-1, (H, -1))
-                       for t, n in ((q, "q_conv1d"), (k, "k_conv1d"), (v, "v_conv1d")))
+    def unpack(self, f: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Views of the packed features ``f [B, n, ·]``: ``q, k, g [B, n, H, Dk]``, ``v [B, n, H, Dv]``, ``β [B, n, H]``."""
+        H = self.num_heads
+        q, k, v, g, beta = f.split([self.key_dim, self.key_dim, self.value_dim, self.key_dim, H], -1)
+        return tuple(t.unflatten(-1, (H, -1)) for t in (q, k, v, g)) + (beta,)
+
+    def gate_output(self, o: Tensor, x: Tensor) -> Tensor:
+        """Token-wise epilogue: ``o_proj(RMSNorm(o)·sigmoid(g_proj(x)))``, ``o [B, n, H, Dv]``, ``x (B, n, C)``."""
+        acc = accumulation_dtype(x.dtype)
+        o = rms_norm_wide(o, self.o_norm) * torch.sigmoid(self.g_proj(x).to(acc)).unflatten(-1, (self.num_heads, -1))
+        return self.o_proj(o.flatten(2).to(x.dtype))
+
+    def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
+        N = x.shape[1]
+        row = 3 * self.key_dim + self.value_dim + self.num_heads
+
+        def scan(x):  # x in scan order; its features in one packed buffer (gates, scan, norm, output gate: fp32)
+            f = map_token_windows(lambda a, b: self.features(x, a, b), x, N, row)
+            q, k, v, g, beta = self.unpack(f)
             return gated_scan(q, k, v, g, beta, delta=True, qk_l2norm=True, allow_neg_eigval=self.allow_neg_eigval,
                               direction="forward" if self.causal else "bidirectional", chunk_size=self.chunk_size,
                               backend=self.backend)
 
-        if self.causal:
-            o = scan(q, k, v, g, beta)
-        else:
-            o = scan_in_orders(scan, (q, k, v, g, beta), hw, num_prefix_tokens, self.order)
-        o = rms_norm_wide(o, self.o_norm) * torch.sigmoid(self.g_proj(x).to(acc)).unflatten(-1, (H, -1))
-        return self.o_proj(o.flatten(2).to(x.dtype))
+        o = scan(x) if self.causal else scan_in_orders(scan, (x,), hw, num_prefix_tokens, self.order)
+        return map_token_chunks(self.gate_output, o, x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, head_dim={self.head_k_dim}, causal={self.causal}, order={self.order!r}"

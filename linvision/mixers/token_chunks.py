@@ -52,3 +52,13 @@ def map_token_ranges(fn: Callable[[int, int], Tensor], batch: int, num_tokens: i
     """``out[:, a:b] = fn(a, b)`` over chunks ``[a, b)`` of ``num_tokens`` tokens, sized for rows of ``row``
     elements (:func:`chunk_tokens`); ``fn`` returns ``[batch, b − a, ...]`` and must act token by token."""
     return stack_chunks(fn, num_tokens, chunk_tokens(batch, row))
+
+
+def map_token_windows(fn: Callable[[int, int], Tensor], x: Tensor, num_tokens: int, row: int) -> Tensor:
+    """:func:`map_token_ranges` for an ``fn(a, b)`` that reads rows of ``x [B, N, ...]`` around its range (a
+    convolution's halo): in chunks unless autograd records ``x``, then one call ``fn(0, num_tokens)`` (the windows
+    overlap, so they cannot be split; a slice of ``x`` per chunk would make the backward build a whole-size
+    gradient of ``x`` per chunk)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return fn(0, num_tokens)
+    return map_token_ranges(fn, x.shape[0], num_tokens, row)

@@ -1,11 +1,13 @@
-"""Token-chunked per-token work (``map_token_chunks``/``map_token_ranges``) and the row-range depth-wise
-convolution of token-major grids (``depthwise_conv_tokens``) against the whole-sequence computations."""
+"""Token-chunked per-token work (``map_token_chunks``/``map_token_ranges``), the row-range depth-wise
+convolution of token-major grids (``depthwise_conv_tokens``) and the row-range short convolutions along the
+order (``short_conv_rows``) against the whole-sequence computations."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from linvision.mixers import token_chunks
-from linvision.mixers.token_chunks import chunk_tokens, map_token_chunks, map_token_ranges
+from linvision.mixers.short_conv import bidirectional_conv, causal_conv, conv_halo, short_conv, short_conv_rows
+from linvision.mixers.token_chunks import chunk_tokens, map_token_chunks, map_token_ranges, map_token_windows
 from linvision.mixers.token_conv import depthwise_conv_tokens
 
 
@@ -59,3 +61,44 @@ def test_chunks_under_autograd_are_concatenated_with_the_same_values_and_gradien
     assert torch.allclose(x.grad, ref_x.grad, rtol=0, atol=1e-14)
     ranges = map_token_ranges(lambda a, b: lin(x[:, a:b].detach()), 2, 1000, 6)  # parameters needing grad: cat path
     assert ranges.grad_fn is not None and ranges.shape == (2, 1000, 5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_short_conv_rows_equal_the_whole_convolution_at_any_range(causal, K):
+    torch.manual_seed(0)
+    N, C = 37, 8
+    conv = short_conv(K, C)
+    x = torch.randn(2, N, 3 * C, dtype=torch.float64)[..., C : 2 * C]  # a strided slice, as of a projection
+    full = (causal_conv if causal else bidirectional_conv)(x, conv)
+    for step in (1, 3, 5, 36, 37, 64):  # odd N: chunks of every size meet both ends of the sequence
+        parts = []
+        for a in range(0, N, step):
+            b = min(a + step, N)
+            lo, hi = conv_halo(a, b, N, K, causal)
+            assert (lo, hi) == (max(a - K + 1, 0), b if causal else min(b + K - 1, N))
+            parts.append(short_conv_rows(x[:, lo:hi], conv.weight, a, b, N, causal))
+        assert ((torch.cat(parts, 1) - full).abs().max() / full.abs().max()).item() < 1e-14
+
+
+def test_token_windows_are_chunked_without_autograd_and_whole_with_it(monkeypatch):
+    monkeypatch.setattr(token_chunks, "CHUNK_ELEMENTS", 1)  # 64-token chunks
+    x = torch.randn(2, 150, 3, dtype=torch.float64)
+    calls = []
+
+    def halo_sum(a, b):  # out_t = x_{t−1} + x_t + x_{t+1}, zero past the ends: reads a row either side
+        calls.append((a, b))
+        w = F.pad(x, (0, 0, 1, 1))[:, a : b + 2]
+        return w[:, :-2] + w[:, 1:-1] + w[:, 2:]
+
+    ref = halo_sum(0, 150)
+    calls.clear()
+    assert torch.equal(map_token_windows(halo_sum, x, 150, 3), ref) and calls == [(0, 64), (64, 128), (128, 150)]
+    x.requires_grad_()
+    calls.clear()
+    out = map_token_windows(halo_sum, x, 150, 3)
+    assert calls == [(0, 150)] and out.grad_fn is not None
+    with torch.no_grad():
+        calls.clear()
+        map_token_windows(halo_sum, x, 150, 3)
+        assert len(calls) == 3
