@@ -12,7 +12,7 @@ from tests.helpers import one_thread, rel_err  # noqa: F401  (one_thread: autous
 MIXERS = linvision.list_mixers()
 DIM, HEADS, HW = 16, 2, (7, 9)
 # Decided per mixer: these trace symbolically. Every other mixer picks its accumulation dtype, kernel backend or
-# chunking from x's dtype, device or shape (kernels/backend.py::accumulation_dtype, the kernels' validation and
+# chunking from x's dtype, device or shape (linvision_kernels/backend.py::accumulation_dtype, the kernels' validation and
 # dispatch), which a symbolic Proxy does not carry.
 TRACEABLE = {"softmax"}
 
