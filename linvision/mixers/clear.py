@@ -58,7 +58,7 @@ Deviations from the official code:
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,6 @@ from ..kernels.validation import check_bool, check_float, check_int, check_optio
 from ..kernels.window_attn import pool_tokens, window_attention
 from .base import QKVMixer
 from .rotary import Rotation
-from .token_chunks import map_token_chunks
 
 FLUX_TRAIN_SEQ_LEN = 64**2 + 512  # official train_seq_len: 1024 px → 64×64 latent tokens + 512 text tokens
 FLUX_RADIUS = 16  # official distill.py --window_size default
@@ -114,6 +113,7 @@ def clear_attention(
     pool_factor: Optional[int] = None,
     spatial_weight: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
     backend: str = "auto",
 ) -> Tensor:
     """CLEAR's attention after projections and RoPE: pooled tokens (if ``pool_factor``), then window attention.
@@ -121,6 +121,8 @@ def clear_attention(
     ``q, k, v [B, T + h·w, H, d]`` (prefix/text tokens first, as in FLUX's joint ``[text; image]``).
     ``spatial_weight``: ``f²`` pooling weights (official shape ``(1, 1, 1, f, 1, f, 1)``), default ``1/f²``.
     The pooled tokens are built from the (rotated) keys and the values of the image tokens only.
+    ``output(a, b, o)``: a token-wise epilogue of the output rows ``a:b`` (see
+    :func:`linvision.kernels.window_attn.window_attention`); the attention output is then never held whole.
     """
     pooled_k = pooled_v = None
     if pool_factor is not None and pool_factor != 1:
@@ -128,7 +130,7 @@ def clear_attention(
         pooled_v = pool_tokens(v, hw, pool_factor, spatial_weight, num_prefix_tokens)
     return window_attention(
         q, k, v, hw, radius=radius, num_prefix_tokens=num_prefix_tokens,
-        pooled_k=pooled_k, pooled_v=pooled_v, scale=scale, backend=backend,
+        pooled_k=pooled_k, pooled_v=pooled_v, scale=scale, output=output, backend=backend,
     )
 
 
@@ -247,11 +249,11 @@ class ClearAttention(QKVMixer):
             cos, sin = rope_tables(self.head_dim, hw, T, self.rope_theta, self.rope_ntk_factor, x.device, acc)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         scale = clear_scale(self.head_dim, T + h * w, self.train_seq_len, f is not None, self.pooled_log_factor)
-        o = clear_attention(
-            q, k, v, hw, radius=self.radius, num_prefix_tokens=T, pool_factor=f,
-            spatial_weight=self.spatial_weight, scale=scale, backend=self.backend,
+        # the projection as the kernel's epilogue, per band of output rows: the attention output is never held whole
+        return clear_attention(
+            q, k, v, hw, radius=self.radius, num_prefix_tokens=T, pool_factor=f, spatial_weight=self.spatial_weight,
+            scale=scale, output=lambda a, b, o: self.proj(o.flatten(2)), backend=self.backend,
         )
-        return map_token_chunks(lambda o: self.proj(o.flatten(2)), o)  # in token chunks: cache-sized temporaries
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, radius={self.radius}, pool_factor={self.pool_factor}, rope={self.rope}"

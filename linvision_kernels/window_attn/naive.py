@@ -183,27 +183,42 @@ def window_attention_blocked(
     disc = _block_disc((by, bx), (py, px), r, device).index_select(-1, keep)  # [by·bx, W]
     # Padded query rows get an all-True row: finite (and then discarded) instead of NaN.
     allowed = (disc & k_ok) | ~q_ok  # [nby, nbx, by·bx, W]
-    rows_per_chunk = max(1, BLOCK_SCORE_ELEMENTS // max(1, B * nbx * H * by * bx * (W + T + P)))
+    # Score elements of one block: a chunk holds about BLOCK_SCORE_ELEMENTS of them, whole block rows when a
+    # block row fits, else a few blocks of one row, so no temporary grows with the image width.
+    per_block = B * H * by * bx * (W + T + P)
+    cols_per_chunk = min(nbx, max(1, BLOCK_SCORE_ELEMENTS // max(1, per_block)))
+    rows_per_chunk = max(1, BLOCK_SCORE_ELEMENTS // max(1, per_block * nbx))
+
+    def attend(qc: Tensor, kc: Tensor, vc: Tensor, allowed_c: Tensor) -> Tensor:
+        """Blocks ``qc [B, H, n, m, Q, Dk]`` against their kept window keys ``kc``/``vc [B, H, n, m, W, D]``
+        (and the prefix and pooled keys): ``[B, H, n, m, Q, Dv]`` in ``acc``."""
+        s_loc = (qc @ kc.transpose(-1, -2)) * scale  # [B, H, n, m, Q, W]
+        s_loc = s_loc.masked_fill_(~allowed_c, float("-inf"))
+        if not (T or P):
+            return s_loc.softmax(-1) @ vc
+        s_pre = torch.einsum("bhyxqd,bthd->bhyxqt", qc, k_pre) * scale
+        s_pool = torch.einsum("bhyxqd,bthd->bhyxqt", qc, pk) * scale
+        p = torch.cat((s_pre, s_loc, s_pool), -1).softmax(-1)
+        p_pre, p_loc, p_pool = p.split((T, W, P), -1)
+        o = p_loc @ vc + torch.einsum("bhyxqt,bthd->bhyxqd", p_pre, v_pre)
+        return o + torch.einsum("bhyxqt,bthd->bhyxqd", p_pool, pv)
 
     def image_rows(c: slice) -> Tensor:
         """The outputs of the image rows of block rows ``c``, ``[B, rows·w, H, Dv]`` (input dtype)."""
         qc = _image_blocks(qf[:, T:], hw, (by, bx), c)  # [B, H, n, nbx, Q, Dk]
         n = qc.shape[2]
         band = (c.start * by, (c.start + n) * by + 2 * py)  # the padded rows these blocks' windows reach
-        idx = key_idx[c].flatten() - band[0] * Wp
-        kc = _padded_rows(kf[:, T:], hw, Wp, (py, px), band).index_select(2, idx).view(B, H, n, nbx, W, Dk)
-        vc = _padded_rows(vf[:, T:], hw, Wp, (py, px), band).index_select(2, idx).view(B, H, n, nbx, W, Dv)
-        s_loc = (qc @ kc.transpose(-1, -2)) * scale  # [B, H, n, nbx, Q, W]
-        s_loc = s_loc.masked_fill_(~allowed[c], float("-inf"))
-        if T or P:
-            s_pre = torch.einsum("bhyxqd,bthd->bhyxqt", qc, k_pre) * scale
-            s_pool = torch.einsum("bhyxqd,bthd->bhyxqt", qc, pk) * scale
-            p = torch.cat((s_pre, s_loc, s_pool), -1).softmax(-1)
-            p_pre, p_loc, p_pool = p.split((T, W, P), -1)
-            o = p_loc @ vc + torch.einsum("bhyxqt,bthd->bhyxqd", p_pre, v_pre)
-            o = o + torch.einsum("bhyxqt,bthd->bhyxqd", p_pool, pv)
-        else:
-            o = s_loc.softmax(-1) @ vc
+        k_band = _padded_rows(kf[:, T:], hw, Wp, (py, px), band)
+        v_band = _padded_rows(vf[:, T:], hw, Wp, (py, px), band)
+        idx, allowed_c = key_idx[c] - band[0] * Wp, allowed[c]  # [n, nbx, W], [n, nbx, Q, W]
+        parts = []
+        for x0 in range(0, nbx, cols_per_chunk):
+            x1 = min(x0 + cols_per_chunk, nbx)
+            cols = idx[:, x0:x1].flatten()
+            kc = k_band.index_select(2, cols).view(B, H, n, x1 - x0, W, Dk)
+            vc = v_band.index_select(2, cols).view(B, H, n, x1 - x0, W, Dv)
+            parts.append(attend(qc[:, :, :, x0:x1], kc, vc, allowed_c[:, x0:x1]))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts, 3)
         o = o.reshape(B, H, n, nbx, by, bx, Dv).permute(0, 2, 4, 3, 5, 1, 6).reshape(B, n * by, nbx * bx, H, Dv)
         rows = min(n * by, h - c.start * by)
         return o[:, :rows, :w].to(q.dtype).reshape(B, rows * w, H, Dv)

@@ -170,7 +170,8 @@ def test_blocked_reference_matches_oracle_with_gradients(hw, r, T, P, block):
 
 @pytest.mark.parametrize("T", [0, 3])
 def test_blocked_bands_and_epilogue_match_oracle(monkeypatch, T):
-    """One block row per band (each pads only the key rows it reaches), one prefix query per chunk, and the
+    """One block row per band (each pads only the key rows it reaches) and one block per score chunk (the band's
+    columns split), one prefix query per chunk, and the
     ``output`` epilogue called once per range with its rows, in order, with gradients."""
     from linvision.kernels.window_attn import naive
 
