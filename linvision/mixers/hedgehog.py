@@ -120,12 +120,13 @@ class HedgehogAttention(QKVMixer):
             _, _, v, fq, fk = self.features(x)
             o = rotary_linear_attention(fq, fk, v.to(fq.dtype), rope, num_prefix_tokens, self.eps, self.backend)
             return self.proj(o.to(x.dtype).flatten(2))
-        q, k, v = self.project_qkv(x)
-        acc = accumulation_dtype(x.dtype)
-        # feature maps chunk by chunk of tokens, and the projection in token chunks: cache-sized temporaries
+        q, k, v = self.qkv_rows(x)
+        acc, N = accumulation_dtype(x.dtype), x.shape[1]
+        # projections and feature maps chunk by chunk of tokens, and the projection in token chunks: cache-sized
+        # temporaries, no full-size q, k, v or features
         return linear_attention_streamed(
-            lambda a, b: (self.feature_map_q(q[:, a:b]), None), lambda a, b: (self.feature_map_k(k[:, a:b]), None),
-            v.to(acc), q.shape[1], eps=self.eps, backend=self.backend,
+            lambda a, b: (self.feature_map_q(q(a, b)), None), lambda a, b: (self.feature_map_k(k(a, b)), None),
+            lambda a, b: v(a, b).to(acc), N, num_keys=N, eps=self.eps, backend=self.backend,
             output=lambda a, b, o: self.proj(o.to(x.dtype).flatten(2)),
         )
 

@@ -206,7 +206,7 @@ class LinaAttention(QKVMixer):
         return gates[:, :heads], gates[:, heads:]
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        q, k, v = self.project_qkv(x)  # (B, N, H, d) views
+        q, k, v = self.qkv_rows(x)  # projected per range of tokens: no full-size q, k, v
         k_weight = v_weight = None
         if self.kv_gate:
             k_weight, v_weight = self.kv_gate_weights(hw, num_prefix_tokens)
@@ -219,9 +219,10 @@ class LinaAttention(QKVMixer):
             return y if self.norm is None else self.norm(y)
 
         return linear_attention_streamed(
-            lambda a, b: (q[:, a:b], None), lambda a, b: (k[:, a:b], None), v, x.shape[1], k_weight=k_weight,
-            v_weight=v_weight, normalize=self.normalization, mean=True, eps=self.eps, scale=self.scale,
-            feature_map="relu", feature_offset=self.feature_offset, output=output, backend=self.backend,
+            lambda a, b: (q(a, b), None), lambda a, b: (k(a, b), None), v, x.shape[1], num_keys=x.shape[1],
+            k_weight=k_weight, v_weight=v_weight, normalize=self.normalization, mean=True, eps=self.eps,
+            scale=self.scale, feature_map="relu", feature_offset=self.feature_offset, output=output,
+            backend=self.backend,
         )
 
     def local_term(

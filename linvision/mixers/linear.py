@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..kernels.backend import accumulation_dtype, check_backend, resolve_backend
-from ..kernels.linear_attn import apply_state, chunk_tokens, linear_attention, state_of
+from ..kernels.backend import accumulation_dtype, check_backend
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.linear_attn.feature_maps import apply_feature_map
 from ..kernels.validation import check_choice, check_float
 from .base import QKVMixer
@@ -27,7 +25,7 @@ class LinearAttention(QKVMixer):
     Prefix tokens join the sums like any other token. The core is
     :func:`linvision.kernels.linear_attn.linear_attention` (fp32 state); ``backend`` picks its
     implementation. Without autograd on the PyTorch path, the mixer streams tokens in chunks
-    through projection, state and output, so Q, K and V of the whole sequence never exist at once.
+    through projection, state, output and projection, so Q, K and V of the whole sequence never exist at once.
 
     A teacher's q/k norms (:meth:`carry_qk_norm`) act on q and k before ``φ``; a teacher's RoPE
     (``rope``) follows RoFormer's linear form (:func:`linvision.mixers.rotary.rotary_linear_attention`:
@@ -60,35 +58,14 @@ class LinearAttention(QKVMixer):
             fq, fk = (apply_feature_map(t.to(acc), phi, 0.0) for t in (q, k))
             o = rotary_linear_attention(fq, fk, v.to(acc), rope, num_prefix_tokens, self.eps, self.backend)
             return self.proj(o.to(x.dtype).flatten(2))
-        # the streamed path reads qkv.weight directly: only for a plain Linear (not a LoRA-wrapped one)
-        if not torch.is_grad_enabled() and resolve_backend(self.backend, x) == "torch" and type(self.qkv) is nn.Linear:
-            return self._mix_streamed(x, phi)
-        q, k, v = self.project_qkv(x)
-        o = linear_attention(q, k, v, feature_map=phi, eps=self.eps, backend=self.backend)
-        return self.proj(o.flatten(2))
-
-    def _mix_streamed(self, x: Tensor, phi: str) -> Tensor:
-        """Inference path: two passes over token chunks; peak memory O(chunk) beyond input and output."""
-        B, N, C = x.shape
-        step = chunk_tokens(x.unsqueeze(2))
-        w, b = self.qkv.weight, self.qkv.bias
-        b_q, b_kv = (None, None) if b is None else (b[:C], b[C:])
-        q_norm, k_norm = self.qk_norms()
-        state = None
-        for a in range(0, N, step):
-            k, v = F.linear(x[:, a : a + step], w[C:], b_kv).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(2)
-            if k_norm is not None:
-                k = k_norm(k)
-            part = state_of(k, v, feature_map=phi)
-            state = part if state is None else state + part
-        out = x.new_empty(B, N, C)
-        for a in range(0, N, step):
-            q = self.split_heads(F.linear(x[:, a : a + step], w[:C], b_q))
-            if q_norm is not None:
-                q = q_norm(q)
-            o = apply_state(q, state, eps=self.eps, feature_map=phi)
-            out[:, a : a + step] = self.proj(o.flatten(2))
-        return out
+        # projections, state, outputs and projection per chunk of tokens: q, k, v are never held whole (without
+        # autograd, on the PyTorch path; see QKVMixer.qkv_rows and linear_attention_streamed)
+        q, k, v = self.qkv_rows(x)
+        N = x.shape[1]
+        return linear_attention_streamed(
+            lambda a, b: (q(a, b), None), lambda a, b: (k(a, b), None), v, N, num_keys=N, feature_map=phi,
+            eps=self.eps, output=lambda a, b, o: self.proj(o.flatten(2)), backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, feature_map={self.feature_map!r}, eps={self.eps}"

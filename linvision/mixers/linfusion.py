@@ -19,6 +19,7 @@ from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_float, check_int, check_optional
 from .base import TokenMixer
 from .inherit import softmax_attention_weights
+from .token_chunks import token_rows
 
 
 def feature_mlp(dim: int, mid_dim: Optional[int]) -> nn.Module:
@@ -114,13 +115,14 @@ class LinFusionAttention(TokenMixer):
         self.to_k_ = feature_mlp(dim, self.projection_mid_dim)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        v = self.split_heads(self.to_v(x))
-        # q, k (and their feature MLPs) and the output projection chunk by chunk of tokens: cache-sized temporaries
-        queries = lambda a, b: (self.split_heads(self.to_q(x[:, a:b] + self.to_q_(x[:, a:b]))), None)  # noqa: E731
-        keys = lambda a, b: (self.split_heads(self.to_k(x[:, a:b] + self.to_k_(x[:, a:b]))), None)  # noqa: E731
+        # q, k (and their feature MLPs), v and the output projection chunk by chunk of tokens: cache-sized temporaries
+        q = token_rows(lambda t: self.split_heads(self.to_q(t + self.to_q_(t))), x)
+        k = token_rows(lambda t: self.split_heads(self.to_k(t + self.to_k_(t))), x)
+        v = token_rows(lambda t: self.split_heads(self.to_v(t)), x)
+        N = x.shape[1]
         return linear_attention_streamed(
-            queries, keys, v, x.shape[1], mean=True, eps=self.eps, feature_map="elu+1", backend=self.backend,
-            output=lambda a, b, o: self.to_out[1](self.to_out[0](o.flatten(2))),
+            lambda a, b: (q(a, b), None), lambda a, b: (k(a, b), None), v, N, num_keys=N, mean=True, eps=self.eps,
+            feature_map="elu+1", backend=self.backend, output=lambda a, b, o: self.to_out[1](self.to_out[0](o.flatten(2))),
         )
 
     @classmethod

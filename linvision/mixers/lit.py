@@ -133,11 +133,12 @@ class LiTAttention(QKVMixer):
         self.register_load_state_dict_pre_hook(fuse_q_kv_state_dict)
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        q, k, v = self.project_qkv(x)  # (B, N, H, d) views
-        # token-wise, in chunks of tokens: the outputs of each query chunk, the DWC of the rows around it and
-        # the projection; cache-sized temporaries, and no full-size attention output or local term
+        q, k, v = self.qkv_rows(x)  # projected per range of tokens
+        v = v(0, x.shape[1])  # whole: the DWC of a chunk reads the rows around it
+        # token-wise, in chunks of tokens: the projections of each chunk, its outputs, the DWC of the rows around it
+        # and the projection; cache-sized temporaries, and no full-size q, k, attention output or local term
         return linear_attention_streamed(
-            lambda a, b: (q[:, a:b], None), lambda a, b: (k[:, a:b], None), v, x.shape[1], mean=True, eps=self.eps,
+            lambda a, b: (q(a, b), None), lambda a, b: (k(a, b), None), v, x.shape[1], mean=True, eps=self.eps,
             feature_map="relu", feature_offset=FEATURE_OFFSET, backend=self.backend,
             output=lambda a, b, o: self.proj(o.flatten(2) + self.local_term(v, hw, num_prefix_tokens, a, b)),
         )

@@ -54,6 +54,19 @@ def map_token_ranges(fn: Callable[[int, int], Tensor], batch: int, num_tokens: i
     return stack_chunks(fn, num_tokens, chunk_tokens(batch, row))
 
 
+def token_rows(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[int, int], Tensor]:
+    """``(a, b) → fn(x)[:, a:b]`` for a token-wise ``fn`` of ``x [B, N, ...]`` (a projection, a feature map).
+
+    ``fn`` runs on each range alone (``x[:, a:b]``, contiguous), so its whole output is never held, unless autograd
+    records ``x``: then ``fn(x)`` runs once and is sliced (a slice of ``x`` per range would make the backward build a
+    whole-size gradient of ``x`` per range). Each range should be asked for once: it is recomputed on every call.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        whole = fn(x)
+        return lambda a, b: whole[:, a:b]
+    return lambda a, b: fn(x[:, a:b].contiguous())
+
+
 def map_token_windows(fn: Callable[[int, int], Tensor], x: Tensor, num_tokens: int, row: int) -> Tensor:
     """:func:`map_token_ranges` for an ``fn(a, b)`` that reads rows of ``x [B, N, ...]`` around its range (a
     convolution's halo): in chunks unless autograd records ``x``, then one call ``fn(0, num_tokens)`` (the windows

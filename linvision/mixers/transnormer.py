@@ -11,16 +11,17 @@ norms (:mod:`linvision.mixers.transnormer_norms`) and the paper's model configs
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.backend import accumulation_dtype, check_backend
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice
 from .base import TokenMixer
+from .token_chunks import token_rows
 from .transnormer_norms import NORM_TYPES, build_norm
 
 # The official ``get_activation_fn`` names this mixer accepts → (kernel-fused map, map applied before the kernel).
@@ -96,12 +97,25 @@ class NormAttention(TokenMixer):
         # O/N is cubic in the input scale (no denominator): past fp16's range at inputs of scale 100, so
         # fp16 runs the kernel in fp32. bf16 shares fp32's exponent range and stays as it is.
         work = torch.float32 if x.dtype == torch.float16 else x.dtype
-        q, k, v = (self.split_heads(p(x)).to(work) for p in (self.q_proj, self.k_proj, self.v_proj))
-        if pre is not None:
-            q, k = pre(q), pre(k)
-        o = linear_attention(q, k, v, normalize="none", mean=True, feature_map=fused, backend=self.backend)
-        total = o.flatten(2).to(accumulation_dtype(x.dtype)) * x.shape[1]
-        return self.out_proj(self.layer_norm(total).to(x.dtype))
+        N = x.shape[1]
+
+        def projected(proj: nn.Linear, act=None) -> Callable[[int, int], Tensor]:
+            def project(t: Tensor) -> Tensor:
+                t = self.split_heads(proj(t)).to(work)
+                return t if act is None else act(t)
+            return token_rows(project, x)
+
+        q, k, v = projected(self.q_proj, pre), projected(self.k_proj, pre), projected(self.v_proj)
+
+        def output(a: int, b: int, o: Tensor) -> Tensor:  # Norm(N · O/N) and out_proj, token-wise
+            total = o.flatten(2).to(accumulation_dtype(x.dtype)) * N
+            return self.out_proj(self.layer_norm(total).to(x.dtype))
+
+        # projections, norm and out_proj per chunk of tokens (linear_attention_streamed): cache-sized temporaries
+        return linear_attention_streamed(
+            lambda a, b: (q(a, b), None), lambda a, b: (k(a, b), None), v, N, num_keys=N, normalize="none",
+            mean=True, feature_map=fused, output=output, backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act_fun={self.act_fun!r}, norm_type={self.norm_type!r}"

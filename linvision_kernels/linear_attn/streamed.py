@@ -12,7 +12,7 @@ once over all tokens and passed to :func:`~linvision.kernels.linear_attn.linear_
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 from torch import Tensor
 
@@ -26,14 +26,17 @@ from .state import apply_state, state_of
 
 # (a, b) → (features of tokens a:b [B, b − a, H, Dk], denominator features [B, b − a, H, Dd] or None)
 Features = Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]
+# (a, b) → values of tokens a:b [B, b − a, H, Dv]
+Values = Callable[[int, int], Tensor]
 
 
 def linear_attention_streamed(
     queries: Features,
     keys: Features,
-    v: Tensor,
+    v: Union[Tensor, Values],
     num_queries: int,
     *,
+    num_keys: Optional[int] = None,
     k_weight: Optional[Tensor] = None,
     v_weight: Optional[Tensor] = None,
     normalize: str = "div",
@@ -48,8 +51,9 @@ def linear_attention_streamed(
     """``linear_attention(q, k, v, q_den=, k_den=, ...)`` with ``q, q_den = queries(0, N)`` and
     ``k, k_den = keys(0, M)``, never holding more than one chunk of features on the PyTorch path.
 
-    ``v [B, M, H, Dv]``; returns ``[B, N, H, Dv]`` (``N = num_queries``) in the dtype of the query
-    features. ``queries``/``keys`` must return the same tensors for a range as for the whole
+    ``v [B, M, H, Dv]``, or a function ``v(a, b)`` of a token range returning ``v[:, a:b]`` (with ``num_keys = M``:
+    then the values are never held whole either); returns ``[B, N, H, Dv]`` (``N = num_queries``) in the dtype of
+    the query features. ``queries``/``keys`` must return the same tensors for a range as for the whole
     sequence sliced to it (features computed token by token). ``feature_map`` (``"relu"``, ``"elu+1"``
     or None) and ``feature_offset`` are applied to what they return, and ``k_weight``/``v_weight``
     (broadcastable to ``[B, M, H]``), ``normalize``, ``mean``, ``eps``, ``scale`` act, as in ``linear_attention``.
@@ -59,9 +63,21 @@ def linear_attention_streamed(
     whole; the result is then the stacked ``output`` chunks ``[B, N, ...]``.
     """
     epilogue = (lambda a, b, o: o) if output is None else output  # noqa: E731
-    if resolve_backend(backend, v) == "triton":
+    if callable(v):
+        if num_keys is None:
+            raise ValueError("num_keys is required when v is a function of a token range")
+        values, M = v, num_keys
+    else:
+        if num_keys is not None and num_keys != v.shape[1]:
+            raise ValueError(f"num_keys={num_keys} does not match v's {v.shape[1]} tokens")
+        values, M = (lambda a, b: v[:, a:b]), v.shape[1]  # noqa: E731
+    if M == 0:
+        raise ValueError("linear attention needs at least one key token")
+    sample = values(0, min(M, 1))  # [B, ≤ 1, H, Dv]: device, batch, heads and width of the values
+    if resolve_backend(backend, sample) == "triton":
+        v = values(0, M)
         q, q_den = queries(0, num_queries)
-        k, k_den = keys(0, v.shape[1])
+        k, k_den = keys(0, M)
         o = linear_attention(
             q, k, v, q_den=q_den, k_den=k_den, k_weight=k_weight, v_weight=v_weight, normalize=normalize, mean=mean,
             eps=eps, scale=scale, feature_map=feature_map, feature_offset=feature_offset, backend=backend,
@@ -71,19 +87,20 @@ def linear_attention_streamed(
     eps = check_float("eps", eps, min=0.0)
     feature_map = check_optional(check_choice, "feature_map", feature_map, tuple(FEATURE_MAPS))
     maps = dict(feature_map=feature_map, feature_offset=check_float("feature_offset", feature_offset, min=0.0))
-    B, M, H = v.shape[:3]
+    B, H = sample.shape[0], sample.shape[2]
     weights = [None if w is None else expand_floating(name, w, (B, M, H), f"[B, M, H] = [{B}, {M}, {H}]")
                for name, w in (("k_weight", k_weight), ("v_weight", v_weight))]
     rows = lambda t, a, b: None if t is None else t[:, a:b]  # noqa: E731
-    step = chunk_tokens(v)
+    step = chunk_tokens(sample)
     first_q, first_qd = queries(0, min(step, num_queries))
     state = None
     for a in range(0, M, step):
         k, k_den = keys(a, a + step)
         kw, vw = (rows(w, a, a + step) for w in weights)
+        vc = values(a, a + k.shape[1])
         if a == 0:  # linear_attention's checks, once, on the first chunk of each side
-            scale = _validated(first_q, k, v[:, : k.shape[1]], first_qd, k_den, kw, vw, normalize, scale)[-1]
-        part = state_of(k, v[:, a : a + step], k_den, kw, vw, **maps)
+            scale = _validated(first_q, k, vc, first_qd, k_den, kw, vw, normalize, scale)[-1]
+        part = state_of(k, vc, k_den, kw, vw, **maps)
         state = part if state is None else state + part
 
     def chunk(a: int, b: int) -> Tensor:
