@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Proxy
 
 from ..kernels.validation import check_bool, check_hw, check_int
-from .token_chunks import token_rows
+from .token_chunks import TokenRows, linear_rows
 from .tracing import trace_mix
-
-# (a, b) → the rows a:b of a per-token tensor, [B, b − a, ...]
-TokenRows = Callable[[int, int], Tensor]
 
 
 def check_tokens(x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int, dim: int) -> Tuple[int, int]:
@@ -150,24 +145,18 @@ class QKVMixer(TokenMixer):
     def qkv_rows(self, x: Tensor) -> Tuple[TokenRows, TokenRows, TokenRows]:
         """:meth:`project_qkv` as three functions of a token range: ``q(a, b)`` is ``q[:, a:b]`` ``[B, b − a, H, D]``.
 
-        Each range is projected on its own from its third of the ``qkv`` weight (:func:`token_rows`), so the
-        ``[B, N, 3C]`` projection is never held; unless autograd records ``x`` or ``qkv`` is not a plain
-        ``nn.Linear`` (an adapter-wrapped one): then :meth:`project_qkv` runs once and is sliced. Ask each range
-        once (it is projected on every call); ``v(0, N)`` gives all the values as one contiguous tensor.
+        Each range is projected on its own from its third of the ``qkv`` weight (:func:`linear_rows`), so the
+        ``[B, N, 3C]`` projection is never held (unless autograd records ``x`` or ``qkv`` is not a plain
+        ``nn.Linear``). Ask each range once (it is projected on every call); ``v(0, N)`` gives all the values.
         """
-        if type(self.qkv) is not nn.Linear or (torch.is_grad_enabled() and x.requires_grad):
-            q, k, v = self.project_qkv(x)
-            return (lambda a, b: q[:, a:b]), (lambda a, b: k[:, a:b]), (lambda a, b: v[:, a:b])
-        biases = (None,) * 3 if self.qkv.bias is None else self.qkv.bias.chunk(3)
-        norms = (*self.qk_norms(), None)
+        q_norm, k_norm = self.qk_norms()
 
-        def projection(weight: Tensor, bias: Optional[Tensor], norm: Optional[nn.Module]) -> TokenRows:
-            def project(t: Tensor) -> Tensor:
-                t = self.split_heads(F.linear(t, weight, bias))
-                return t if norm is None else norm(t)
-            return token_rows(project, x)
+        def heads(rows: TokenRows, norm: Optional[nn.Module]) -> TokenRows:
+            if norm is None:
+                return lambda a, b: self.split_heads(rows(a, b))
+            return lambda a, b: norm(self.split_heads(rows(a, b)))
 
-        return tuple(projection(*p) for p in zip(self.qkv.weight.chunk(3), biases, norms))
+        return tuple(heads(rows, norm) for rows, norm in zip(linear_rows(self.qkv, x, 3), (q_norm, k_norm, None)))
 
     def qk_norms(self) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
         """``(q_norm, k_norm)`` set by :meth:`carry_qk_norm`, or ``(None, None)``."""

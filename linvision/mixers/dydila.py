@@ -77,7 +77,7 @@ from ..kernels.linear_attn import linear_attention
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .lit import FEATURE_OFFSET, LiTAttention
-from .token_chunks import map_token_ranges
+from .token_chunks import TokenRows, map_token_ranges
 
 DENOMINATORS = ("kernel", "differential", "none")
 ROUTER_GRADS = ("ste", "none")
@@ -228,10 +228,19 @@ class DyDiLA(LiTAttention):
     ) -> Tensor:
         """Core: ``x (B, N, C)`` (router input), q, k, v ``[B, N, H, d]`` → ``o [B, N, H, d]``; with ``output``,
         the stacked ``output(a, b, o[:, a:b])`` over chunks of tokens instead (token-wise epilogue)."""
+        return self.attention_rows(x, lambda a, b: q[:, a:b], lambda a, b: k[:, a:b], v, output)
+
+    def attention_rows(
+        self, x: Tensor, q: TokenRows, k: TokenRows, v: Tensor,
+        output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
+    ) -> Tensor:
+        """:meth:`attention` with q and k as functions of a token range (``q(a, b)`` is ``q[:, a:b]``), each range
+        asked for once, so that they need not be held whole."""
+        N = v.shape[1]
         plain = "none" if self.denominator == "none" else "div"
         if not (self.dynamic_kernel or self.differential):  # the LiT baseline, features fused in the kernel
             return linear_attention_streamed(
-                lambda a, b: (q[:, a:b], None), lambda a, b: (k[:, a:b], None), v, q.shape[1], normalize=plain,
+                lambda a, b: (q(a, b), None), lambda a, b: (k(a, b), None), v, N, normalize=plain,
                 mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET, output=output,
                 backend=self.backend,
             )
@@ -241,17 +250,17 @@ class DyDiLA(LiTAttention):
         if not (self.differential and self.denominator == "differential"):
             # features chunk by chunk of tokens: no full [B, N, H, d] temporary (linear_attention_streamed)
             return linear_attention_streamed(
-                queries, keys, v, q.shape[1], normalize=plain, mean=True, eps=self.eps, output=output,
-                backend=self.backend,
+                queries, keys, v, N, normalize=plain, mean=True, eps=self.eps, output=output, backend=self.backend,
             )
-        (q_diff, _), (k_diff, _) = queries(0, q.shape[1]), keys(0, k.shape[1])
+        (q_diff, _), (k_diff, _) = queries(0, N), keys(0, N)
         num = linear_attention(q_diff, k_diff, v, normalize="none", mean=True, backend=self.backend)
         den = torch.einsum("bnhd,bhd->bnh", q_diff, k_diff.mean(1)).clamp_min(self.den_min) + self.eps
         o = num / den.unsqueeze(-1)
         return o if output is None else map_token_ranges(lambda a, b: output(a, b, o[:, a:b]), *o.shape[:2], self.dim)
 
-    def features(self, side: str, t: Tensor, x: Tensor) -> Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]:
-        """Features of tokens ``a:b`` of one side (``side`` ``"q"`` or ``"k"``, ``t [B, N, H, d]``, router input
+    def features(self, side: str, t: TokenRows, x: Tensor) -> Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]:
+        """Features of tokens ``a:b`` of one side (``side`` ``"q"`` or ``"k"``, ``t(a, b)`` its ``[B, b − a, H, d]``
+        rows, router input
         ``x (B, N, C)``): ``(numerator, denominator or None)``, fp32 (fp64) ``[B, b − a, H, d]``. Token-wise.
 
         Numerator Q̂ (K̂) with the differential operator, else Q̃ (K̃); denominator Q̃ (K̃) for
@@ -263,7 +272,7 @@ class DyDiLA(LiTAttention):
         def of(a: int, b: int) -> Tuple[Tensor, Optional[Tensor]]:
             xs = x[:, a:b]
             gamma = self.routed_scalar(module("kernel_router"), module("gamma"), xs) if self.dynamic_kernel else None
-            feat = power_kernel(t[:, a:b].to(acc), gamma, FEATURE_OFFSET)
+            feat = power_kernel(t(a, b).to(acc), gamma, FEATURE_OFFSET)
             if not self.differential:
                 return feat, None
             red = power_kernel(self.redundancy(module("redundancy"), module("proj_router"), xs), gamma, FEATURE_OFFSET)
@@ -275,7 +284,8 @@ class DyDiLA(LiTAttention):
         return of
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        q, k, v = self.project_qkv(x)  # (B, N, H, d) views
+        q, k, v = self.qkv_rows(x)  # projected per range of tokens
+        v = v(0, x.shape[1])  # whole: the DWC of a chunk reads the rows around it
 
         def output(a: int, b: int, o: Tensor) -> Tensor:  # token-wise, in chunks of tokens: cache-sized temporaries
             o = o.flatten(2)
@@ -283,7 +293,7 @@ class DyDiLA(LiTAttention):
                 o = o + self.local_term(v, hw, num_prefix_tokens, a, b).to(o.dtype)
             return self.proj(o.to(x.dtype))
 
-        return self.attention(x, q, k, v, output)
+        return self.attention_rows(x, q, k, v, output)
 
     def extra_repr(self) -> str:
         return (

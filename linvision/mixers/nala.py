@@ -73,7 +73,7 @@ from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_float
 from .base import TokenMixer
-from .token_chunks import map_token_ranges
+from .token_chunks import TokenRows, linear_rows, map_token_ranges
 from .token_conv import depthwise_conv_tokens
 
 LEPE_KERNEL = 5  # official: Conv2d(dim, dim, 5, 1, 2, groups=dim)
@@ -182,20 +182,33 @@ class _NaLaWrapper(TokenMixer):
         raise NotImplementedError
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        C = x.shape[-1]
+        C, N = x.shape[-1], x.shape[1]
         acc = accumulation_dtype(x.dtype)  # fp32, fp64 for fp64 x
-        q, k, v, g = self.qkvg(x).unflatten(-1, (4, C)).unbind(2)  # each (B, N, C)
-        lepe_in = v.to(acc) if self.lepe_fp32 else v
-        heads = (self.num_heads, self.head_dim)
-        q, k, v = (t.to(acc).unflatten(-1, heads) for t in (q, k, v))
+        q, k, v, g = linear_rows(self.qkvg, x, 4)  # each (a, b) → (B, b − a, C), projected per range of tokens
+        v = v(0, N)  # whole: lepe of a chunk reads the rows around it
+        v_acc = v.to(acc)
+        lepe_in = v_acc if self.lepe_fp32 else v
+        heads = lambda t: t.to(acc).unflatten(-1, (self.num_heads, self.head_dim))  # noqa: E731
         ln_weight, ln_bias = self.ln.weight.to(acc), self.ln.bias.to(acc)
 
         def output(a: int, b: int, o: Tensor) -> Tensor:  # attention output chunk [B, b − a, H, d] → (B, b − a, C)
             lepe = self.local_term(lepe_in, hw, num_prefix_tokens, a, b)
             o = F.layer_norm(o.flatten(2) + lepe.to(acc), (C,), ln_weight, ln_bias, self.ln.eps)
-            return self.out_proj((o * self.act(g[:, a:b].to(acc))).to(x.dtype))
+            return self.out_proj((o * self.act(g(a, b).to(acc))).to(x.dtype))
 
-        return self.attend(q, k, v, hw, num_prefix_tokens, output)  # token-wise: cache-sized temporaries
+        # token-wise: cache-sized temporaries
+        return self.attend_rows(
+            lambda a, b: heads(q(a, b)), lambda a, b: heads(k(a, b)), heads(v_acc), hw, num_prefix_tokens, output
+        )
+
+    def attend_rows(
+        self, q: TokenRows, k: TokenRows, v: Tensor, hw: Tuple[int, int],
+        num_prefix_tokens: int, output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
+    ) -> Tensor:
+        """:meth:`attend` with q and k as functions of a token range (``q(a, b)`` is ``q[:, a:b]``), each range asked
+        for once; this form builds them whole."""
+        N = v.shape[1]
+        return self.attend(q(0, N), k(0, N), v, hw, num_prefix_tokens, output)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rope={self.rope}, rope_base={self.rope_base:g}"
@@ -248,9 +261,12 @@ class NormAwareLinearAttn(_NaLaWrapper):
         return self.query_features(q), self.key_features(k)
 
     def attend(self, q, k, v, hw, num_prefix_tokens, output=None):
+        return self.attend_rows(lambda a, b: q[:, a:b], lambda a, b: k[:, a:b], v, hw, num_prefix_tokens, output)
+
+    def attend_rows(self, q, k, v, hw, num_prefix_tokens, output=None):
         # Features chunk by chunk of tokens (linear_attention_streamed): never a full [B, N, H, 2d] temporary.
         if self.rope:
-            sin, cos = self.rope_tables(hw, num_prefix_tokens, q.device, q.dtype)
+            sin, cos = self.rope_tables(hw, num_prefix_tokens, v.device, v.dtype)
             sin, cos = sin.unsqueeze(-2), cos.unsqueeze(-2)  # (N, 1, 1, r) over [B, N, H, 2, d]
 
         def mapped(phi: Tensor, a: int, b: int) -> Tuple[Tensor, Optional[Tensor]]:
@@ -259,9 +275,9 @@ class NormAwareLinearAttn(_NaLaWrapper):
             return apply_rope(phi, sin[a:b], cos[a:b]).flatten(-2), phi.flatten(-2)  # RoPE in the numerator only
 
         return linear_attention_streamed(
-            lambda a, b: mapped(self.query_features(q[:, a:b]), a, b),
-            lambda a, b: mapped(self.key_features(k[:, a:b]), a, b),
-            v, q.shape[1], mean=True, eps=NALA_EPS, output=output, backend=self.backend,
+            lambda a, b: mapped(self.query_features(q(a, b)), a, b),
+            lambda a, b: mapped(self.key_features(k(a, b)), a, b),
+            v, v.shape[1], mean=True, eps=NALA_EPS, output=output, backend=self.backend,
         )
 
     def extra_repr(self) -> str:

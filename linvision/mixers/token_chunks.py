@@ -11,12 +11,16 @@ chunking beyond the rounding of matrix products.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..kernels.chunks import stack_chunks
+
+# (a, b) → the rows a:b of a per-token tensor, [B, b − a, ...]
+TokenRows = Callable[[int, int], Tensor]
 
 CHUNK_ELEMENTS = 1 << 18  # elements of one [B, chunk, C] temporary (1 MiB in fp32)
 
@@ -54,7 +58,7 @@ def map_token_ranges(fn: Callable[[int, int], Tensor], batch: int, num_tokens: i
     return stack_chunks(fn, num_tokens, chunk_tokens(batch, row))
 
 
-def token_rows(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[int, int], Tensor]:
+def token_rows(fn: Callable[[Tensor], Tensor], x: Tensor) -> TokenRows:
     """``(a, b) → fn(x)[:, a:b]`` for a token-wise ``fn`` of ``x [B, N, ...]`` (a projection, a feature map).
 
     ``fn`` runs on each range alone (``x[:, a:b]``, contiguous), so its whole output is never held, unless autograd
@@ -65,6 +69,21 @@ def token_rows(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[int, int]
         whole = fn(x)
         return lambda a, b: whole[:, a:b]
     return lambda a, b: fn(x[:, a:b].contiguous())
+
+
+def linear_rows(linear: nn.Module, x: Tensor, parts: int = 1) -> Tuple[TokenRows, ...]:
+    """``linear(x)`` cut into ``parts`` equal slices of its output features, each a function of a token range:
+    the ``i``-th is ``(a, b) → linear(x)[:, a:b, i·F/parts : (i+1)·F/parts]`` (``F`` output features).
+
+    A plain ``nn.Linear`` runs per range on the rows of its weight that each slice needs (:func:`token_rows`),
+    so its whole output is never held. Any other module (an adapter-wrapped linear), or ``x`` recorded by
+    autograd: ``linear(x)`` runs once and is sliced.
+    """
+    if type(linear) is not nn.Linear or (torch.is_grad_enabled() and x.requires_grad):
+        whole = linear(x).chunk(parts, -1)
+        return tuple((lambda a, b, t=t: t[:, a:b]) for t in whole)
+    biases = (None,) * parts if linear.bias is None else linear.bias.chunk(parts)
+    return tuple(token_rows(lambda t, w=w, b=b: F.linear(t, w, b), x) for w, b in zip(linear.weight.chunk(parts), biases))
 
 
 def map_token_windows(fn: Callable[[int, int], Tensor], x: Tensor, num_tokens: int, row: int) -> Tensor:
