@@ -16,13 +16,14 @@ output.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .doubling import CellMatrices, cell_matrices
-from .frames import frame_sum, from_frames, to_frames
+from ..chunks import stack_chunks
+from .frames import STRIP_ELEMENTS, frame_copies, frame_sum, from_frames, to_frames
 from .naive import ORIENTATION_FLIPS, compute_dtype, direct_term
 from .wavefront import piece_shape, strip_order, wavefront_nograd
 
@@ -31,14 +32,15 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _frames(per_orientation, hw: Tuple[int, int], O: int, padded: Tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """``per_orientation(o)`` ``[B, N, H, *rest]`` for each ``o < O`` → ``[B, H, O, Xp, Yp, *rest]``:
-    orientation ``o``'s tensor flipped by ``ORIENTATION_FLIPS[o]``, zero-padded at the high ends."""
+def _frames(per_orientation, hw: Tuple[int, int], orientations: Sequence[int], padded: Tuple[int, int],
+            dtype: torch.dtype) -> Tensor:
+    """``per_orientation(i)`` ``[B, N, H, *rest]`` for each ``i < len(orientations)`` → ``[B, H, O, Xp, Yp, *rest]``:
+    the ``i``-th tensor flipped by ``ORIENTATION_FLIPS[orientations[i]]``, zero-padded at the high ends."""
     X, Y = hw
     Xp, Yp = padded
     frames = []
-    for o in range(O):
-        g = per_orientation(o).to(dtype).unflatten(1, (X, Y)).movedim(3, 1)  # [B, H, X, Y, *rest]
+    for i, o in enumerate(orientations):
+        g = per_orientation(i).to(dtype).unflatten(1, (X, Y)).movedim(3, 1)  # [B, H, X, Y, *rest]
         fx, fy = ORIENTATION_FLIPS[o]
         dims = [d for d, f in ((2, fx), (3, fy)) if f]
         frames.append(g.flip(dims) if dims else g)
@@ -47,16 +49,20 @@ def _frames(per_orientation, hw: Tuple[int, int], O: int, padded: Tuple[int, int
     return torch.nn.functional.pad(f, pad) if (Xp > X or Yp > Y) else f
 
 
-def gate_frames(t: Optional[Tensor], hw, padded, dtype) -> Optional[Tensor]:
-    """Gates ``[B, N, H, O]`` → ``[B, H, O, Xp, Yp]``, orientation ``o`` flipped by its own flips."""
+def gate_frames(t: Optional[Tensor], hw, padded, dtype, orientations: Optional[Sequence[int]] = None
+                ) -> Optional[Tensor]:
+    """Gates ``[B, N, H, O]`` → ``[B, H, O, Xp, Yp]``, the ``i``-th flipped as orientation ``orientations[i]``
+    (default: ``i``)."""
     if t is None:
         return None
-    return _frames(lambda o: t[..., o], hw, t.shape[-1], padded, dtype)
+    return _frames(lambda i: t[..., i], hw, range(t.shape[-1]) if orientations is None else orientations, padded, dtype)
 
 
-def frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, chunk: int, dtype) -> CellMatrices:
-    """Cell matrices ``[B, H, O, NX, NY, ·, ·]`` of ``chunk``-sized cells of every orientation's frame."""
-    gf = [gate_frames(t, hw, padded, dtype) for t in (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u)]
+def frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, chunk: int, dtype,
+                        orientations: Optional[Sequence[int]] = None) -> CellMatrices:
+    """Cell matrices ``[B, H, O, NX, NY, ·, ·]`` of ``chunk``-sized cells of every orientation's frame (gates
+    ``[B, N, H, O]``, the ``i``-th of orientation ``orientations[i]``, default ``i``)."""
+    gf = [gate_frames(t, hw, padded, dtype, orientations) for t in (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u)]
     return cell_matrices(*gf, levels=chunk.bit_length() - 1)
 
 
@@ -205,20 +211,36 @@ def plstm2d_chunked(q, k, v, s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, d, hw, 
     C = chunk_size
     padded = (-(-X // C) * C, -(-Y // C) * C)
     O = s_r.shape[-1]
-    cm = frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, C, ct)
+    gates = (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, d, *gates))):
+        return _chunked_by_entry(q, k, v, gates, d, hw, padded, scale, C, ct)
+    cm = frame_cell_matrices(*gates, hw, padded, C, ct)
     qf, kf, vf = (to_frames(t, hw, O, padded, ct) for t in (q, k, v))
-    scanned = chunk_scan(qf, kf, vf, cm, scale)
+    scanned = from_frames(chunk_scan(qf, kf, vf, cm, scale), hw)
+    return scanned if d is None else scanned + direct_term(q, k, v, d, scale)
+
+
+def _chunked_by_entry(q, k, v, gates, d, hw, padded, scale, C: int, ct) -> Tensor:
+    """:func:`plstm2d_chunked` without autograd: one (sample, head, orientation) entry at a time, its frames, cell
+    matrices and scan, added into one output ``[B, N, H, Dv]`` (which starts as the direct term). Every temporary
+    is one head's grid, never the frames of all heads and orientations (the scan takes one entry per group on a
+    large grid anyway: :func:`.wavefront.piece_shape`)."""
+    B, N, H = q.shape[:3]
+    Dv = v.shape[-1]
     if d is None:
-        return from_frames(scanned, hw)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (scanned, q, k, v, d)):
-        return from_frames(scanned, hw) + direct_term(q, k, v, d, scale)
-    Y = hw[1]
-
-    def direct(a: int, b: int) -> Tensor:  # the direct term of grid rows a:b, added strip by strip
-        rows = slice(a * Y, b * Y)
-        return direct_term(q[:, rows], k[:, rows], v[:, rows], d[:, rows], scale)
-
-    return frame_sum(scanned, hw, extra=direct)
+        out = q.new_zeros(B, N, H, Dv, dtype=ct)
+    else:  # the direct term, in chunks of tokens: cache-sized temporaries
+        step = max(1, STRIP_ELEMENTS // max(1, B * H * Dv))
+        out = stack_chunks(lambda a, b: direct_term(q[:, a:b], k[:, a:b], v[:, a:b], d[:, a:b], scale), N, step)
+    for b in range(B):
+        for h in range(H):
+            entry = lambda t: t[b : b + 1, :, h : h + 1]  # noqa: E731  [1, N, 1, ...]
+            for o in range(gates[0].shape[-1]):
+                qf, kf, vf = (frame_copies(entry(t), hw, (o,), padded, ct) for t in (q, k, v))  # [1, 1, 1, Xp, Yp, D]
+                cm = frame_cell_matrices(*(None if g is None else entry(g)[..., o : o + 1] for g in gates), hw, padded,
+                                         C, ct, orientations=(o,))
+                frame_sum(chunk_scan(qf, kf, vf, cm, scale), hw, orientations=(o,), out=entry(out))
+    return out
 
 
 def frame_index(hw: Tuple[int, int], padded: Tuple[int, int], o: int, device=None) -> Tensor:

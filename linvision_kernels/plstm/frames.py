@@ -10,7 +10,7 @@ allocation per call on a large grid, so the cost per token would grow with the g
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -39,37 +39,55 @@ def _flipped(t: Tensor, o: int) -> Tensor:
     return t.flip(dims) if dims else t
 
 
-def frame_copies(t: Tensor, hw: Tuple[int, int], O: int, padded: Tuple[int, int], dtype: torch.dtype) -> Tensor:
+Orientations = Union[int, Sequence[int]]  # O (the orientations 0..O−1), or the orientation of each frame
+
+
+def _orientations(orientations: Orientations) -> Sequence[int]:
+    return range(orientations) if isinstance(orientations, int) else orientations
+
+
+def frame_copies(t: Tensor, hw: Tuple[int, int], O: Orientations, padded: Tuple[int, int], dtype: torch.dtype) -> Tensor:
     """``[B, N, H, *rest]`` → ``[B, H, O, Xp, Yp, *rest]`` in ``dtype``: one flipped, zero-padded copy per
-    orientation, written strip by strip."""
+    orientation (``O``: their count, or the orientation of each copy), written strip by strip."""
     X, Y = hw
     Xp, Yp = padded
     B, _, H, *rest = t.shape
+    orientations = _orientations(O)
     grid = t.unflatten(1, (X, Y))  # [B, X, Y, H, *rest]
-    f = torch.empty(B, H, O, Xp, Yp, *rest, dtype=dtype, device=t.device)
+    f = torch.empty(B, H, len(orientations), Xp, Yp, *rest, dtype=dtype, device=t.device)
     f[:, :, :, X:].zero_()
     f[:, :, :, :X, Y:].zero_()
-    for o in range(O):
+    for i, o in enumerate(orientations):
         for a, b in _strips(X, B * Y * H * math.prod(rest)):
             part = grid[:, _rows(a, b, X, ORIENTATION_FLIPS[o][0])].movedim(3, 1).to(dtype)  # [B, H, rows, Y, *rest]
-            f[:, :, o, a:b, :Y] = _flipped(part, o)
+            f[:, :, i, a:b, :Y] = _flipped(part, o)
     return f
 
 
-def frame_sum(f: Tensor, hw: Tuple[int, int], extra: Optional[Callable[[int, int], Tensor]] = None) -> Tensor:
+def frame_sum(
+    f: Tensor, hw: Tuple[int, int], extra: Optional[Callable[[int, int], Tensor]] = None,
+    orientations: Optional[Sequence[int]] = None, out: Optional[Tensor] = None,
+) -> Tensor:
     """``[B, H, O, Xp, Yp, D]`` → ``[B, N, H, D]``: crop, flip back, sum the orientations, strip by strip;
-    ``extra(a, b)`` ``[B, (b − a)·Y, H, D]`` is added to the tokens of grid rows ``a:b``."""
+    ``extra(a, b)`` ``[B, (b − a)·Y, H, D]`` is added to the tokens of grid rows ``a:b``. ``orientations``: the
+    orientation of each frame (default ``0..O−1``). ``out [B, N, H, D]``: the sum is added into it (and returned)."""
     X, Y = hw
     B, H, O, _, _, D = f.shape
-    out = torch.empty(B, X, Y, H, D, dtype=f.dtype, device=f.device)
+    orientations = _orientations(O if orientations is None else orientations)
+    grid = torch.empty(B, X, Y, H, D, dtype=f.dtype, device=f.device) if out is None else out.unflatten(1, (X, Y))
     for a, b in _strips(X, B * Y * H * D):
         total = None
-        for o in range(O):
-            part = _flipped(f[:, :, o, _rows(a, b, X, ORIENTATION_FLIPS[o][0]), :Y], o)  # [B, H, rows, Y, D]
+        for i, o in enumerate(orientations):
+            part = _flipped(f[:, :, i, _rows(a, b, X, ORIENTATION_FLIPS[o][0]), :Y], o)  # [B, H, rows, Y, D]
             total = part if total is None else total + part
         total = total.movedim(1, 3)
-        out[:, a:b] = total if extra is None else total + extra(a, b).unflatten(1, (b - a, Y))
-    return out.flatten(1, 2)
+        if extra is not None:
+            total = total + extra(a, b).unflatten(1, (b - a, Y))
+        if out is None:
+            grid[:, a:b] = total
+        else:
+            grid[:, a:b] += total
+    return grid.flatten(1, 2)
 
 
 class _ToFrames(torch.autograd.Function):
