@@ -21,6 +21,7 @@ specialisation (spec ``lightnet.md``). Nothing here is checked against the paper
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -76,18 +77,22 @@ def grid_positions(shape: Sequence[int], device=None) -> Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes))
 
 
-def md_lrpe_angles(theta: Tensor, shape: Sequence[int], num_prefix_tokens: int, head_dim: int) -> Tensor:
+def md_lrpe_angles(theta: Tensor, shape: Sequence[int], num_prefix_tokens: int, head_dim: int, start: int = 0,
+                   stop: Optional[int] = None) -> Tensor:
     """Angles ``Θ [P + prod(shape), H, head_dim]`` in θ's dtype: ``Θ_s = concat_j(s_j θ)[:head_dim]``, prefix
-    tokens at 0.
+    tokens at 0; only tokens ``start:stop`` when given (``[stop − start, H, head_dim]``).
 
     Channel chunk ``j`` (of ``e = θ.shape[1]`` channels) carries axis ``j`` (rows, then columns, ...), as in
     xopes' ``lrpe_cosine_md_torch``. Built per call from ``shape``; nothing is cached.
     """
-    pos = grid_positions(shape, device=theta.device).to(theta.dtype)  # [n, m]
+    P = num_prefix_tokens
+    stop = P + math.prod(shape) if stop is None else stop
+    pos = grid_positions(shape, device=theta.device)[max(start - P, 0) : max(stop - P, 0)].to(theta.dtype)  # [n, m]
     ang = pos[:, None, :, None] * theta[None, :, None, :]  # [n, H, m, e]
     ang = ang.flatten(2)[..., :head_dim]
-    if num_prefix_tokens:
-        ang = torch.cat([ang.new_zeros(num_prefix_tokens, *ang.shape[1:]), ang], 0)
+    prefix = max(0, min(stop, P) - start)
+    if prefix:
+        ang = torch.cat([ang.new_zeros(prefix, *ang.shape[1:]), ang], 0)
     return ang
 
 
@@ -107,6 +112,49 @@ def md_lrpe(x: Tensor, angles: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
+TPE_CHUNK = 32  # positions per chunk of the chunked decay filter (dense inside a chunk, carried across)
+
+
+def decay_filter(g: Tensor, log_decay: Tensor, causal: bool, chunk: int = TPE_CHUNK) -> Tensor:
+    """``y[..., t] = Σ_s λ^{|t−s|} g[..., s]`` along the last dim (``causal``: over ``s ≤ t`` only, ``λ^{t−s}``).
+
+    ``g [..., H, d, L]``, ``log_decay [H]`` (``log λ ≤ 0``) → ``[..., H, d, L]`` in ``g``'s dtype. Chunked: the
+    ``L`` positions are cut into chunks of ``chunk``; inside a chunk the decay matrix is applied densely, and the
+    sums of the chunks before (and, bidirectional, after) reach it as one carried state per direction, decayed by
+    ``λ^chunk`` per chunk. ``O(L·chunk)`` per line instead of the ``O(L²)`` of the full Toeplitz matrix.
+    """
+    L = g.shape[-1]
+    c = min(chunk, L)
+    n = -(-L // c)
+    x = F.pad(g, (0, n * c - L)).unflatten(-1, (n, c))  # [..., H, d, n, c], zeros past the end
+    ll = log_decay.to(g.dtype)[:, None]  # [H, 1]
+    i = torch.arange(c, device=g.device, dtype=g.dtype)
+    dist = i[:, None] - i[None, :]
+    inside = torch.exp(dist.abs() * ll[:, :, None])  # [H, c, c]
+    if causal:
+        inside = inside.masked_fill(dist < 0, 0.0)
+    y = torch.einsum("hij,...hdnj->...hdni", inside, x)
+    if n == 1:
+        return y.flatten(-2)[..., :L]
+    per_chunk = torch.exp(c * ll)[:, :, None]  # [H, 1, 1]: λ^c over [..., H, d, ·]
+
+    def carried(into: Tensor, order) -> Tensor:
+        """States entering each chunk ``[..., H, d, n]``: the decayed sum of the chunks visited before it in
+        ``order``; ``into [..., H, d, n]`` each chunk's own contribution to the state it passes on."""
+        states, state = [None] * n, torch.zeros_like(into[..., 0])
+        for j in order:
+            states[j] = state
+            state = state * per_chunk[..., 0] + into[..., j]
+        return torch.stack(states, -1)
+
+    forward = carried(torch.einsum("...hdnj,hj->...hdn", x, torch.exp((c - 1 - i) * ll)), range(n))
+    y = y + forward[..., None] * torch.exp((i + 1) * ll)[:, None, None]  # λ^{i+1} for position i of a chunk
+    if not causal:
+        backward = carried(torch.einsum("...hdnj,hj->...hdn", x, torch.exp(i * ll)), range(n - 1, -1, -1))
+        y = y + backward[..., None] * torch.exp((c - i) * ll)[:, None, None]  # λ^{c−i}
+    return y.flatten(-2)[..., :L]
+
+
 class MdTpe(nn.Module):
     """Multi-dimensional Toeplitz positional encoding (xmixers ``MdTpe`` of ``Tpe``, one per grid axis, summed).
 
@@ -114,7 +162,8 @@ class MdTpe(nn.Module):
     (``bidirectional``) or ``Σ_{s≤t} λ^{t−s} x_s`` (``causal``, xmixers), ``λ = sigmoid(log_decay)``;
     then a per-head RMSNorm (with weight) and a ``Linear(C, C, bias=False)``. The axes' outputs are summed.
     Shapes: ``x (B, P + h·w, C)`` → ``(B, P + h·w, C)``; the ``P`` prefix tokens are not on the grid and
-    get a zero output. The Toeplitz matrices are built per call from ``hw`` (``O(N·(h + w)·C)``).
+    get a zero output. The filter runs chunked (:func:`decay_filter`: ``O(N·C·chunk)``, linear in the tokens);
+    :meth:`toeplitz` gives the full decay matrix of an axis (the reference).
 
     Initialisation as xmixers: ``q, k ~ N(0, 1)``, ``log_decay ~ N(0, 1)``, norm weight 1. As in xmixers,
     the per-head RMSNorm cancels the ``q·k`` scale up to its eps (only its sign survives), so ``q`` and ``k``
@@ -151,9 +200,9 @@ class MdTpe(nn.Module):
         out = 0
         acc = accumulation_dtype(x.dtype)  # the Toeplitz sums and the norm (an fp16 sum could overflow)
         for a in range(self.ndim):
-            mat = self.toeplitz(a, hw[a], acc)  # [H, L, L]
             g = grid.movedim(1 + a, -1).to(acc)  # [B, ..., H, d, L]
-            y = torch.einsum("hij,b...hdj->b...hdi", mat, g).movedim(-1, 1 + a)  # [B, *hw, H, d]
+            log_decay = F.logsigmoid(self.log_decay[a].to(acc))
+            y = decay_filter(g, log_decay, self.direction == "causal").movedim(-1, 1 + a)  # [B, *hw, H, d]
             scale = (self.q[a] * self.k[a]).view(H, d).sum(-1).to(acc)  # q·k per head
             y = y * scale[:, None]
             y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)
@@ -294,29 +343,35 @@ class LightNetAttention(QKVMixer):
         else:
             x_in = x
         acc = accumulation_dtype(x.dtype)  # the scan's output, gate and norm: fp32 (fp64 for fp64 x)
-        q, k, v = self.project_qkv(x_in)
+        q, k, v = self.qkv_rows(x_in)  # projected per range of tokens (no autograd): no full-size q, k
+        N = x.shape[1]
+        v = v(0, N)
         angles = None
         if self.use_lrpe:
-            angles = md_lrpe_angles(self.lrpe_frequencies(acc), hw, num_prefix_tokens, self.head_dim)  # [N, H, d]
+            theta = self.lrpe_frequencies(acc)
+            angles = lambda a, b: md_lrpe_angles(theta, hw, num_prefix_tokens, self.head_dim, a, b)  # noqa: E731
 
         def queries(a: int, b: int) -> Tensor:
-            qs = F.silu(q[:, a:b]) if self.q_activation == "silu" else q[:, a:b]
-            return qs if angles is None else md_lrpe(qs, angles[a:b])
+            qs = q(a, b)
+            qs = F.silu(qs) if self.q_activation == "silu" else qs
+            return qs if angles is None else md_lrpe(qs, angles(a, b))
 
         def keys(a: int, b: int) -> Tuple[Tensor, Optional[Tensor]]:
+            ks = k(a, b)
             if angles is None:
-                return k[:, a:b], None
-            ang = angles[a:b]
-            return torch.cat([k[:, a:b]] * 2, -1), torch.cat([ang.cos(), ang.sin()], -1).unsqueeze(0)
+                return ks, None
+            ang = angles(a, b)
+            return torch.cat([ks] * 2, -1), torch.cat([ang.cos(), ang.sin()], -1).unsqueeze(0)
 
         if self.causal:
-            kk, k_mod = keys(0, k.shape[1])
-            o = additive_scan(queries(0, q.shape[1]), kk, v, k_mod=k_mod, causal=True, lse_init=self.lse_init,
+            kk, k_mod = keys(0, N)
+            o = additive_scan(queries(0, N), kk, v, k_mod=k_mod, causal=True, lse_init=self.lse_init,
                               out_dtype=acc, backend=self.backend)
-        else:  # queries and keys chunk by chunk of tokens: no full [B, N, H, 2d] temporary
-            o = additive_scan_streamed(queries, keys, v, q.shape[1], lse_init=self.lse_init, out_dtype=acc,
-                                       backend=self.backend)
-        return map_token_chunks(lambda o, x: self.output(o.flatten(2), x), o, x)  # token-wise, in cache-sized chunks
+            return map_token_chunks(lambda o, x: self.output(o.flatten(2), x), o, x)  # token-wise, cache-sized chunks
+        # queries and keys chunk by chunk of tokens, and gate, norm and proj as the scan's epilogue: no full-size
+        # [B, N, H, 2d] features or scan output
+        return additive_scan_streamed(queries, keys, v, N, lse_init=self.lse_init, out_dtype=acc, backend=self.backend,
+                                      output=lambda a, b, o: self.output(o.flatten(2), x[:, a:b]))
 
     def output(self, o: Tensor, x: Tensor) -> Tensor:
         """Gate, norm and ``proj`` of the scan output ``o (B, n, C)`` (fp32/fp64) for mixer inputs ``x (B, n, C)``."""
@@ -341,4 +396,6 @@ class LightNetAttention(QKVMixer):
         )
 
 
-__all__ = ["LightNetAttention", "MdTpe", "grid_positions", "md_lrpe", "md_lrpe_theta", "md_lrpe_angles"]
+__all__ = [
+    "LightNetAttention", "MdTpe", "decay_filter", "grid_positions", "md_lrpe", "md_lrpe_theta", "md_lrpe_angles",
+]

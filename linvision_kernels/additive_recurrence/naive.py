@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..backend import accumulation_dtype
+from ..chunks import stack_chunks
 
 CHUNK_ELEMENTS = 1 << 18  # elements of one [B, chunk, H, D] temporary (non-causal streaming)
 PAIR_ELEMENTS = 1 << 21  # elements of one [B, T, T, H, D] pair tensor (causal intra-chunk term)
@@ -114,21 +115,22 @@ def noncausal_scan_of(
     num_queries: int,
     lse_init: float = -math.inf,
     out_dtype: Optional[torch.dtype] = None,
+    output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
 ) -> Tensor:
     """The non-causal reference with queries and keys given chunk by chunk (``queries(a, b)``: tokens ``a:b``
     of ``q``; ``keys(a, b)``: of ``(f, κ or None)``), so that no full-size temporary of them exists.
 
-    ``v [B, M, H, Dv]`` → ``[B, N, H, Dv]`` (``N = num_queries``) in ``out_dtype`` (default the queries' dtype).
+    ``v [B, M, H, Dv]`` → ``[B, N, H, Dv]`` (``N = num_queries``) in ``out_dtype`` (default the queries' dtype);
+    with ``output(a, b, o)``, the stacked epilogue results of each chunk instead.
     """
     state, _ = noncausal_state_of(keys, v, lse_init)
-    step = chunk_tokens(v)
-    out = None
-    for a in range(0, num_queries, step):
-        q = queries(a, a + step)
-        if out is None:
-            out = q.new_empty(q.shape[0], num_queries, q.shape[2], v.shape[-1], dtype=out_dtype or q.dtype)
-        out[:, a : a + step] = torch.einsum("bnhk,bhkv->bnhv", q.to(state.dtype), state)
-    return out
+
+    def chunk(a: int, b: int) -> Tensor:
+        q = queries(a, b)
+        o = torch.einsum("bnhk,bhkv->bnhv", q.to(state.dtype), state).to(out_dtype or q.dtype)
+        return o if output is None else output(a, b, o)
+
+    return stack_chunks(chunk, num_queries, chunk_tokens(v))
 
 
 def causal_lse(k: Tensor, lse_init: float = -math.inf) -> Tensor:

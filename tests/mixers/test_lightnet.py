@@ -5,11 +5,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import linvision
 from linvision.mixers.lightnet import (
     LightNetAttention,
     MdTpe,
+    decay_filter,
     grid_positions,
     md_lrpe,
     md_lrpe_angles,
@@ -68,6 +70,13 @@ def test_triton_path_matches_torch_path(hw, prefix, options, dtype):
         assert torch.isfinite(gp[n]).all()
         errs[n] = (gp[n].float() - gp_ref[n].float()).norm().item() / scale
     assert max(errs.values()) < tol, errs
+
+
+def test_lrpe_angles_of_a_token_range_are_the_rows_of_all():
+    theta = md_lrpe_theta(HEADS, 16, ndim=2)
+    whole = md_lrpe_angles(theta, (5, 7), 3, 16)  # [3 + 35, H, 16], prefix first
+    for a, b in [(0, 38), (0, 2), (1, 9), (3, 10), (20, 38), (38, 38)]:
+        assert torch.equal(md_lrpe_angles(theta, (5, 7), 3, 16, a, b), whole[a:b])
 
 
 def test_lrpe_is_relative_per_axis():
@@ -167,6 +176,36 @@ def test_md_tpe_is_a_per_axis_toeplitz_filter(direction):
         normed = normed * tpe.norm_weight[a].view(HEADS, -1)
         expected += tpe.o_proj[a](normed.reshape(2, h, w, DIM))
     torch.testing.assert_close(y[:, P:], expected.reshape(2, h * w, DIM))
+
+
+def dense_decay_filter(g, log_decay, causal):
+    """The full decay matrix ``λ^{|i−j|}`` (causal: ``j ≤ i``) applied along the last dim of ``g [..., H, d, L]``."""
+    L = g.shape[-1]
+    dist = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+    mat = torch.exp(dist.abs().to(g.dtype) * log_decay[:, None, None])
+    if causal:
+        mat = mat.masked_fill(dist < 0, 0.0)
+    return torch.einsum("hij,...hdj->...hdi", mat, g)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L, chunk", [(7, 2), (9, 4), (12, 3), (5, 32)])
+def test_decay_filter_matches_the_toeplitz_matrix(causal, L, chunk):
+    """The chunked filter (carried states across chunks, a partial last chunk) against the full decay matrix,
+    values and gradients; gradcheck in float64. MdTpe.toeplitz is that matrix."""
+    torch.manual_seed(0)
+    g = torch.randn(2, 3, HEADS, DIM // HEADS, L, dtype=torch.float64, requires_grad=True)
+    log_decay = F.logsigmoid(torch.randn(HEADS, dtype=torch.float64)).requires_grad_()
+    got, want = decay_filter(g, log_decay, causal, chunk), dense_decay_filter(g, log_decay, causal)
+    assert rel_err(got, want) < 1e-12
+    probe = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (g, log_decay), probe), torch.autograd.grad(want, (g, log_decay), probe)):
+        assert rel_err(a, b) < 1e-12
+    assert torch.autograd.gradcheck(lambda g, ld: decay_filter(g, ld, causal, chunk), (g[:1, :1], log_decay))
+    tpe = MdTpe(DIM, HEADS, direction="causal" if causal else "bidirectional").double()
+    with torch.no_grad():
+        tpe.log_decay[0] = torch.logit(log_decay.exp())
+    assert rel_err(torch.einsum("hij,...hdj->...hdi", tpe.toeplitz(0, L, torch.float64), g), want) < 1e-12
 
 
 def test_tpe_replace_keeps_prefix_tokens_and_any_resolution():
