@@ -31,7 +31,7 @@ from ..cli_text import PlainHelpFormatter
 from ..dtypes import DTYPES
 from ..mixers import create_mixer, list_mixers
 from .growth import (
-    CLOCKS, GROWTH_LIMIT, GROWTH_SIZES, QUADRATIC_MAX_SIZE, growth_failures, growth_ratios, growth_sizes, measure_growth,
+    CLOCKS, GROWTH_LIMIT, GROWTH_REPEAT, GROWTH_SIZES, QUADRATIC_MAX_SIZE, growth_failures, growth_ratios, growth_sizes, measure_growth,
     print_growth,
 )
 from .linfusion_official import compare_official_linfusion
@@ -50,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["forward", "train"], default="forward", help="forward only, or forward+backward")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case; the median is reported (default: 3)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed runs per case: the median is reported (default: 3); with --growth, side-by-side "
+                             f"rounds whose fastest is reported (default: {GROWTH_REPEAT})")
     parser.add_argument("--quick", action="store_true", help="sizes 16 and 32, one timed run: a smoke run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--growth", action="store_true",
@@ -154,6 +156,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"linvision bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    if args.repeat is not None and args.repeat < 1:
+        print(f"linvision bench: --repeat must be >= 1, got {args.repeat}", file=sys.stderr)
+        return 2
+    if args.repeat is None:
+        args.repeat = GROWTH_REPEAT if args.growth else 3
     if args.sizes is None:
         args.sizes = GROWTH_SIZES if args.growth else [32, 64, 128]
     if args.quick:
@@ -187,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
 def growth_main(names: List[str], args, device: torch.device, dtype: torch.dtype) -> int:
     """``--growth``: the growth table, the official LinFusion comparison, exit 1 on a failed linear mixer."""
     sizes = sorted(args.sizes)
-    print(f"growth: sizes {sizes}, median of {args.repeat} side-by-side rounds, {args.clock} clock, forward, no_grad")
+    print(f"growth: sizes {sizes}, fastest of {args.repeat} side-by-side rounds, {args.clock} clock, forward, no_grad")
     rows = measure_growth(names, sizes, args, device, dtype, named=args.mixers is not None)
     capped = sorted({n for n in names if growth_sizes(n, sizes, args.mixers is not None) != sizes})
     if capped:

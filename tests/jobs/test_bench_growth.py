@@ -47,6 +47,7 @@ def test_exit_code_follows_the_limit(tmp_path, capsys):
     assert main(common + ["--mixers", "linear", "--growth-limit", "1e9", "--clock", "cpu", "--threads", "1"]) == 0
     assert main(common + ["--mixers", "softmax", "--growth-limit", "0"]) == 0
     assert main(common + ["--mixers", "linear", "--threads", "0"]) == 2
+    assert main(common + ["--mixers", "linear", "--repeat", "0"]) == 2
 
 
 def test_official_linfusion_comparison_skips_or_runs(monkeypatch, capsys):
