@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.backend import check_backend
-from ..kernels.linear_attn import linear_attention
+from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_float
 from .base import TokenMixer
 
@@ -128,13 +128,18 @@ class SanaAttention(TokenMixer):
         with torch.no_grad():  # exact power-of-two divisors [B, 1, H]; constants for autograd
             s_q = power_of_two_guard(q.amax(dim=(1, 3)).clamp(min=0)).unsqueeze(1)
             s_k = power_of_two_guard(k.amax(dim=(1, 3)).clamp(min=0)).unsqueeze(1)
-            s_v = power_of_two_guard(v.abs().amax(dim=(1, 3))).unsqueeze(1)
-        q = q * (1.0 / s_q).to(q.dtype).unsqueeze(-1)
-        o = linear_attention(q, k, v, k_weight=1.0 / s_k, v_weight=1.0 / s_v, feature_map="relu", eps=self.eps,
-                             backend=self.backend)
-        o = o * s_v.to(o.dtype).unsqueeze(-1)
-        y = self.to_out[1](self.to_out[0](o.flatten(2)))
-        return y.clip(-FP16_MAX, FP16_MAX) if y.dtype == torch.float16 else y
+            s_v = power_of_two_guard(torch.maximum(v.amax(dim=(1, 3)), -v.amin(dim=(1, 3)))).unsqueeze(1)  # max |v|
+        inv_q = (1.0 / s_q).to(q.dtype).unsqueeze(-1)
+
+        def output(a: int, b: int, o: Tensor) -> Tensor:  # token-wise: v's scale back, to_out, the fp16 clip
+            y = self.to_out[1](self.to_out[0]((o * s_v.to(o.dtype).unsqueeze(-1)).flatten(2)))
+            return y.clip(-FP16_MAX, FP16_MAX) if y.dtype == torch.float16 else y
+
+        # the scaled queries, the outputs and to_out chunk by chunk of tokens: cache-sized temporaries
+        return linear_attention_streamed(
+            lambda a, b: (q[:, a:b] * inv_q, None), lambda a, b: (k[:, a:b], None), v, q.shape[1], k_weight=1.0 / s_k,
+            v_weight=1.0 / s_v, feature_map="relu", eps=self.eps, output=output, backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qk_norm={self.qk_norm}, eps={self.eps}"
