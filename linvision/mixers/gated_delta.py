@@ -89,9 +89,9 @@ def delta_bidirectional(
     N, n = q.shape[1], num_householder
     fwd = gated_scan(q, k[:, : N * n], v[:, : N * n], g[:, :N], beta[:, : N * n], delta=True, direction="forward",
                      num_householder=n, **scan)
-    bwd = gated_scan(q, k[:, n:], v[:, n:], g[:, 1:], beta[:, n:], delta=True, direction="backward",
-                     num_householder=n, **scan)
-    return fwd + bwd if fwd.requires_grad and torch.is_grad_enabled() else fwd.add_(bwd)
+    # the backward half added into the forward half's output (in place without autograd): no output of its own
+    return gated_scan(q, k[:, n:], v[:, n:], g[:, 1:], beta[:, n:], delta=True, direction="backward",
+                      num_householder=n, add_to=fwd, **scan)
 
 
 class BidirectionalGDN(QKVMixer):

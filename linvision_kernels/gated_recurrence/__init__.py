@@ -51,6 +51,7 @@ def gated_scan(
     num_householder: int = 1,
     initial_state: Optional[Tensor] = None,
     output_final_state: bool = False,
+    add_to: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Decayed / delta-rule state passing over ``N`` tokens; ``[B, N, H, Dv]`` in the dtype of ``q``.
 
@@ -88,6 +89,10 @@ def gated_scan(
     ``(out, final_state)``, the state after the scan's last token, fp32 (fp64), as fla's ops. Both are refused
     with ``"bidirectional"`` (two scans, no single state).
 
+    ``add_to [B, N, H, Dv]`` (floating, any dtype): the result is added to it and returned in its dtype; without
+    autograd recording in place, so that a second scan (another direction, another order) needs no output of its
+    own (the chunked method writes its pieces straight into it).
+
     ``backend``: ``"auto"`` (Triton for CUDA tensors when importable, else PyTorch), ``"torch"``, ``"triton"``
     (CPU tensors need ``TRITON_INTERPRET=1``; fp16, bf16, fp32; ``Dk, Dv ≤ 256``). ``method`` and
     ``chunk_size`` choose the PyTorch implementation; ``method="naive"`` always runs the oracle, and with
@@ -117,6 +122,10 @@ def gated_scan(
                                       or tuple(initial_state.shape) != (B, H, K, V)):
         raise ValueError(f"initial_state must be a floating tensor [B, H, Dk, Dv] = {[B, H, K, V]}, "
                          f"got {tuple(getattr(initial_state, 'shape', ()))}")
+    if add_to is not None and (not isinstance(add_to, Tensor) or not add_to.is_floating_point()
+                               or tuple(add_to.shape) != (B, N, H, V)):
+        raise ValueError(f"add_to must be a floating tensor [B, N, H, Dv] = {[B, N, H, V]}, "
+                         f"got {tuple(getattr(add_to, 'shape', ()))}")
     scale = K ** -0.5 if scale is None else check_float("scale", scale, min=0, min_open=True)
     g = _check_gate("g", g, q)
     if g_backward is not None and direction != "bidirectional":
@@ -160,7 +169,7 @@ def gated_scan(
 
         if qk_l2norm:
             q, k = l2norm(q), l2norm(k)
-        return gated_scan_triton(q, k, v, g, beta, g_backward, scale, direction).to(out_dtype)
+        return _added(gated_scan_triton(q, k, v, g, beta, g_backward, scale, direction).to(out_dtype), add_to)
 
     nh = num_householder
     state = dict(initial_state=initial_state, output_final_state=True) if direction != "bidirectional" else {}
@@ -186,14 +195,25 @@ def gated_scan(
         o, final = res if state else (res, None)
         o = reads(o, nh, exclusive)
         o = o.flip(1) if copies else o
-        return (o if add_to is None or (method != "naive" and nh == 1) else add_to + o), final
+        return (o if method != "naive" and nh == 1 else _added(o, add_to)), final
 
     if direction == "bidirectional":  # the backward half reads before token t writes, added to the forward half
         out, final = scan(q, k, v, g, beta)[0], None
         out = scan(q, k, v, gb, beta, exclusive=True, reverse=True, add_to=out)[0]
+        out = _added(out.to(out_dtype), add_to)
     else:
-        out, final = scan(q, k, v, g, beta, reverse=direction == "backward")
-    return (out.to(out_dtype), final) if output_final_state else out.to(out_dtype)
+        out, final = scan(q, k, v, g, beta, reverse=direction == "backward", add_to=add_to)
+        out = out if add_to is not None else out.to(out_dtype)
+    return (out, final) if output_final_state else out
+
+
+def _added(o: Tensor, add_to: Optional[Tensor]) -> Tensor:
+    """``o`` added to ``add_to`` (in place unless autograd records either), or ``o`` when there is none."""
+    if add_to is None:
+        return o
+    if torch.is_grad_enabled() and (o.requires_grad or add_to.requires_grad):
+        return add_to + o
+    return add_to.add_(o)
 
 
 def _check_gate(name: str, g: Optional[Tensor], q: Tensor) -> Optional[Tensor]:

@@ -62,3 +62,27 @@ def test_the_output_is_written_everywhere(small_groups):
     with torch.no_grad():
         out = gated_scan(q, k, v, g, direction="bidirectional", chunk_size=8)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", ["chunked", "naive"])
+@pytest.mark.parametrize("direction", ["forward", "backward", "bidirectional"])
+def test_add_to_adds_in_place_without_autograd_and_differentiably_with_it(small_groups, method, direction):
+    """``add_to``: the scan's output added to a given tensor: in place (the same tensor back) without autograd,
+    a sum with both gradients with it; a wrong shape is refused."""
+    q, k, v, g, beta = problem(37, False, True)
+    base = torch.randn(*q.shape[:3], v.shape[-1], dtype=q.dtype)
+    want = base + scan("naive", q, k, v, g, beta, direction)
+    with torch.no_grad():
+        target = base.clone()
+        got = scan(method, q, k, v, g, beta, direction, chunk_size=4, add_to=target)
+    assert got is target and rel_err(got, want) < 1e-10
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta, base)]
+    got = scan(method, *leaves[:5], direction, chunk_size=4, add_to=leaves[5])
+    oracle = [t.detach().requires_grad_() for t in (q, k, v, g, beta, base)]
+    want = oracle[5] + scan("naive", *oracle[:5], direction)
+    assert rel_err(got, want) < 1e-10
+    probe = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, leaves, probe), torch.autograd.grad(want, oracle, probe)):
+        assert rel_err(a, b) < 1e-9
+    with pytest.raises(ValueError, match="add_to must be"):
+        scan(method, q, k, v, g, beta, direction, add_to=base[:, 1:])
