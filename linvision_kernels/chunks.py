@@ -1,10 +1,31 @@
 """Stacking per-chunk results along the token dimension into one output."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+
+# (a, b) → rows a:b of a per-token tensor, [B, b − a, ...]
+Rows = Callable[[int, int], Tensor]
+
+
+def token_source(t: Union[Tensor, Rows], num_tokens: Optional[int], name: str = "v") -> Tuple[Rows, int, Tensor]:
+    """``(rows, N, sample)`` of a per-token input given as a tensor ``[B, N, ...]`` or as a function of a token
+    range ``t(a, b) = t[:, a:b]`` with ``num_tokens = N`` (then it is never held whole): ``rows(a, b)``, the token
+    count and ``rows(0, 1)`` (batch, device, dtype and widths). ``ValueError`` for a missing or mismatched
+    ``num_tokens`` or no tokens."""
+    if callable(t):
+        if num_tokens is None:
+            raise ValueError(f"num_keys is required when {name} is a function of a token range")
+        rows, n = t, num_tokens
+    else:
+        if num_tokens is not None and num_tokens != t.shape[1]:
+            raise ValueError(f"num_keys={num_tokens} does not match {name}'s {t.shape[1]} tokens")
+        rows, n = (lambda a, b: t[:, a:b]), t.shape[1]  # noqa: E731
+    if n == 0:
+        raise ValueError("at least one key token is needed")
+    return rows, n, rows(0, 1)
 
 
 def stack_chunks(fn: Callable[[int, int], Tensor], num_tokens: int, step: int) -> Tensor:

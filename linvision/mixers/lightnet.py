@@ -343,9 +343,8 @@ class LightNetAttention(QKVMixer):
         else:
             x_in = x
         acc = accumulation_dtype(x.dtype)  # the scan's output, gate and norm: fp32 (fp64 for fp64 x)
-        q, k, v = self.qkv_rows(x_in)  # projected per range of tokens (no autograd): no full-size q, k
+        q, k, v = self.qkv_rows(x_in)  # projected per range of tokens (no autograd): no full-size q, k, v
         N = x.shape[1]
-        v = v(0, N)
         angles = None
         if self.use_lrpe:
             theta = self.lrpe_frequencies(acc)
@@ -365,13 +364,13 @@ class LightNetAttention(QKVMixer):
 
         if self.causal:
             kk, k_mod = keys(0, N)
-            o = additive_scan(queries(0, N), kk, v, k_mod=k_mod, causal=True, lse_init=self.lse_init,
+            o = additive_scan(queries(0, N), kk, v(0, N), k_mod=k_mod, causal=True, lse_init=self.lse_init,
                               out_dtype=acc, backend=self.backend)
             return map_token_chunks(lambda o, x: self.output(o.flatten(2), x), o, x)  # token-wise, cache-sized chunks
         # queries and keys chunk by chunk of tokens, and gate, norm and proj as the scan's epilogue: no full-size
         # [B, N, H, 2d] features or scan output
-        return additive_scan_streamed(queries, keys, v, N, lse_init=self.lse_init, out_dtype=acc, backend=self.backend,
-                                      output=lambda a, b, o: self.output(o.flatten(2), x[:, a:b]))
+        return additive_scan_streamed(queries, keys, v, N, num_keys=N, lse_init=self.lse_init, out_dtype=acc,
+                                      output=lambda a, b, o: self.output(o.flatten(2), x[:, a:b]), backend=self.backend)
 
     def output(self, o: Tensor, x: Tensor) -> Tensor:
         """Gate, norm and ``proj`` of the scan output ``o (B, n, C)`` (fp32/fp64) for mixer inputs ``x (B, n, C)``."""

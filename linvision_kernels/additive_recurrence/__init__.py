@@ -6,13 +6,13 @@ arXiv 2405.21022 (2024).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..chunks import stack_chunks
+from ..chunks import Rows, stack_chunks, token_source
 from ..validation import check_bool, check_float, check_floating_dtype, check_qkv, check_triton_dtype, expand_floating
 from .naive import (
     additive_scan_naive, additive_scan_recurrent, causal_lse, chunk_tokens, noncausal_scan_of, noncausal_state,
@@ -68,9 +68,10 @@ def additive_scan(
 def additive_scan_streamed(
     queries: Callable[[int, int], Tensor],
     keys: Callable[[int, int], Tuple[Tensor, Optional[Tensor]]],
-    v: Tensor,
+    v: Union[Tensor, Rows],
     num_queries: int,
     *,
+    num_keys: Optional[int] = None,
     lse_init: float = -math.inf,
     out_dtype: Optional[torch.dtype] = None,
     output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
@@ -80,22 +81,24 @@ def additive_scan_streamed(
     the caller one chunk of tokens at a time (``queries(a, b)``, ``keys(a, b)``: tokens ``a:b``, computed
     token by token), so that the PyTorch path never holds a full-size temporary of them; the outputs are
     bit-identical to :func:`additive_scan` on the full tensors. The Triton path builds them over all tokens.
+    ``v [B, M, H, Dv]``, or a function ``v(a, b)`` of a token range with ``num_keys = M`` (never held whole then).
 
     ``output(a, b, o)``: a token-wise epilogue of each chunk ``o [B, b − a, H, Dv]`` of the result (the caller's
     gate, norm and projection); the result is then the stacked ``output`` chunks, and on the PyTorch path the
     scan's output is never held whole.
     """
-    if resolve_backend(backend, v) == "triton":
-        k, k_mod = keys(0, v.shape[1])
-        o = additive_scan(queries(0, num_queries), k, v, k_mod=k_mod, lse_init=lse_init, out_dtype=out_dtype,
-                          backend=backend)
+    values, M, sample = token_source(v, num_keys)
+    if resolve_backend(backend, sample) == "triton":
+        k, k_mod = keys(0, M)
+        o = additive_scan(queries(0, num_queries), k, values(0, M), k_mod=k_mod, lse_init=lse_init,
+                          out_dtype=out_dtype, backend=backend)
         return o if output is None else stack_chunks(lambda a, b: output(a, b, o[:, a:b]), num_queries, chunk_tokens(o))
-    step = min(num_queries, v.shape[1], 64)
+    step = min(num_queries, M, 64)
     k, k_mod = keys(0, step)  # the checks of additive_scan, once, on a first chunk
     q = queries(0, step)
-    _, lse_init = _validated(q, k, v[:, :step], k_mod, False, lse_init)
+    _, lse_init = _validated(q, k, values(0, step), k_mod, False, lse_init)
     out_dtype = q.dtype if out_dtype is None else check_floating_dtype("out_dtype", out_dtype)
-    return noncausal_scan_of(queries, keys, v, num_queries, lse_init, out_dtype, output)
+    return noncausal_scan_of(queries, keys, values, num_queries, lse_init, out_dtype, output, num_keys=M)
 
 
 def _validated(q, k, v, k_mod, causal, lse_init):

@@ -14,13 +14,13 @@ flows through it, so it doubles as the ``gradcheck``-able definition. See
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..backend import accumulation_dtype
-from ..chunks import stack_chunks
+from ..chunks import Rows, stack_chunks, token_source
 
 CHUNK_ELEMENTS = 1 << 18  # elements of one [B, chunk, H, D] temporary (non-causal streaming)
 PAIR_ELEMENTS = 1 << 21  # elements of one [B, T, T, H, D] pair tensor (causal intra-chunk term)
@@ -52,20 +52,23 @@ def noncausal_state(
 
 
 def noncausal_state_of(
-    keys: Callable[[int, int], Tuple[Tensor, Optional[Tensor]]], v: Tensor, lse_init: float = -math.inf
+    keys: Callable[[int, int], Tuple[Tensor, Optional[Tensor]]], v: Union[Tensor, Rows], lse_init: float = -math.inf,
+    num_keys: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`noncausal_state` with the keys given chunk by chunk: ``keys(a, b)`` returns tokens ``a:b`` of
-    ``(f, κ or None)``, so the caller can build them per chunk (never a full-size temporary)."""
-    step = chunk_tokens(v)
+    ``(f, κ or None)``, so the caller can build them per chunk (never a full-size temporary); ``v`` a tensor or a
+    function of a token range with ``num_keys`` (:func:`~linvision.kernels.chunks.token_source`)."""
+    values, M, sample = token_source(v, num_keys)
+    step = chunk_tokens(sample)
     m_all, l_all, s_all = None, None, None
-    for a in range(0, v.shape[1], step):
+    for a in range(0, M, step):
         f, k_mod = keys(a, a + step)
         acc = accumulation_dtype(f.dtype)
         f = f.to(acc)  # [B, n, H, Dk]
         m = f.amax(1)  # [B, H, Dk]
         p = torch.exp(f - _safe(m).unsqueeze(1))
         kk = p if k_mod is None else p * k_mod.to(acc)
-        s = torch.einsum("bnhk,bnhv->bhkv", kk, v[:, a : a + step].to(acc))
+        s = torch.einsum("bnhk,bnhv->bhkv", kk, values(a, a + f.shape[1]).to(acc))
         l = p.sum(1)
         if m_all is None:
             m_all, l_all, s_all = m, l, s
@@ -111,26 +114,28 @@ def additive_scan_naive(
 def noncausal_scan_of(
     queries: Callable[[int, int], Tensor],
     keys: Callable[[int, int], Tuple[Tensor, Optional[Tensor]]],
-    v: Tensor,
+    v: Union[Tensor, Rows],
     num_queries: int,
     lse_init: float = -math.inf,
     out_dtype: Optional[torch.dtype] = None,
     output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
+    num_keys: Optional[int] = None,
 ) -> Tensor:
     """The non-causal reference with queries and keys given chunk by chunk (``queries(a, b)``: tokens ``a:b``
     of ``q``; ``keys(a, b)``: of ``(f, κ or None)``), so that no full-size temporary of them exists.
 
-    ``v [B, M, H, Dv]`` → ``[B, N, H, Dv]`` (``N = num_queries``) in ``out_dtype`` (default the queries' dtype);
-    with ``output(a, b, o)``, the stacked epilogue results of each chunk instead.
+    ``v [B, M, H, Dv]`` (or a function of a token range with ``num_keys = M``) → ``[B, N, H, Dv]``
+    (``N = num_queries``) in ``out_dtype`` (default the queries' dtype); with ``output(a, b, o)``, the stacked
+    epilogue results of each chunk instead.
     """
-    state, _ = noncausal_state_of(keys, v, lse_init)
+    state, _ = noncausal_state_of(keys, v, lse_init, num_keys)
 
     def chunk(a: int, b: int) -> Tensor:
         q = queries(a, b)
         o = torch.einsum("bnhk,bhkv->bnhv", q.to(state.dtype), state).to(out_dtype or q.dtype)
         return o if output is None else output(a, b, o)
 
-    return stack_chunks(chunk, num_queries, chunk_tokens(v))
+    return stack_chunks(chunk, num_queries, chunk_tokens(state[:, None, :, 0]))  # [B, 1, H, Dv]: as for v
 
 
 def causal_lse(k: Tensor, lse_init: float = -math.inf) -> Tensor:

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Tuple, Union
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..chunks import stack_chunks
+from ..chunks import Rows, stack_chunks, token_source
 from ..validation import check_bool, check_choice, check_float, check_optional, expand_floating
 from . import _validated, linear_attention
 from .feature_maps import FEATURE_MAPS
@@ -26,14 +26,12 @@ from .state import apply_state, state_of
 
 # (a, b) → (features of tokens a:b [B, b − a, H, Dk], denominator features [B, b − a, H, Dd] or None)
 Features = Callable[[int, int], Tuple[Tensor, Optional[Tensor]]]
-# (a, b) → values of tokens a:b [B, b − a, H, Dv]
-Values = Callable[[int, int], Tensor]
 
 
 def linear_attention_streamed(
     queries: Features,
     keys: Features,
-    v: Union[Tensor, Values],
+    v: Union[Tensor, Rows],
     num_queries: int,
     *,
     num_keys: Optional[int] = None,
@@ -63,17 +61,7 @@ def linear_attention_streamed(
     whole; the result is then the stacked ``output`` chunks ``[B, N, ...]``.
     """
     epilogue = (lambda a, b, o: o) if output is None else output  # noqa: E731
-    if callable(v):
-        if num_keys is None:
-            raise ValueError("num_keys is required when v is a function of a token range")
-        values, M = v, num_keys
-    else:
-        if num_keys is not None and num_keys != v.shape[1]:
-            raise ValueError(f"num_keys={num_keys} does not match v's {v.shape[1]} tokens")
-        values, M = (lambda a, b: v[:, a:b]), v.shape[1]  # noqa: E731
-    if M == 0:
-        raise ValueError("linear attention needs at least one key token")
-    sample = values(0, min(M, 1))  # [B, ≤ 1, H, Dv]: device, batch, heads and width of the values
+    values, M, sample = token_source(v, num_keys)  # sample: the first value token, [B, 1, H, Dv]
     if resolve_backend(backend, sample) == "triton":
         v = values(0, M)
         q, q_den = queries(0, num_queries)

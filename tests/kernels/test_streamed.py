@@ -96,3 +96,36 @@ def test_linear_attention_streamed_weights_scale_offset_and_epilogue(small_chunk
     assert torch.equal(out, ref.flatten(2) * 2) and spans == [(0, 64), (64, 128), (128, 150)]
     with pytest.raises(ValueError, match="scale"):
         linear_attention_streamed(feats(q), feats(k), v, N, normalize="div", scale=0.5)
+
+
+def test_values_as_a_function_of_a_token_range(small_chunks):
+    """``v(a, b)`` with ``num_keys``: asked only for chunks (never the whole sequence beyond one probe token), the
+    outputs of the tensor form bit for bit, in both streamed functions; ``num_keys`` missing or wrong is an error.
+    The additive scan's epilogue is applied per chunk too."""
+    torch.manual_seed(3)
+    B, N, H = 2, 150, 2
+    q, k, v = torch.randn(B, N, H, 4).abs(), torch.randn(B, N, H, 4).abs(), torch.randn(B, N, H, 3)
+    asked = []
+
+    def values(a, b):
+        asked.append(b - a)
+        return v[:, a:b]
+
+    feats = lambda t: (lambda a, b: (t[:, a:b], None))  # noqa: E731
+    ref = linear_attention(q, k, v, backend="torch", mean=True)
+    got = linear_attention_streamed(feats(q), feats(k), values, N, num_keys=N, mean=True, backend="torch")
+    assert torch.equal(got, ref) and max(asked) <= 64
+    asked.clear()
+    ref = additive_scan(q, k, v, out_dtype=torch.float64, backend="torch")
+    spans = []
+    got = additive_scan_streamed(lambda a, b: q[:, a:b], lambda a, b: (k[:, a:b], None), values, N, num_keys=N,
+                                 out_dtype=torch.float64, backend="torch",
+                                 output=lambda a, b, o: (spans.append((a, b)), o * 2)[1])
+    assert torch.equal(got, ref * 2) and max(asked) <= 64 and spans == [(0, 64), (64, 128), (128, 150)]
+    for call in (lambda **kw: linear_attention_streamed(feats(q), feats(k), values, N, **kw),
+                 lambda **kw: additive_scan_streamed(lambda a, b: q[:, a:b], lambda a, b: (k[:, a:b], None), values,
+                                                     N, **kw)):
+        with pytest.raises(ValueError, match="num_keys is required"):
+            call()
+    with pytest.raises(ValueError, match="does not match"):
+        linear_attention_streamed(feats(q), feats(k), v, N, num_keys=N - 1)
