@@ -38,6 +38,23 @@ def stack_chunks(fn: Callable[[int, int], Tensor], num_tokens: int, step: int) -
     return stack_ranges(fn, ((a, min(a + step, num_tokens)) for a in range(0, num_tokens, step)), num_tokens)
 
 
+def stack_chunks_into(fn: Callable[[int, int], Tensor], num_tokens: int, step: int, out: Tensor, lag: int) -> Tensor:
+    """:func:`stack_chunks` into ``out [B, num_tokens, ...]``, a buffer that ``fn`` may also read: ``fn(a, b)`` may
+    read the rows ``a − lag`` onwards of ``out`` as they were before the call (say, the values a convolution of the
+    range reads), so each chunk's result is held back until no later chunk reads its rows. Without autograd; only
+    the results of about ``lag / step + 1`` chunks are held at a time. Returns ``out``."""
+    pending: List[Tuple[int, int, Tensor]] = []
+    for a in range(0, num_tokens, step):
+        while pending and pending[0][1] <= a - lag:  # rows no chunk from a on reads
+            a0, b0, part = pending.pop(0)
+            out[:, a0:b0] = part
+        b = min(a + step, num_tokens)
+        pending.append((a, b, fn(a, b)))
+    for a0, b0, part in pending:
+        out[:, a0:b0] = part
+    return out
+
+
 def stack_ranges(fn: Callable[[int, int], Tensor], ranges: Iterable[Tuple[int, int]], num_tokens: int) -> Tensor:
     """``out[:, a:b] = fn(a, b)`` over the token ranges ``[a, b)`` of ``ranges``, which must tile
     ``[0, num_tokens)`` (any lengths, in any order; every token is written once).

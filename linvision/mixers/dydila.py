@@ -77,7 +77,8 @@ from ..kernels.linear_attn import linear_attention
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_int
 from .lit import FEATURE_OFFSET, LiTAttention
-from .token_chunks import TokenRows, map_token_ranges
+from .token_chunks import TokenRows, map_token_ranges, reusable_output
+from .token_conv import depthwise_conv_reach
 
 DENOMINATORS = ("kernel", "differential", "none")
 ROUTER_GRADS = ("ste", "none")
@@ -232,17 +233,18 @@ class DyDiLA(LiTAttention):
 
     def attention_rows(
         self, x: Tensor, q: TokenRows, k: TokenRows, v: Tensor,
-        output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
+        output: Optional[Callable[[int, int, Tensor], Tensor]] = None, **out,
     ) -> Tensor:
         """:meth:`attention` with q and k as functions of a token range (``q(a, b)`` is ``q[:, a:b]``), each range
-        asked for once, so that they need not be held whole."""
+        asked for once, so that they need not be held whole. ``out``: ``out``/``out_lag`` of
+        ``linear_attention_streamed`` (the buffer the epilogue's results go into), used by its streamed forms."""
         N = v.shape[1]
         plain = "none" if self.denominator == "none" else "div"
         if not (self.dynamic_kernel or self.differential):  # the LiT baseline, features fused in the kernel
             return linear_attention_streamed(
                 lambda a, b: (q(a, b), None), lambda a, b: (k(a, b), None), v, N, normalize=plain,
                 mean=True, eps=self.eps, feature_map="relu", feature_offset=FEATURE_OFFSET, output=output,
-                backend=self.backend,
+                backend=self.backend, **out,
             )
         acc = accumulation_dtype(x.dtype)
         v = v.to(acc)
@@ -251,6 +253,7 @@ class DyDiLA(LiTAttention):
             # features chunk by chunk of tokens: no full [B, N, H, d] temporary (linear_attention_streamed)
             return linear_attention_streamed(
                 queries, keys, v, N, normalize=plain, mean=True, eps=self.eps, output=output, backend=self.backend,
+                **out,
             )
         (q_diff, _), (k_diff, _) = queries(0, N), keys(0, N)
         num = linear_attention(q_diff, k_diff, v, normalize="none", mean=True, backend=self.backend)
@@ -293,7 +296,9 @@ class DyDiLA(LiTAttention):
                 o = o + self.local_term(v, hw, num_prefix_tokens, a, b).to(o.dtype)
             return self.proj(o.to(x.dtype))
 
-        return self.attention_rows(x, q, k, v, output)
+        # the outputs go into v's own buffer when it is one, each chunk once the DWC reads none of its rows
+        reuse = reusable_output(v, x, depthwise_conv_reach(hw, self.dwc_kernel_size) if self.dwc is not None else 0)
+        return self.attention_rows(x, q, k, v, output, **reuse)
 
     def extra_repr(self) -> str:
         return (

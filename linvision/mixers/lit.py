@@ -21,7 +21,8 @@ from ..kernels.linear_attn import linear_attention
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_choice, check_float, check_odd_int
 from .base import QKVMixer
-from .token_conv import depthwise_conv_tokens
+from .token_chunks import reusable_output
+from .token_conv import depthwise_conv_reach, depthwise_conv_tokens
 from .inherit import copy_qkv_proj, fuse_q_kv_state_dict, softmax_attention_weights
 
 FEATURE_OFFSET = 1e-6  # φ(u) = ReLU(u) + 1e-6
@@ -136,11 +137,13 @@ class LiTAttention(QKVMixer):
         q, k, v = self.qkv_rows(x)  # projected per range of tokens
         v = v(0, x.shape[1])  # whole: the DWC of a chunk reads the rows around it
         # token-wise, in chunks of tokens: the projections of each chunk, its outputs, the DWC of the rows around it
-        # and the projection; cache-sized temporaries, and no full-size q, k, attention output or local term
+        # and the projection; cache-sized temporaries, and no full-size q, k, attention output or local term. The
+        # outputs go into v's own buffer when it is one (each chunk once the later DWCs no longer read its rows).
         return linear_attention_streamed(
             lambda a, b: (q(a, b), None), lambda a, b: (k(a, b), None), v, x.shape[1], mean=True, eps=self.eps,
             feature_map="relu", feature_offset=FEATURE_OFFSET, backend=self.backend,
             output=lambda a, b, o: self.proj(o.flatten(2) + self.local_term(v, hw, num_prefix_tokens, a, b)),
+            **reusable_output(v, x, depthwise_conv_reach(hw, self.dwc_kernel_size)),
         )
 
     def local_term(

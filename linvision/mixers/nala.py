@@ -73,8 +73,8 @@ from ..kernels.backend import accumulation_dtype, check_backend
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_float
 from .base import TokenMixer
-from .token_chunks import TokenRows, linear_rows, map_token_ranges
-from .token_conv import depthwise_conv_tokens
+from .token_chunks import TokenRows, linear_rows, map_token_ranges, reusable_output
+from .token_conv import depthwise_conv_reach, depthwise_conv_tokens
 
 LEPE_KERNEL = 5  # official: Conv2d(dim, dim, 5, 1, 2, groups=dim)
 NALA_EPS = 1e-6  # official: z = 1 / (q · mean(k) + 1e-6)
@@ -196,17 +196,20 @@ class _NaLaWrapper(TokenMixer):
             o = F.layer_norm(o.flatten(2) + lepe.to(acc), (C,), ln_weight, ln_bias, self.ln.eps)
             return self.out_proj((o * self.act(g(a, b).to(acc))).to(x.dtype))
 
-        # token-wise: cache-sized temporaries
+        # token-wise: cache-sized temporaries; the outputs go into v's own buffer when it is one (each chunk once
+        # lepe reads none of its rows)
         return self.attend_rows(
-            lambda a, b: heads(q(a, b)), lambda a, b: heads(k(a, b)), heads(v_acc), hw, num_prefix_tokens, output
+            lambda a, b: heads(q(a, b)), lambda a, b: heads(k(a, b)), heads(v_acc), hw, num_prefix_tokens, output,
+            **reusable_output(v, x, depthwise_conv_reach(hw, LEPE_KERNEL)),
         )
 
     def attend_rows(
         self, q: TokenRows, k: TokenRows, v: Tensor, hw: Tuple[int, int],
-        num_prefix_tokens: int, output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
+        num_prefix_tokens: int, output: Optional[Callable[[int, int, Tensor], Tensor]] = None, **out,
     ) -> Tensor:
         """:meth:`attend` with q and k as functions of a token range (``q(a, b)`` is ``q[:, a:b]``), each range asked
-        for once; this form builds them whole."""
+        for once; this form builds them whole. ``out``: ``out``/``out_lag`` of ``linear_attention_streamed`` for the
+        streamed forms (a buffer the results may go into); unused here."""
         N = v.shape[1]
         return self.attend(q(0, N), k(0, N), v, hw, num_prefix_tokens, output)
 
@@ -263,7 +266,7 @@ class NormAwareLinearAttn(_NaLaWrapper):
     def attend(self, q, k, v, hw, num_prefix_tokens, output=None):
         return self.attend_rows(lambda a, b: q[:, a:b], lambda a, b: k[:, a:b], v, hw, num_prefix_tokens, output)
 
-    def attend_rows(self, q, k, v, hw, num_prefix_tokens, output=None):
+    def attend_rows(self, q, k, v, hw, num_prefix_tokens, output=None, **out):
         # Features chunk by chunk of tokens (linear_attention_streamed): never a full [B, N, H, 2d] temporary.
         if self.rope:
             sin, cos = self.rope_tables(hw, num_prefix_tokens, v.device, v.dtype)
@@ -277,7 +280,7 @@ class NormAwareLinearAttn(_NaLaWrapper):
         return linear_attention_streamed(
             lambda a, b: mapped(self.query_features(q(a, b)), a, b),
             lambda a, b: mapped(self.key_features(k(a, b)), a, b),
-            v, v.shape[1], mean=True, eps=NALA_EPS, output=output, backend=self.backend,
+            v, v.shape[1], mean=True, eps=NALA_EPS, output=output, backend=self.backend, **out,
         )
 
     def extra_repr(self) -> str:

@@ -86,6 +86,17 @@ def linear_rows(linear: nn.Module, x: Tensor, parts: int = 1) -> Tuple[TokenRows
     return tuple(token_rows(lambda t, w=w, b=b: F.linear(t, w, b), x) for w, b in zip(linear.weight.chunk(parts), biases))
 
 
+def reusable_output(values: Tensor, x: Tensor, lag: int) -> dict:
+    """``{"out": buffer, "out_lag": lag}`` for ``linear_attention_streamed`` when the values ``[B, N, H, D]`` are a
+    buffer of their own shaped like the mixer output ``x (B, N, C)`` (contiguous, same dtype) and autograd does not
+    record them: the outputs then go into it, with no allocation of their own; else ``{}``."""
+    buf = values.flatten(2)
+    if (buf.shape != x.shape or buf.dtype != x.dtype or not buf.is_contiguous() or buf.data_ptr() == x.data_ptr()
+            or (torch.is_grad_enabled() and buf.requires_grad)):
+        return {}
+    return {"out": buf, "out_lag": lag}
+
+
 def map_token_windows(fn: Callable[[int, int], Tensor], x: Tensor, num_tokens: int, row: int) -> Tensor:
     """:func:`map_token_ranges` for an ``fn(a, b)`` that reads rows of ``x [B, N, ...]`` around its range (a
     convolution's halo): in chunks unless autograd records ``x``, then one call ``fn(0, num_tokens)`` (the windows

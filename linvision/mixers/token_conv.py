@@ -51,3 +51,9 @@ def depthwise_conv_tokens(
         out = F.conv2d(grid, weight, bias, padding=(0, pad), groups=C)  # (B, C, r1 − r0, w)
         parts.append(out.permute(0, 2, 3, 1).flatten(1, 2)[:, i0 - r0 * w : i1 - r0 * w])
     return parts[0] if len(parts) == 1 else F.pad(parts[1], (0, 0, parts[0].shape[1], 0))
+
+
+def depthwise_conv_reach(hw: Tuple[int, int], kernel_size: int) -> int:
+    """Tokens before a range that :func:`depthwise_conv_tokens` of a ``kernel_size`` kernel may read: its halo rows
+    and the partial row the range starts in, ``(k // 2 + 1)·w``."""
+    return (kernel_size // 2 + 1) * hw[1]

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Tuple, Union
 
+import torch
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ..chunks import Rows, stack_chunks, token_source
+from ..chunks import Rows, stack_chunks, stack_chunks_into, token_source
 from ..validation import check_bool, check_choice, check_float, check_optional, expand_floating
 from . import _validated, linear_attention
 from .feature_maps import FEATURE_MAPS
@@ -44,6 +45,8 @@ def linear_attention_streamed(
     feature_map: Optional[str] = None,
     feature_offset: float = 0.0,
     output: Optional[Callable[[int, int, Tensor], Tensor]] = None,
+    out: Optional[Tensor] = None,
+    out_lag: int = 0,
     backend: str = "auto",
 ) -> Tensor:
     """``linear_attention(q, k, v, q_den=, k_den=, ...)`` with ``q, q_den = queries(0, N)`` and
@@ -59,6 +62,11 @@ def linear_attention_streamed(
     ``output(a, b, o)``: applied to each chunk ``o [B, b − a, H, Dv]`` of the attention output (token-wise:
     the caller's epilogue, e.g. local term and projection), so that the attention output is never held
     whole; the result is then the stacked ``output`` chunks ``[B, N, ...]``.
+
+    ``out``: a ``[B, N, ...]`` buffer the ``output`` chunks are written into and returned, which ``output`` may read
+    too (rows from ``out_lag`` tokens before its range on, e.g. the values of a depthwise convolution held in it),
+    so that the result needs no allocation of its own (:func:`~linvision.kernels.chunks.stack_chunks_into`; not
+    under autograd).
     """
     epilogue = (lambda a, b, o: o) if output is None else output  # noqa: E731
     values, M, sample = token_source(v, num_keys)  # sample: the first value token, [B, 1, H, Dv]
@@ -70,7 +78,9 @@ def linear_attention_streamed(
             q, k, v, q_den=q_den, k_den=k_den, k_weight=k_weight, v_weight=v_weight, normalize=normalize, mean=mean,
             eps=eps, scale=scale, feature_map=feature_map, feature_offset=feature_offset, backend=backend,
         )
-        return o if output is None else stack_chunks(lambda a, b: output(a, b, o[:, a:b]), num_queries, chunk_tokens(v))
+        if output is None:
+            return o
+        return _stacked(lambda a, b: output(a, b, o[:, a:b]), num_queries, chunk_tokens(v), out, out_lag)
     check_bool("mean", mean)
     eps = check_float("eps", eps, min=0.0)
     feature_map = check_optional(check_choice, "feature_map", feature_map, tuple(FEATURE_MAPS))
@@ -95,4 +105,14 @@ def linear_attention_streamed(
         q, q_den = (first_q, first_qd) if a == 0 else queries(a, b)
         return epilogue(a, b, apply_state(q, state, q_den, normalize, mean, eps, scale, **maps))
 
-    return stack_chunks(chunk, num_queries, step)
+    return _stacked(chunk, num_queries, step, out, out_lag)
+
+
+def _stacked(fn: Callable[[int, int], Tensor], num_tokens: int, step: int, out: Optional[Tensor], lag: int) -> Tensor:
+    if out is None:
+        return stack_chunks(fn, num_tokens, step)
+    if torch.is_grad_enabled() and out.requires_grad:
+        raise ValueError("out= writes in place: not for a tensor autograd records")
+    if out.shape[1] != num_tokens:
+        raise ValueError(f"out has {out.shape[1]} tokens, the queries {num_tokens}")
+    return stack_chunks_into(fn, num_tokens, step, out, lag)

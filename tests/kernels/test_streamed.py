@@ -129,3 +129,18 @@ def test_values_as_a_function_of_a_token_range(small_chunks):
             call()
     with pytest.raises(ValueError, match="does not match"):
         linear_attention_streamed(feats(q), feats(k), v, N, num_keys=N - 1)
+
+
+def test_out_buffer_is_written_and_refused_under_autograd(small_chunks):
+    torch.manual_seed(4)
+    B, N, H = 1, 150, 2
+    q, k, v = torch.rand(B, N, H, 4), torch.rand(B, N, H, 4), torch.randn(B, N, H, 3)
+    feats = lambda t: (lambda a, b: (t[:, a:b], None))  # noqa: E731
+    ref = linear_attention(q, k, v, backend="torch")
+    buf = v.clone()
+    got = linear_attention_streamed(feats(q), feats(k), buf, N, backend="torch", out=buf, out_lag=N)
+    assert got is buf and torch.equal(got, ref)
+    with pytest.raises(ValueError, match="tokens"):
+        linear_attention_streamed(feats(q), feats(k), v, N, backend="torch", out=torch.empty(B, N - 1, H, 3))
+    with pytest.raises(ValueError, match="autograd"):
+        linear_attention_streamed(feats(q), feats(k), v, N, backend="torch", out=torch.zeros(B, N, H, 3).requires_grad_())

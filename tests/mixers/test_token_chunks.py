@@ -102,3 +102,29 @@ def test_token_windows_are_chunked_without_autograd_and_whole_with_it(monkeypatc
         calls.clear()
         map_token_windows(halo_sum, x, 150, 3)
         assert len(calls) == 3
+
+
+@pytest.mark.parametrize("name,options", [
+    ("lit", {}), ("dydila", {}), ("dydila", {"dwc": False}), ("nala", {}), ("linear", {}), ("transnormer", {}),
+    ("lina", {}), ("lightnet", {}), ("hedgehog", {}), ("linfusion", {}), ("sana", {}),
+])
+def test_mixers_without_autograd_equal_the_recorded_path(monkeypatch, name, options):
+    """Without autograd the mixers project per range of tokens and (LiT, DyDiLA, NaLa) write their outputs into
+    the values' own buffer, each chunk once the convolution no longer reads its rows; with 64-token chunks on a
+    9×13 grid with prefix tokens (several chunks, a halo spanning chunks) that equals the recorded path, which holds
+    whole projections and a fresh output."""
+    from linvision.kernels.additive_recurrence import naive as additive_naive
+    from linvision.kernels.linear_attn import naive as linear_naive
+    from linvision.mixers import create_mixer
+
+    monkeypatch.setattr(linear_naive, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(additive_naive, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(token_chunks, "CHUNK_ELEMENTS", 1)
+    torch.manual_seed(0)
+    m = create_mixer(name, dim=16, num_heads=2, **options).double()
+    x = torch.randn(2, 3 + 9 * 13, 16, dtype=torch.float64)
+    recorded = m(x, (9, 13), 3)
+    with torch.no_grad():
+        streamed = m(x, (9, 13), 3)
+    assert recorded.requires_grad and not streamed.requires_grad
+    assert ((streamed - recorded).norm() / recorded.norm()).item() < 1e-12
