@@ -91,8 +91,8 @@ def reusable_output(values: Tensor, x: Tensor, lag: int) -> dict:
     buffer of their own shaped like the mixer output ``x (B, N, C)`` (contiguous, same dtype) and autograd does not
     record them: the outputs then go into it, with no allocation of their own; else ``{}``."""
     buf = values.flatten(2)
-    if (buf.shape != x.shape or buf.dtype != x.dtype or not buf.is_contiguous() or buf.data_ptr() == x.data_ptr()
-            or (torch.is_grad_enabled() and buf.requires_grad)):
+    recorded = torch.is_grad_enabled() and buf.requires_grad
+    if buf.shape != x.shape or buf.dtype != x.dtype or not buf.is_contiguous() or recorded:
         return {}
     return {"out": buf, "out_lag": lag}
 
