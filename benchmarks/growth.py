@@ -1,12 +1,15 @@
 """Growth of time and peak memory with the token count: ``linvision bench --growth``.
 
-Every ``(mixer, size)`` case is built first, then timed side by side: each of ``repeat`` rounds runs
+Every ``(mixer, size)`` case is built first, then timed side by side: each of ``repeat`` rounds times
 every case once (after one warm-up round), so a load that changes during the run touches every case
-alike, and the fastest round of each case is reported (``ms``; the median and every round are kept in
-the rows). On a shared machine interference only ever adds time, by as much as a third in a round (memory
-bandwidth taken by a neighbour), and a median of a few rounds still moves with it; the fastest round is
-the case's own cost, and what makes a mixer super-linear (a temporary past the cache, a page-faulted
-fresh allocation) is in every round, the fastest too. For each pair of consecutive sizes the table gives
+alike. A case's sample is as many back-to-back calls as make the tokens of one call at the mixer's largest
+size (16 calls at 64², 4 at 128², 1 at 256²), divided by the calls: every sample lasts about as long, so an
+intermittent interruption of the machine (a neighbour's burst of memory traffic, the kernel's page-out
+scans) is as likely to land in a small case's sample as in a large one's, where with one call per sample
+the short samples of the small sizes slip between the interruptions and the ratios come out too high.
+The fastest round of each case is reported (``ms``; the median and every round are kept in the rows):
+interference only ever adds time, while what makes a mixer super-linear (a temporary past the cache, a
+page-faulted fresh allocation) is in every round, the fastest too. For each pair of consecutive sizes the table gives
 ``time(N₂)/time(N₁)`` and ``peak(N₂)/peak(N₁)``; with sizes doubling (64, 128, 256) that is
 ``time(4N)/time(N)``, 4 for exactly linear cost. A mixer class declares ``linear_cost``
 (:class:`linvision.mixers.TokenMixer`); a linear-cost mixer fails when a ratio exceeds the limit
@@ -29,7 +32,7 @@ from .memory import peak_bytes
 
 GROWTH_LIMIT = 4.5  # allowed time(4N)/time(N) (and peak(4N)/peak(N)) of a linear-cost mixer
 GROWTH_SIZES = [64, 128, 256]
-GROWTH_REPEAT = 5  # side-by-side rounds by default
+GROWTH_REPEAT = 3  # side-by-side rounds by default
 QUADRATIC_MAX_SIZE = 128  # grid side past which quadratic-cost mixers run only when named explicitly
 
 
@@ -48,31 +51,35 @@ def measure_growth(names: Sequence[str], sizes: Sequence[int], args, device, dty
     named by the user); rows ``{mixer, size, tokens, ms, median_ms, runs_ms, peak_mib}``."""
     clock = CLOCKS[args.clock]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    cases: List[Tuple[str, int, Callable[[], object], list]] = []
+    cases: List[Tuple[str, int, Callable[[], object], list, int]] = []
     for name in names:
         torch.manual_seed(0)
         mixer = create_mixer(name, dim=args.dim, num_heads=args.heads).to(device=device, dtype=dtype).eval()
-        for size in growth_sizes(name, sizes, named):
+        mixer_sizes = growth_sizes(name, sizes, named)
+        for size in mixer_sizes:
             x = torch.randn(args.batch, size * size, args.dim, device=device, dtype=dtype)
 
             def run(mixer=mixer, x=x, hw=(size, size)):
                 with torch.no_grad():
                     mixer(x, hw)
 
-            cases.append((name, size, run, [x, *mixer.parameters()]))
+            calls = max(1, round(max(mixer_sizes) ** 2 / size**2))  # a sample spans as many tokens at every size
+            cases.append((name, size, run, [x, *mixer.parameters()], calls))
     times: List[List[float]] = [[] for _ in cases]
     for round_ in range(args.repeat + 1):  # round 0 warms up
-        for i, (_, _, run, _) in enumerate(cases):
+        for i, (_, _, run, _, calls) in enumerate(cases):
+            calls = calls if round_ else 1
             sync()
             start = clock()
-            run()
+            for _ in range(calls):
+                run()
             sync()
             if round_:
-                times[i].append(clock() - start)
+                times[i].append((clock() - start) / calls)
     return [
         {"mixer": name, "size": size, "tokens": size * size, "ms": min(t) * 1e3, "median_ms": statistics.median(t) * 1e3,
          "runs_ms": [round(s * 1e3, 2) for s in t], "peak_mib": peak_bytes(run, existing, device) / 2**20}
-        for (name, size, run, existing), t in zip(cases, times)
+        for (name, size, run, existing, _), t in zip(cases, times)
     ]
 
 

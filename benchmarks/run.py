@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeat", type=int, default=None,
                         help="timed runs per case: the median is reported (default: 3); with --growth, side-by-side "
-                             f"rounds whose fastest is reported (default: {GROWTH_REPEAT})")
+                             f"rounds, each sample as many tokens at every size, the fastest reported (default: "
+                             f"{GROWTH_REPEAT})")
     parser.add_argument("--quick", action="store_true", help="sizes 16 and 32, one timed run: a smoke run")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--growth", action="store_true",
@@ -194,7 +195,8 @@ def main(args: argparse.Namespace) -> int:
 def growth_main(names: List[str], args, device: torch.device, dtype: torch.dtype) -> int:
     """``--growth``: the growth table, the official LinFusion comparison, exit 1 on a failed linear mixer."""
     sizes = sorted(args.sizes)
-    print(f"growth: sizes {sizes}, fastest of {args.repeat} side-by-side rounds, {args.clock} clock, forward, no_grad")
+    print(f"growth: sizes {sizes}, fastest of {args.repeat} side-by-side rounds (a sample: as many tokens at every "
+          f"size), {args.clock} clock, forward, no_grad")
     rows = measure_growth(names, sizes, args, device, dtype, named=args.mixers is not None)
     capped = sorted({n for n in names if growth_sizes(n, sizes, args.mixers is not None) != sizes})
     if capped:
