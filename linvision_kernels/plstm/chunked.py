@@ -28,6 +28,9 @@ from .naive import ORIENTATION_FLIPS, compute_dtype, direct_term
 from .wavefront import piece_shape, strip_order, wavefront_nograd
 
 
+GROUP_FRAME_BYTES = 1 << 22  # one frame of the entries scanned together without autograd (4 MiB)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -221,25 +224,32 @@ def plstm2d_chunked(q, k, v, s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, d, hw, 
 
 
 def _chunked_by_entry(q, k, v, gates, d, hw, padded, scale, C: int, ct) -> Tensor:
-    """:func:`plstm2d_chunked` without autograd: one (sample, head, orientation) entry at a time, its frames, cell
-    matrices and scan, added into one output ``[B, N, H, Dv]`` (which starts as the direct term). Every temporary
-    is one head's grid, never the frames of all heads and orientations (the scan takes one entry per group on a
-    large grid anyway: :func:`.wavefront.piece_shape`)."""
+    """:func:`plstm2d_chunked` without autograd: a few (head, orientation) entries of one sample at a time (as many as
+    keep their frames within :data:`GROUP_FRAME_BYTES`; one on a large grid), their frames, cell matrices and scan,
+    added into one output ``[B, N, H, Dv]`` that starts as the direct term. No temporary holds the frames of all
+    heads and orientations (the scan takes one entry per group on a large grid anyway:
+    :func:`.wavefront.piece_shape`)."""
     B, N, H = q.shape[:3]
     Dv = v.shape[-1]
+    O = gates[0].shape[-1]
     if d is None:
         out = q.new_zeros(B, N, H, Dv, dtype=ct)
     else:  # the direct term, in chunks of tokens: cache-sized temporaries
         step = max(1, STRIP_ELEMENTS // max(1, B * H * Dv))
         out = stack_chunks(lambda a, b: direct_term(q[:, a:b], k[:, a:b], v[:, a:b], d[:, a:b], scale), N, step)
+    entry_bytes = padded[0] * padded[1] * max(q.shape[-1], Dv) * torch.empty((), dtype=ct).element_size()
+    per_group = max(1, GROUP_FRAME_BYTES // entry_bytes)
+    og = min(O, per_group)  # orientations per group, then heads
+    hg = max(1, min(H, per_group // og))
     for b in range(B):
-        for h in range(H):
-            entry = lambda t: t[b : b + 1, :, h : h + 1]  # noqa: E731  [1, N, 1, ...]
-            for o in range(gates[0].shape[-1]):
-                qf, kf, vf = (frame_copies(entry(t), hw, (o,), padded, ct) for t in (q, k, v))  # [1, 1, 1, Xp, Yp, D]
-                cm = frame_cell_matrices(*(None if g is None else entry(g)[..., o : o + 1] for g in gates), hw, padded,
-                                         C, ct, orientations=(o,))
-                frame_sum(chunk_scan(qf, kf, vf, cm, scale), hw, orientations=(o,), out=entry(out))
+        for h0 in range(0, H, hg):
+            part = lambda t: t[b : b + 1, :, h0 : h0 + hg]  # noqa: E731  [1, N, hg, ...]
+            for o0 in range(0, O, og):
+                orientations = tuple(range(o0, min(o0 + og, O)))
+                qf, kf, vf = (frame_copies(part(t), hw, orientations, padded, ct) for t in (q, k, v))
+                cm = frame_cell_matrices(*(None if g is None else part(g)[..., o0 : o0 + og] for g in gates), hw,
+                                         padded, C, ct, orientations=orientations)
+                frame_sum(chunk_scan(qf, kf, vf, cm, scale), hw, orientations=orientations, out=part(out))
     return out
 
 

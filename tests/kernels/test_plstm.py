@@ -67,17 +67,21 @@ def test_chunked_full_naive_agree(mode, hw, chunk, O):
 
 @pytest.mark.parametrize("piece_bytes", [1, 3 * 4 * 3 * 4 * 8, None])
 @pytest.mark.parametrize("mode", ["P", "D"])
-def test_inference_wavefront_equals_autograd_wavefront(monkeypatch, piece_bytes, mode):
+@pytest.mark.parametrize("group_entries", [1, 3, None])
+def test_inference_wavefront_equals_autograd_wavefront(monkeypatch, piece_bytes, mode, group_entries):
     """Without autograd the border states go through one in-place buffer, in groups of leading entries and
     strips of chunk rows (:mod:`linvision.kernels.plstm.wavefront`); strips of one chunk row, of three (the
     last one partial: 7 chunk rows) and the default single strip must give the autograd form's numbers (and
-    the oracle's)."""
-    from linvision.kernels.plstm import wavefront
+    the oracle's). The (head, orientation) entries are scanned one at a time, three at a time (orientation
+    groups split across heads, a partial last one) or all together (the default on this small grid)."""
+    from linvision.kernels.plstm import chunked, wavefront
 
     if piece_bytes is not None:
         monkeypatch.setattr(wavefront, "PIECE_BYTES", piece_bytes)
     hw = (13, 11)
     q, k, v, gates, d = problem(hw, O=4, mode=mode)
+    if group_entries is not None:  # frames padded to whole 2-token chunks: 14 × 12 nodes
+        monkeypatch.setattr(chunked, "GROUP_FRAME_BYTES", group_entries * 14 * 12 * max(q.shape[-1], v.shape[-1]) * 8)
     with torch.no_grad():
         fast = run("chunked", q, k, v, gates, d, hw, chunk_size=2)
     q.requires_grad_(True)
