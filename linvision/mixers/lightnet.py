@@ -367,10 +367,16 @@ class LightNetAttention(QKVMixer):
             o = additive_scan(queries(0, N), kk, v(0, N), k_mod=k_mod, causal=True, lse_init=self.lse_init,
                               out_dtype=acc, backend=self.backend)
             return map_token_chunks(lambda o, x: self.output(o.flatten(2), x), o, x)  # token-wise, cache-sized chunks
+        scan = dict(num_keys=N, lse_init=self.lse_init, out_dtype=acc, backend=self.backend)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the epilogue reads x: split once (map_token_chunks), never a slice of x per chunk (each slice's backward
+            # is a whole-size gradient of x)
+            o = additive_scan_streamed(queries, keys, v, N, **scan)
+            return map_token_chunks(lambda o, x: self.output(o.flatten(2), x), o, x)
         # queries and keys chunk by chunk of tokens, and gate, norm and proj as the scan's epilogue: no full-size
         # [B, N, H, 2d] features or scan output
-        return additive_scan_streamed(queries, keys, v, N, num_keys=N, lse_init=self.lse_init, out_dtype=acc,
-                                      output=lambda a, b, o: self.output(o.flatten(2), x[:, a:b]), backend=self.backend)
+        return additive_scan_streamed(queries, keys, v, N, output=lambda a, b, o: self.output(o.flatten(2), x[:, a:b]),
+                                      **scan)
 
     def output(self, o: Tensor, x: Tensor) -> Tensor:
         """Gate, norm and ``proj`` of the scan output ``o (B, n, C)`` (fp32/fp64) for mixer inputs ``x (B, n, C)``."""

@@ -212,7 +212,7 @@ def _added(o: Tensor, add_to: Optional[Tensor]) -> Tensor:
     if add_to is None:
         return o
     if torch.is_grad_enabled() and (o.requires_grad or add_to.requires_grad):
-        return add_to + o
+        return add_to + o.to(add_to.dtype)
     return add_to.add_(o)
 
 

@@ -74,7 +74,7 @@ def _token_writer(add_to: Optional[Tensor], recording: bool, reverse: bool, shap
         if not recording:
             return out
         whole = torch.cat(pieces[::-1] if reverse else pieces, 1)
-        return whole if add_to is None else add_to + whole
+        return whole if add_to is None else add_to + whole.to(add_to.dtype)
 
     return write, result
 

@@ -10,7 +10,7 @@ allocation per call on a large grid, so the cost per token would grow with the g
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -65,12 +65,11 @@ def frame_copies(t: Tensor, hw: Tuple[int, int], O: Orientations, padded: Tuple[
 
 
 def frame_sum(
-    f: Tensor, hw: Tuple[int, int], extra: Optional[Callable[[int, int], Tensor]] = None,
-    orientations: Optional[Sequence[int]] = None, out: Optional[Tensor] = None,
+    f: Tensor, hw: Tuple[int, int], orientations: Optional[Sequence[int]] = None, out: Optional[Tensor] = None,
 ) -> Tensor:
-    """``[B, H, O, Xp, Yp, D]`` → ``[B, N, H, D]``: crop, flip back, sum the orientations, strip by strip;
-    ``extra(a, b)`` ``[B, (b − a)·Y, H, D]`` is added to the tokens of grid rows ``a:b``. ``orientations``: the
-    orientation of each frame (default ``0..O−1``). ``out [B, N, H, D]``: the sum is added into it (and returned)."""
+    """``[B, H, O, Xp, Yp, D]`` → ``[B, N, H, D]``: crop, flip back, sum the orientations, strip by strip.
+    ``orientations``: the orientation of each frame (default ``0..O−1``). ``out [B, N, H, D]``: the sum is added
+    into it (and returned)."""
     X, Y = hw
     B, H, O, _, _, D = f.shape
     orientations = _orientations(O if orientations is None else orientations)
@@ -81,8 +80,6 @@ def frame_sum(
             part = _flipped(f[:, :, i, _rows(a, b, X, ORIENTATION_FLIPS[o][0]), :Y], o)  # [B, H, rows, Y, D]
             total = part if total is None else total + part
         total = total.movedim(1, 3)
-        if extra is not None:
-            total = total + extra(a, b).unflatten(1, (b - a, Y))
         if out is None:
             grid[:, a:b] = total
         else:

@@ -86,3 +86,7 @@ def test_add_to_adds_in_place_without_autograd_and_differentiably_with_it(small_
         assert rel_err(a, b) < 1e-9
     with pytest.raises(ValueError, match="add_to must be"):
         scan(method, q, k, v, g, beta, direction, add_to=base[:, 1:])
+    narrow = base.float().requires_grad_()  # the result keeps add_to's dtype, with autograd and without
+    assert scan(method, *leaves[:5], direction, chunk_size=4, add_to=narrow).dtype == torch.float32
+    with torch.no_grad():
+        assert scan(method, q, k, v, g, beta, direction, chunk_size=4, add_to=base.float()).dtype == torch.float32
