@@ -2,7 +2,7 @@
 
 Every ``(mixer, size)`` case is built first, then timed side by side: each of ``repeat`` rounds times
 every case once (after one warm-up round), so a load that changes during the run touches every case
-alike. A case's sample is as many back-to-back calls as make the tokens of one call at the mixer's largest
+alike; a mixer's sizes run one after another, ascending in even rounds and descending in odd ones. A case's sample is as many back-to-back calls as make the tokens of one call at the mixer's largest
 size (16 calls at 64², 4 at 128², 1 at 256²), divided by the calls: every sample lasts about as long, so an
 intermittent interruption of the machine (a neighbour's burst of memory traffic, the kernel's page-out
 scans) is as likely to land in a small case's sample as in a large one's, where with one call per sample
@@ -32,7 +32,7 @@ from .memory import peak_bytes
 
 GROWTH_LIMIT = 4.5  # allowed time(4N)/time(N) (and peak(4N)/peak(N)) of a linear-cost mixer
 GROWTH_SIZES = [64, 128, 256]
-GROWTH_REPEAT = 3  # side-by-side rounds by default
+GROWTH_REPEAT = 5  # side-by-side rounds by default
 QUADRATIC_MAX_SIZE = 128  # grid side past which quadratic-cost mixers run only when named explicitly
 
 
@@ -43,6 +43,20 @@ def growth_sizes(name: str, sizes: Sequence[int], named: bool) -> List[int]:
         return list(sizes)
     return [s for s in sizes if s <= QUADRATIC_MAX_SIZE]
 CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def round_order(cases: Sequence[Tuple], round_: int) -> List[int]:
+    """The order of the case indices in round ``round_``: mixer by mixer as built, each mixer's sizes ascending in
+    even rounds and descending in odd ones, so no size of a mixer always runs first after another mixer's cases
+    (``cases`` rows start ``(mixer, size, ...)``, a mixer's rows adjacent)."""
+    order: List[int] = []
+    for i, case in enumerate(cases):
+        if order and cases[order[-1]][0] == case[0] and round_ % 2:
+            start = next(j for j, k in enumerate(order) if cases[k][0] == case[0])
+            order.insert(start, i)
+        else:
+            order.append(i)
+    return order
 
 
 def measure_growth(names: Sequence[str], sizes: Sequence[int], args, device, dtype, named: bool = True) -> List[Dict]:
@@ -67,7 +81,8 @@ def measure_growth(names: Sequence[str], sizes: Sequence[int], args, device, dty
             cases.append((name, size, run, [x, *mixer.parameters()], calls))
     times: List[List[float]] = [[] for _ in cases]
     for round_ in range(args.repeat + 1):  # round 0 warms up
-        for i, (_, _, run, _, calls) in enumerate(cases):
+        for i in round_order(cases, round_):
+            _, _, run, _, calls = cases[i]
             calls = calls if round_ else 1
             sync()
             start = clock()

@@ -4,7 +4,9 @@ import json
 import sys
 import types
 
-from linvision.benchmarks.growth import QUADRATIC_MAX_SIZE, growth_failures, growth_ratios, growth_sizes, print_growth
+from linvision.benchmarks.growth import (
+    QUADRATIC_MAX_SIZE, growth_failures, growth_ratios, growth_sizes, print_growth, round_order,
+)
 from linvision.benchmarks.linfusion_official import official_linfusion_class
 from linvision.cli import main
 from linvision.mixers import list_mixers, mixer_class
@@ -34,6 +36,14 @@ def test_limit_scales_with_the_token_ratio():
     assert ratios["linear"][0]["memory"] is None
     assert growth_failures(ratios) == []  # 2.2 ≤ 4.5 · 1.98 / 4
     assert growth_failures(ratios, limit=4.4) != []
+
+
+def test_rounds_alternate_the_order_of_a_mixers_sizes():
+    cases = [("linear", 64), ("linear", 128), ("linear", 256), ("lit", 64), ("lit", 128), ("softmax", 64)]
+    assert round_order(cases, 0) == [0, 1, 2, 3, 4, 5]
+    assert round_order(cases, 1) == [2, 1, 0, 4, 3, 5]
+    assert round_order(cases, 2) == round_order(cases, 0)
+    assert sorted(round_order(cases, 3)) == list(range(len(cases)))
 
 
 def test_exit_code_follows_the_limit(tmp_path, capsys):
