@@ -20,6 +20,7 @@ from ..kernels.backend import check_backend
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_float
 from .base import TokenMixer
+from .token_chunks import reusable_output
 
 # Rescaling keeps every ReLU feature and value below 2**GUARD_EXPONENT before the fp32 sums (see below).
 GUARD_EXPONENT = 16
@@ -135,10 +136,12 @@ class SanaAttention(TokenMixer):
             y = self.to_out[1](self.to_out[0]((o * s_v.to(o.dtype).unsqueeze(-1)).flatten(2)))
             return y.clip(-FP16_MAX, FP16_MAX) if y.dtype == torch.float16 else y
 
-        # the scaled queries, the outputs and to_out chunk by chunk of tokens: cache-sized temporaries
+        # the scaled queries, the outputs and to_out chunk by chunk of tokens: cache-sized temporaries; the result
+        # goes into v's buffer when it has one (the values are only read before the first output)
         return linear_attention_streamed(
             lambda a, b: (q[:, a:b] * inv_q, None), lambda a, b: (k[:, a:b], None), v, q.shape[1], k_weight=1.0 / s_k,
             v_weight=1.0 / s_v, feature_map="relu", eps=self.eps, output=output, backend=self.backend,
+            **reusable_output(v, x, 0),
         )
 
     def extra_repr(self) -> str:

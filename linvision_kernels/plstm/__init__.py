@@ -14,7 +14,8 @@ Implementations of :func:`plstm2d` (all give the same numbers; tests hold them t
 - ``method="full"``: the official vision form: log-doubling over one cell padded to a square power of
   two, full ``N × N`` gating matrix (:func:`gating_matrix_2d`). Quadratic in N.
 - ``method="chunked"`` (default): ``chunk_size²``-node chunks, quadratic inside, border states passed
-  along a wavefront across chunks; linear in N. ``backend="triton"`` runs its scan in Triton, forward
+  along a wavefront across chunks; linear in N. Without autograd it runs strip by strip of chunk rows
+  (:mod:`.by_strip`), with it as whole frames (:func:`.chunked.plstm2d_chunked`). ``backend="triton"`` runs its scan in Triton, forward
   and backward kernels (:mod:`.triton`); the chunk matrices come from the PyTorch doubling.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..validation import (
     check_qkv,
     check_triton_dtype,
 )
+from .by_strip import plstm2d_by_strip
 from .chunked import gating_matrix_2d as _gating_matrix_2d
 from .chunked import plstm2d_chunked, plstm2d_full_g
 from .naive import (
@@ -120,8 +122,9 @@ def plstm2d(
         out = plstm2d_naive(q, k, v, *gates, d, hw, scale)
     elif method == "full":
         out = plstm2d_full_g(q, k, v, *gates, d, hw, scale)
-    else:
-        out = plstm2d_chunked(q, k, v, *gates, d, hw, scale, chunk_size)
+    else:  # without autograd: strip by strip, no temporary sized by the grid (same numbers)
+        recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, d, *gates))
+        out = (plstm2d_chunked if recording else plstm2d_by_strip)(q, k, v, *gates, d, hw, scale, chunk_size)
     return out.to(out_dtype)
 
 

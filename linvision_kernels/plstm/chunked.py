@@ -22,13 +22,9 @@ import torch
 from torch import Tensor
 
 from .doubling import CellMatrices, cell_matrices
-from ..chunks import stack_chunks
-from .frames import STRIP_ELEMENTS, frame_copies, frame_sum, from_frames, to_frames
+from .frames import chunk_nodes, from_frames, to_frames, unchunk_nodes
 from .naive import ORIENTATION_FLIPS, compute_dtype, direct_term
 from .wavefront import piece_shape, strip_order, wavefront_nograd
-
-
-GROUP_FRAME_BYTES = 1 << 22  # one frame of the entries scanned together without autograd (4 MiB)
 
 
 def next_pow2(n: int) -> int:
@@ -67,18 +63,6 @@ def frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, 
     ``[B, N, H, O]``, the ``i``-th of orientation ``orientations[i]``, default ``i``)."""
     gf = [gate_frames(t, hw, padded, dtype, orientations) for t in (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u)]
     return cell_matrices(*gf, levels=chunk.bit_length() - 1)
-
-
-def _chunk_nodes(f: Tensor, C: int) -> Tensor:
-    """``[..., NX·C, NY·C, D]`` → ``[..., NX, NY, C², D]``."""
-    *lead, Xp, Yp, D = f.shape
-    f = f.reshape(*lead, Xp // C, C, Yp // C, C, D).transpose(-4, -3)
-    return f.reshape(*lead, Xp // C, Yp // C, C * C, D)
-
-
-def _unchunk_nodes(f: Tensor, C: int) -> Tensor:
-    *lead, NX, NY, _, D = f.shape
-    return f.reshape(*lead, NX, NY, C, C, D).transpose(-4, -3).reshape(*lead, NX * C, NY * C, D)
 
 
 def _diagonal_order(NX: int, NY: int):
@@ -145,7 +129,7 @@ def chunk_scan(qf: Tensor, kf: Tensor, vf: Tensor, cm: CellMatrices, scale: floa
         def wavefront(*args):
             return _wavefront_autograd(*args, diags=diags)
 
-        return _scan_flat(q, k, v, cms, scale, order, back, wavefront).reshape(*lead, Xp, Yp, vf.shape[-1])
+        return scan_frames(q, k, v, cms, scale, order, back, wavefront).reshape(*lead, Xp, Yp, vf.shape[-1])
     g, T = piece_shape(L, NX, NY, 2 * C * k.shape[-1] * v.shape[-1] * q.element_size())
     order, steps, back = strip_order(NX, NY, T)
 
@@ -155,16 +139,16 @@ def chunk_scan(qf: Tensor, kf: Tensor, vf: Tensor, cm: CellMatrices, scale: floa
     out = q.new_empty(L, Xp, Yp, v.shape[-1])
     for l0 in range(0, L, g):
         part = CellMatrices(*(t[l0 : l0 + g] for t in cms))
-        out[l0 : l0 + g] = _scan_flat(q[l0 : l0 + g], k[l0 : l0 + g], v[l0 : l0 + g], part, scale, order, back, wavefront)
+        out[l0 : l0 + g] = scan_frames(q[l0 : l0 + g], k[l0 : l0 + g], v[l0 : l0 + g], part, scale, order, back, wavefront)
     return out.reshape(*lead, Xp, Yp, out.shape[-1])
 
 
-def _scan_flat(q, k, v, cm: CellMatrices, scale: float, order, back, wavefront) -> Tensor:
+def scan_frames(q, k, v, cm: CellMatrices, scale: float, order, back, wavefront) -> Tensor:
     """:func:`chunk_scan` on one flat leading axis: frames ``[L, Xp, Yp, D]``, cell matrices
     ``[L, NX, NY, ·, ·]``; ``wavefront(qd, kd, vd, trans, src, mark)`` computes the border reads of the
     chunks listed in ``order`` (``back``: its inverse)."""
     C = cm.size
-    q, k, v = (_chunk_nodes(t, C) for t in (q, k, v))  # [L, NX, NY, C², D]
+    q, k, v = (chunk_nodes(t, C) for t in (q, k, v))  # [L, NX, NY, C², D]
     L, NX, NY = q.shape[:3]
     Dv = v.shape[-1]
     intra = (cm.g * (q @ k.transpose(-1, -2))) @ v
@@ -179,7 +163,7 @@ def _scan_flat(q, k, v, cm: CellMatrices, scale: float, order, back, wavefront) 
     reads = wavefront(in_order(q), in_order(k), in_order(v), trans, src, mark)
     inter = reads.index_select(0, torch.tensor(back, device=q.device)).transpose(0, 1)  # [L, NX·NY, C², Dv]
     inter = inter.reshape(L, NX, NY, C * C, Dv)
-    return _unchunk_nodes((inter + intra) * scale, C)
+    return unchunk_nodes((inter + intra) * scale, C)
 
 
 def _wavefront_autograd(qd, kd, vd, trans, src, mark, diags) -> Tensor:
@@ -208,49 +192,19 @@ def _wavefront_autograd(qd, kd, vd, trans, src, mark, diags) -> Tensor:
 
 
 def plstm2d_chunked(q, k, v, s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, d, hw, scale, chunk_size: int) -> Tensor:
-    """Linear-time chunked 2-D pLSTM; arguments validated, gates ``[B, N, H, O]``. Returns compute dtype."""
+    """Linear-time chunked 2-D pLSTM as whole frames, the form autograd differentiates (without autograd
+    :func:`.by_strip.plstm2d_by_strip` gives the same numbers with strip-sized temporaries); arguments validated,
+    gates ``[B, N, H, O]``. Returns compute dtype."""
     ct = compute_dtype(q)
     X, Y = hw
     C = chunk_size
     padded = (-(-X // C) * C, -(-Y // C) * C)
     O = s_r.shape[-1]
     gates = (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, d, *gates))):
-        return _chunked_by_entry(q, k, v, gates, d, hw, padded, scale, C, ct)
     cm = frame_cell_matrices(*gates, hw, padded, C, ct)
     qf, kf, vf = (to_frames(t, hw, O, padded, ct) for t in (q, k, v))
     scanned = from_frames(chunk_scan(qf, kf, vf, cm, scale), hw)
     return scanned if d is None else scanned + direct_term(q, k, v, d, scale)
-
-
-def _chunked_by_entry(q, k, v, gates, d, hw, padded, scale, C: int, ct) -> Tensor:
-    """:func:`plstm2d_chunked` without autograd: a few (head, orientation) entries of one sample at a time (as many as
-    keep their frames within :data:`GROUP_FRAME_BYTES`; one on a large grid), their frames, cell matrices and scan,
-    added into one output ``[B, N, H, Dv]`` that starts as the direct term. No temporary holds the frames of all
-    heads and orientations (the scan takes one entry per group on a large grid anyway:
-    :func:`.wavefront.piece_shape`)."""
-    B, N, H = q.shape[:3]
-    Dv = v.shape[-1]
-    O = gates[0].shape[-1]
-    if d is None:
-        out = q.new_zeros(B, N, H, Dv, dtype=ct)
-    else:  # the direct term, in chunks of tokens: cache-sized temporaries
-        step = max(1, STRIP_ELEMENTS // max(1, B * H * Dv))
-        out = stack_chunks(lambda a, b: direct_term(q[:, a:b], k[:, a:b], v[:, a:b], d[:, a:b], scale), N, step)
-    entry_bytes = padded[0] * padded[1] * max(q.shape[-1], Dv) * torch.empty((), dtype=ct).element_size()
-    per_group = max(1, GROUP_FRAME_BYTES // entry_bytes)
-    og = min(O, per_group)  # orientations per group, then heads
-    hg = max(1, min(H, per_group // og))
-    for b in range(B):
-        for h0 in range(0, H, hg):
-            part = lambda t: t[b : b + 1, :, h0 : h0 + hg]  # noqa: E731  [1, N, hg, ...]
-            for o0 in range(0, O, og):
-                orientations = tuple(range(o0, min(o0 + og, O)))
-                qf, kf, vf = (frame_copies(part(t), hw, orientations, padded, ct) for t in (q, k, v))
-                cm = frame_cell_matrices(*(None if g is None else part(g)[..., o0 : o0 + og] for g in gates), hw,
-                                         padded, C, ct, orientations=orientations)
-                frame_sum(chunk_scan(qf, kf, vf, cm, scale), hw, orientations=orientations, out=part(out))
-    return out
 
 
 def frame_index(hw: Tuple[int, int], padded: Tuple[int, int], o: int, device=None) -> Tensor:

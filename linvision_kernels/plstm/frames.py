@@ -46,22 +46,52 @@ def _orientations(orientations: Orientations) -> Sequence[int]:
     return range(orientations) if isinstance(orientations, int) else orientations
 
 
-def frame_copies(t: Tensor, hw: Tuple[int, int], O: Orientations, padded: Tuple[int, int], dtype: torch.dtype) -> Tensor:
+def frame_copies(
+    t: Tensor, hw: Tuple[int, int], O: Orientations, padded: Tuple[int, int], dtype: torch.dtype,
+    rows: Optional[Tuple[int, int]] = None,
+) -> Tensor:
     """``[B, N, H, *rest]`` → ``[B, H, O, Xp, Yp, *rest]`` in ``dtype``: one flipped, zero-padded copy per
-    orientation (``O``: their count, or the orientation of each copy), written strip by strip."""
+    orientation (``O``: their count, or the orientation of each copy), written strip by strip. ``rows = (r0, r1)``:
+    only the frame rows ``r0:r1`` (``[B, H, O, r1 − r0, Yp, *rest]``)."""
     X, Y = hw
     Xp, Yp = padded
+    r0, r1 = (0, Xp) if rows is None else rows
     B, _, H, *rest = t.shape
     orientations = _orientations(O)
     grid = t.unflatten(1, (X, Y))  # [B, X, Y, H, *rest]
-    f = torch.empty(B, H, len(orientations), Xp, Yp, *rest, dtype=dtype, device=t.device)
-    f[:, :, :, X:].zero_()
-    f[:, :, :, :X, Y:].zero_()
+    f = torch.empty(B, H, len(orientations), r1 - r0, Yp, *rest, dtype=dtype, device=t.device)
+    real = max(0, min(r1, X) - r0)  # frame rows r0 .. r0 + real hold grid rows, the others are padding
+    f[:, :, :, real:].zero_()
+    f[:, :, :, :real, Y:].zero_()
     for i, o in enumerate(orientations):
-        for a, b in _strips(X, B * Y * H * math.prod(rest)):
-            part = grid[:, _rows(a, b, X, ORIENTATION_FLIPS[o][0])].movedim(3, 1).to(dtype)  # [B, H, rows, Y, *rest]
-            f[:, :, i, a:b, :Y] = _flipped(part, o)
+        for a, b in _strips(real, B * Y * H * math.prod(rest)):
+            part = grid[:, _rows(r0 + a, r0 + b, X, ORIENTATION_FLIPS[o][0])].movedim(3, 1).to(dtype)
+            f[:, :, i, a:b, :Y] = _flipped(part, o)  # part: [B, H, rows, Y, *rest]
     return f
+
+
+def add_frame_rows(f: Tensor, hw: Tuple[int, int], orientations: Sequence[int], r0: int, out: Tensor) -> None:
+    """Add frames holding frame rows ``r0 : r0 + R`` (``f [B, H, O, R, Yp, D]``, the ``i``-th of orientation
+    ``orientations[i]``) into ``out [B, N, H, D]``, cropped and flipped back to the grid rows they hold."""
+    X, Y = hw
+    real = max(0, min(r0 + f.shape[3], X) - r0)
+    grid = out.unflatten(1, (X, Y))  # [B, X, Y, H, D]
+    for i, o in enumerate(orientations):
+        if real:
+            grid[:, _rows(r0, r0 + real, X, ORIENTATION_FLIPS[o][0])] += _flipped(f[:, :, i, :real, :Y], o).movedim(1, 3)
+
+
+def chunk_nodes(f: Tensor, C: int) -> Tensor:
+    """Frames ``[..., NX·C, NY·C, D]`` → chunks ``[..., NX, NY, C², D]`` (each chunk's nodes in raster order)."""
+    *lead, Xp, Yp, D = f.shape
+    f = f.reshape(*lead, Xp // C, C, Yp // C, C, D).transpose(-4, -3)
+    return f.reshape(*lead, Xp // C, Yp // C, C * C, D)
+
+
+def unchunk_nodes(f: Tensor, C: int) -> Tensor:
+    """The inverse of :func:`chunk_nodes`: ``[..., NX, NY, C², D]`` → ``[..., NX·C, NY·C, D]``."""
+    *lead, NX, NY, _, D = f.shape
+    return f.reshape(*lead, NX, NY, C, C, D).transpose(-4, -3).reshape(*lead, NX * C, NY * C, D)
 
 
 def frame_sum(
@@ -121,4 +151,4 @@ def from_frames(f: Tensor, hw: Tuple[int, int]) -> Tensor:
     return _FromFrames.apply(f, tuple(hw))
 
 
-__all__ = ["frame_copies", "frame_sum", "from_frames", "to_frames"]
+__all__ = ["add_frame_rows", "chunk_nodes", "frame_copies", "frame_sum", "from_frames", "to_frames", "unchunk_nodes"]

@@ -66,6 +66,52 @@ def strip_order(NX: int, NY: int, T: int) -> Tuple[List[int], List[Step], List[i
     return order, steps, back
 
 
+class StripWavefront:
+    """The border states of one group's chunk wavefront without autograd, kept between calls of :meth:`run`: the
+    right borders leaving a strip's last chunk row enter the next strip's first, whether that strip is in the
+    same call or the next one (a caller may hand the chunk grid over strip by strip).
+
+    ``NY``: chunk columns; ``g``: leading entries; ``C``: chunk size; ``T``: the most chunk rows of a strip;
+    ``like``: a tensor of the compute dtype and device.
+    """
+
+    def __init__(self, NY: int, g: int, C: int, Dk: int, Dv: int, T: int, like: Tensor):
+        self.buf = like.new_empty(T + 1, g, 2 * C, Dk * Dv)  # slot cx: chunk cx's input border [left; top]
+        self.border = like.new_zeros(NY, g, C, Dk * Dv)  # right borders leaving the previous strip, by cy
+        self.new = like.new_empty(T * g, 2 * C, Dk * Dv)  # a step's new borders
+
+    def run(self, qd: Tensor, kd: Tensor, vd: Tensor, trans: Tensor, src: Tensor, mark: Tensor,
+            steps: List[Step]) -> Tensor:
+        """Border reads ``[cells, g, C², Dv]`` of the chunks of ``steps`` (whole strips, from
+        :func:`strip_order`), inputs in that order as in :func:`wavefront_nograd`."""
+        buf, border = self.buf, self.border
+        cells, g, C2, Dk = qd.shape
+        Dv = vd.shape[-1]
+        C = trans.shape[-1] // 2
+        kt = kd.transpose(-1, -2).contiguous()  # [cells, g, Dk, C²]: (S ⊗ k) comes out contiguous
+        reads = qd.new_empty(cells, g, C2, Dv)
+        for start, rows, s, lo, hi in steps:
+            if s == 0:
+                buf.zero_()
+            if lo == 0:
+                buf[0, :, :C] = border[s]
+            a, b = start, start + hi - lo + 1
+            ng = (b - a) * g
+            x = buf[lo : hi + 1]  # [n, g, 2C, Dk·Dv], contiguous
+            mq = mark[a:b, ..., None] * qd[a:b, :, :, None]  # [n, g, C², 2C, Dk]
+            torch.bmm(mq.view(ng, C2, 2 * C * Dk), x.view(ng, 2 * C * Dk, Dv), out=reads[a:b].view(ng, C2, Dv))
+            sk = src[a:b, :, :, None] * kt[a:b, :, None]  # [n, g, 2C, Dk, C²]
+            out = self.new[:ng]
+            torch.bmm(sk.view(ng, 2 * C * Dk, C2), vd[a:b].view(ng, C2, Dv), out=out.view(ng, 2 * C * Dk, Dv))
+            out.baddbmm_(trans[a:b].view(ng, 2 * C, 2 * C), x.view(ng, 2 * C, Dk * Dv))
+            out = out.view(b - a, g, 2 * C, Dk * Dv)
+            buf[lo + 1 : hi + 2, :, :C] = out[:, :, :C]
+            buf[lo : hi + 1, :, C:] = out[:, :, C:]
+            if hi == rows - 1:  # the strip's last row: its right border enters the next strip
+                border[s - hi] = buf[rows, :, :C]
+        return reads
+
+
 def wavefront_nograd(
     qd: Tensor, kd: Tensor, vd: Tensor, trans: Tensor, src: Tensor, mark: Tensor, steps: List[Step], NY: int,
 ) -> Tensor:
@@ -75,32 +121,7 @@ def wavefront_nograd(
     ``trans [cells, g, 2C, 2C]``, ``src [cells, g, 2C, C²]``, ``mark [cells, g, C², 2C]``; ``steps`` from
     :func:`strip_order`; ``NY``: chunk columns.
     """
-    cells, g, C2, Dk = qd.shape
-    Dv = vd.shape[-1]
-    C = trans.shape[-1] // 2
+    g, Dk = qd.shape[1], qd.shape[-1]
     T = max(rows for _, rows, _, _, _ in steps)
-    kt = kd.transpose(-1, -2).contiguous()  # [cells, g, Dk, C²]: (S ⊗ k) comes out contiguous
-    buf = qd.new_empty(T + 1, g, 2 * C, Dk * Dv)
-    border = qd.new_zeros(NY, g, C, Dk * Dv)  # right borders leaving the previous strip, by cy
-    new = qd.new_empty(T * g, 2 * C, Dk * Dv)  # a step's new borders
-    reads = qd.new_empty(cells, g, C2, Dv)
-    for start, rows, s, lo, hi in steps:
-        if s == 0:
-            buf.zero_()
-        if lo == 0:
-            buf[0, :, :C] = border[s]
-        a, b = start, start + hi - lo + 1
-        ng = (b - a) * g
-        x = buf[lo : hi + 1]  # [n, g, 2C, Dk·Dv], contiguous
-        mq = mark[a:b, ..., None] * qd[a:b, :, :, None]  # [n, g, C², 2C, Dk]
-        torch.bmm(mq.view(ng, C2, 2 * C * Dk), x.view(ng, 2 * C * Dk, Dv), out=reads[a:b].view(ng, C2, Dv))
-        sk = src[a:b, :, :, None] * kt[a:b, :, None]  # [n, g, 2C, Dk, C²]
-        out = new[:ng]
-        torch.bmm(sk.view(ng, 2 * C * Dk, C2), vd[a:b].view(ng, C2, Dv), out=out.view(ng, 2 * C * Dk, Dv))
-        out.baddbmm_(trans[a:b].view(ng, 2 * C, 2 * C), x.view(ng, 2 * C, Dk * Dv))
-        out = out.view(b - a, g, 2 * C, Dk * Dv)
-        buf[lo + 1 : hi + 2, :, :C] = out[:, :, :C]
-        buf[lo : hi + 1, :, C:] = out[:, :, C:]
-        if hi == rows - 1:  # the strip's last row: its right border enters the next strip
-            border[s - hi] = buf[rows, :, :C]
-    return reads
+    wave = StripWavefront(NY, g, trans.shape[-1] // 2, Dk, vd.shape[-1], T, qd)
+    return wave.run(qd, kd, vd, trans, src, mark, steps)

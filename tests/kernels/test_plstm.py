@@ -74,14 +74,15 @@ def test_inference_wavefront_equals_autograd_wavefront(monkeypatch, piece_bytes,
     last one partial: 7 chunk rows) and the default single strip must give the autograd form's numbers (and
     the oracle's). The (head, orientation) entries are scanned one at a time, three at a time (orientation
     groups split across heads, a partial last one) or all together (the default on this small grid)."""
-    from linvision.kernels.plstm import chunked, wavefront
+    from linvision.kernels.plstm import by_strip, wavefront
 
     if piece_bytes is not None:
         monkeypatch.setattr(wavefront, "PIECE_BYTES", piece_bytes)
     hw = (13, 11)
     q, k, v, gates, d = problem(hw, O=4, mode=mode)
     if group_entries is not None:  # frames padded to whole 2-token chunks: 14 × 12 nodes
-        monkeypatch.setattr(chunked, "GROUP_FRAME_BYTES", group_entries * 14 * 12 * max(q.shape[-1], v.shape[-1]) * 8)
+        monkeypatch.setattr(by_strip, "GROUP_FRAME_BYTES", group_entries * 14 * 12 * max(q.shape[-1], v.shape[-1]) * 8)
+        monkeypatch.setattr(by_strip, "MIN_GROUP_ENTRIES", 1)
     with torch.no_grad():
         fast = run("chunked", q, k, v, gates, d, hw, chunk_size=2)
     q.requires_grad_(True)
@@ -89,6 +90,31 @@ def test_inference_wavefront_equals_autograd_wavefront(monkeypatch, piece_bytes,
     assert slow.requires_grad and not fast.requires_grad
     assert rel_err(fast, slow.detach()) < 1e-12
     assert rel_err(fast, run("naive", q.detach(), k, v, gates, d, hw)) < 1e-10
+
+
+@pytest.mark.parametrize("strip_rows", [1, 3])
+@pytest.mark.parametrize("group_entries", [1, 3, None])
+def test_inference_strips_equal_the_autograd_form(monkeypatch, strip_rows, group_entries):
+    """Without autograd a group's frames are built and scanned strip by strip of chunk rows
+    (:mod:`linvision.kernels.plstm.by_strip`): strips of one chunk row and of three (7 chunk rows: the last strip
+    partial, and strips taller than the wavefront's pieces), with one, three or all (head, orientation) entries per
+    group, must give the autograd form's numbers. Odd grid, prefix-free, frames padded at both ends."""
+    from linvision.kernels.plstm import by_strip, wavefront
+
+    hw = (13, 11)
+    q, k, v, gates, d = problem(hw, O=4, mode="P")
+    frame_row = 2 * 12 * max(q.shape[-1], v.shape[-1]) * 8  # one chunk row (2 grid rows) of one entry's frame
+    entries = 2 * 4 if group_entries is None else group_entries
+    if group_entries is not None:
+        monkeypatch.setattr(by_strip, "GROUP_FRAME_BYTES", group_entries * 14 * 12 * max(q.shape[-1], v.shape[-1]) * 8)
+        monkeypatch.setattr(by_strip, "MIN_GROUP_ENTRIES", 1)
+    monkeypatch.setattr(by_strip, "STRIP_FRAME_BYTES", strip_rows * entries * frame_row)
+    monkeypatch.setattr(wavefront, "PIECE_BYTES", 2 * 2 * 3 * 4 * 8 * entries)  # pieces of one chunk row
+    with torch.no_grad():
+        fast = run("chunked", q, k, v, gates, d, hw, chunk_size=2)
+    q.requires_grad_(True)
+    slow = run("chunked", q, k, v, gates, d, hw, chunk_size=2)
+    assert rel_err(fast, slow.detach()) < 1e-12
 
 
 def test_full_g_form_at_16x16_four_orientations():
