@@ -24,6 +24,7 @@ would copy the whole output's gradient per group in the backward).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -39,12 +40,25 @@ def _chunks(t: Tensor, C: int) -> Tensor:
     return t.reshape(B, L // C, C, H, *t.shape[3:]).permute(0, 3, 1, 2, *range(4, t.dim() + 1))
 
 
-def _pairwise(x: Tensor, y: Tensor, b: Tensor, lower: Tensor) -> Tensor:
-    """``P_ts = Σ_c x_tc y_sc e^{b_tc − b_sc}`` for ``s ≤ t`` (0 above), ``[B, H, n, C, C]``; ``b [.., C, 1 or Dk]``."""
-    diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~lower[..., None], float("-inf"))
-    if b.shape[-1] == 1:
-        return (x @ y.transpose(-1, -2)) * diff[..., 0].exp()
-    return (x[..., :, None, :] * y[..., None, :, :] * diff.exp()).sum(-1)
+def _pairwise(x: Tensor, y: Tensor, b: Tensor, lower: Tensor, work: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """``P_ts = Σ_c x_tc y_sc e^{b_tc − b_sc}`` for ``s ≤ t`` (0 above), ``[B, H, n, C, C]``; ``b [.., C, 1 or Dk]``.
+
+    ``work``: two flat buffers (at least ``B·H·n·C·C·Dk`` elements, compute dtype) that hold the per-channel
+    ``[B, H, n, C, C, Dk]`` temporaries without autograd, so a scan does not allocate (and page-fault) them anew for
+    every group; the same operations in the same order as without them."""
+    mask = ~lower[..., None]
+    if work is None or b.shape[-1] == 1:
+        diff = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(mask, float("-inf"))
+        if b.shape[-1] == 1:
+            return (x @ y.transpose(-1, -2)) * diff[..., 0].exp()
+        return (x[..., :, None, :] * y[..., None, :, :] * diff.exp()).sum(-1)
+    shape = (*x.shape[:-1], y.shape[-2], x.shape[-1])
+    size = math.prod(shape)
+    decay, prod = (w[:size].view(shape) for w in work)
+    torch.sub(b[..., :, None, :], b[..., None, :, :], out=decay)
+    decay.masked_fill_(mask, float("-inf")).exp_()
+    torch.mul(x[..., :, None, :], y[..., None, :, :], out=prod)
+    return prod.mul_(decay).sum(-1)
 
 
 def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -114,6 +128,9 @@ def gated_scan_chunked(
     recording = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state, add_to))
     write, result = _token_writer(add_to, recording, reverse, (B, N, H, V), S)
+    work = None  # per-channel pairwise-decay buffers for every group, without autograd
+    if width > 1 and not recording and N:
+        work = tuple(S.new_empty(B * H * (min(span, N + (-N) % C) // C) * C * C * K) for _ in range(2))
     groups = _group_rows(N, span, reverse)
     pieces = {}  # with autograd, each input split once (a slice per group would cost a whole-size gradient each)
     for j, rows in enumerate(groups):  # each group end to end in scan order, the state carried
@@ -135,13 +152,13 @@ def gated_scan_chunked(
 
         qg, kg, vg = _chunks(take(q, qk_l2norm), C), _chunks(take(k, qk_l2norm), C), _chunks(take(v), C)
         bg = (qg.new_zeros(B, H, qg.shape[2], C, 1) if g is None else _chunks(take(g), C)).cumsum(3)
-        qk = _pairwise(qg, kg, bg, lower)
+        qk = _pairwise(qg, kg, bg, lower, work)
         if exclusive:
             qk = qk.masked_fill(~strict, 0.0)
         u0, w = vg, None
         if beta is not None:
             betag = _chunks(take(beta)[..., None], C)  # [B, H, g, C, 1]
-            A = (betag * _pairwise(kg, kg, bg, lower)).masked_fill(~strict, 0.0) + eye
+            A = (betag * _pairwise(kg, kg, bg, lower, work)).masked_fill(~strict, 0.0) + eye
             rhs = torch.cat([betag * vg, betag * kg * bg.exp()], -1)
             sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
             u0, w = sol[..., :V], sol[..., V:]

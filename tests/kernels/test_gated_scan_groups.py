@@ -90,3 +90,18 @@ def test_add_to_adds_in_place_without_autograd_and_differentiably_with_it(small_
     assert scan(method, *leaves[:5], direction, chunk_size=4, add_to=narrow).dtype == torch.float32
     with torch.no_grad():
         assert scan(method, q, k, v, g, beta, direction, chunk_size=4, add_to=base.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_pairwise_buffers_serve_groups_of_several_chunks_and_a_shorter_last_one(monkeypatch, delta):
+    """Without autograd the per-channel pairwise decays of every group go into two buffers sized for a whole group:
+    groups of three chunks and a last one of one (partial) chunk give the autograd path's values exactly."""
+    q, k, v, g, beta = problem(2 * 3 * 4 + 3, True, delta)  # chunks of 4: groups of 12, 12 and 3 tokens
+    B, _, H, K = q.shape
+    monkeypatch.setattr(chunked, "GROUP_ELEMENTS", 3 * B * H * 4 * (4 * K + 2 * K + v.shape[-1]))
+    with torch.no_grad():
+        out = scan("chunked", q, k, v, g, beta, "forward", chunk_size=4)
+    with torch.enable_grad():
+        recorded = scan("chunked", q.requires_grad_(), k, v, g, beta, "forward", chunk_size=4)
+    assert torch.equal(out, recorded)
+    assert rel_err(out, scan("naive", q, k, v, g, beta, "forward")) < 1e-10
