@@ -4,8 +4,8 @@ Every ``(mixer, size)`` case is built first, then timed side by side: each of ``
 every case once (after one warm-up round), so a load that changes during the run touches every case
 alike; a mixer's sizes run one after another, ascending in even rounds and descending in odd ones. A case's sample is as many back-to-back calls as make the tokens of one call at the mixer's largest
 size (16 calls at 64², 4 at 128², 1 at 256²), divided by the calls: every sample lasts about as long, so an
-intermittent interruption of the machine (a neighbour's burst of memory traffic, the kernel's page-out
-scans) is as likely to land in a small case's sample as in a large one's, where with one call per sample
+intermittent interruption of the machine (a neighbour's burst of CPU or memory
+traffic) is as likely to land in a small case's sample as in a large one's, where with one call per sample
 the short samples of the small sizes slip between the interruptions and the ratios come out too high.
 The fastest round of each case is reported (``ms``; the median and every round are kept in the rows):
 interference only ever adds time, while what makes a mixer super-linear (a temporary past the cache, a
