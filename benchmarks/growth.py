@@ -33,8 +33,8 @@ from .memory import peak_bytes
 GROWTH_LIMIT = 4.5  # allowed time(4N)/time(N) (and peak(4N)/peak(N)) of a linear-cost mixer
 GROWTH_SIZES = [64, 128, 256]
 GROWTH_REPEAT = 9  # side-by-side rounds by default: on a shared 2-core VM, where one case's rounds differ by up to
-# 50 %, the fastest of 5 still moved a step's ratio by ±10 % from run to run (0 to 6 failing steps in one hour), the
-# fastest of 9 settles it (about 18 minutes for every mixer on that machine)
+# 50 %, the fastest of 5 moved a step's ratio by ±10 % from run to run; 9 (about 18 minutes for every mixer there)
+# narrow that, though slow phases of several minutes still move a step by a few per cent
 QUADRATIC_MAX_SIZE = 128  # grid side past which quadratic-cost mixers run only when named explicitly
 
 
