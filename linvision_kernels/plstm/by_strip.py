@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..chunks import stack_chunks
 from .chunked import scan_frames
-from .doubling import CellMatrices, cell_matrices
+from .doubling import cell_matrices
 from .frames import STRIP_ELEMENTS, add_frame_rows, frame_copies
 from .naive import direct_term
 from .wavefront import PIECE_BYTES, StripWavefront, strip_order

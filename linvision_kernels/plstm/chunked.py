@@ -48,20 +48,17 @@ def _frames(per_orientation, hw: Tuple[int, int], orientations: Sequence[int], p
     return torch.nn.functional.pad(f, pad) if (Xp > X or Yp > Y) else f
 
 
-def gate_frames(t: Optional[Tensor], hw, padded, dtype, orientations: Optional[Sequence[int]] = None
-                ) -> Optional[Tensor]:
-    """Gates ``[B, N, H, O]`` → ``[B, H, O, Xp, Yp]``, the ``i``-th flipped as orientation ``orientations[i]``
-    (default: ``i``)."""
+def gate_frames(t: Optional[Tensor], hw, padded, dtype) -> Optional[Tensor]:
+    """Gates ``[B, N, H, O]`` → ``[B, H, O, Xp, Yp]``, the ``o``-th flipped as orientation ``o``."""
     if t is None:
         return None
-    return _frames(lambda i: t[..., i], hw, range(t.shape[-1]) if orientations is None else orientations, padded, dtype)
+    return _frames(lambda o: t[..., o], hw, range(t.shape[-1]), padded, dtype)
 
 
-def frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, chunk: int, dtype,
-                        orientations: Optional[Sequence[int]] = None) -> CellMatrices:
+def frame_cell_matrices(s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u, hw, padded, chunk: int, dtype) -> CellMatrices:
     """Cell matrices ``[B, H, O, NX, NY, ·, ·]`` of ``chunk``-sized cells of every orientation's frame (gates
-    ``[B, N, H, O]``, the ``i``-th of orientation ``orientations[i]``, default ``i``)."""
-    gf = [gate_frames(t, hw, padded, dtype, orientations) for t in (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u)]
+    ``[B, N, H, O]``)."""
+    gf = [gate_frames(t, hw, padded, dtype) for t in (s_r, s_d, t_rl, t_du, t_dl, t_ru, m_l, m_u)]
     return cell_matrices(*gf, levels=chunk.bit_length() - 1)
 
 

@@ -94,26 +94,17 @@ def unchunk_nodes(f: Tensor, C: int) -> Tensor:
     return f.reshape(*lead, NX, NY, C, C, D).transpose(-4, -3).reshape(*lead, NX * C, NY * C, D)
 
 
-def frame_sum(
-    f: Tensor, hw: Tuple[int, int], orientations: Optional[Sequence[int]] = None, out: Optional[Tensor] = None,
-) -> Tensor:
-    """``[B, H, O, Xp, Yp, D]`` → ``[B, N, H, D]``: crop, flip back, sum the orientations, strip by strip.
-    ``orientations``: the orientation of each frame (default ``0..O−1``). ``out [B, N, H, D]``: the sum is added
-    into it (and returned)."""
+def frame_sum(f: Tensor, hw: Tuple[int, int]) -> Tensor:
+    """``[B, H, O, Xp, Yp, D]`` → ``[B, N, H, D]``: crop, flip back, sum the orientations, strip by strip."""
     X, Y = hw
     B, H, O, _, _, D = f.shape
-    orientations = _orientations(O if orientations is None else orientations)
-    grid = torch.empty(B, X, Y, H, D, dtype=f.dtype, device=f.device) if out is None else out.unflatten(1, (X, Y))
+    grid = torch.empty(B, X, Y, H, D, dtype=f.dtype, device=f.device)
     for a, b in _strips(X, B * Y * H * D):
         total = None
-        for i, o in enumerate(orientations):
-            part = _flipped(f[:, :, i, _rows(a, b, X, ORIENTATION_FLIPS[o][0]), :Y], o)  # [B, H, rows, Y, D]
+        for o in range(O):
+            part = _flipped(f[:, :, o, _rows(a, b, X, ORIENTATION_FLIPS[o][0]), :Y], o)  # [B, H, rows, Y, D]
             total = part if total is None else total + part
-        total = total.movedim(1, 3)
-        if out is None:
-            grid[:, a:b] = total
-        else:
-            grid[:, a:b] += total
+        grid[:, a:b] = total.movedim(1, 3)
     return grid.flatten(1, 2)
 
 
