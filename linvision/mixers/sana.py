@@ -11,19 +11,27 @@ with ``Attention(qk_norm="rms_norm_across_heads")`` (``SanaTransformerBlock.attn
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..kernels.backend import check_backend
+from ..kernels.backend import check_backend, resolve_backend
+from ..kernels.chunks import stack_chunks, stack_chunks_into
+from ..kernels.linear_attn.guard import (
+    GUARD_EXPONENT,
+    guarded_relu_state,
+    magnitude_guard,
+    power_of_two_guard,
+    relu_guard,
+)
+from ..kernels.linear_attn.naive import chunk_tokens
+from ..kernels.linear_attn.state import apply_state
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_float
 from .base import TokenMixer
-from .token_chunks import reusable_output
+from .token_chunks import linear_rows, reusable_output
 
-# Rescaling keeps every ReLU feature and value below 2**GUARD_EXPONENT before the fp32 sums (see below).
-GUARD_EXPONENT = 16
 FP16_MAX = 65504.0
 
 
@@ -47,13 +55,6 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def power_of_two_guard(peak: Tensor) -> Tensor:
-    """``2**max(0, e − GUARD_EXPONENT)`` with ``2**(e−1) ≤ peak < 2**e``: an exact fp32 divisor that brings
-    ``peak`` below ``2**GUARD_EXPONENT`` (1 for every ``peak < 2**GUARD_EXPONENT``)."""
-    _, exponent = torch.frexp(peak.float())
-    return torch.ldexp(torch.ones_like(peak, dtype=torch.float32), (exponent - GUARD_EXPONENT).clamp(min=0))
-
-
 class SanaAttention(TokenMixer):
     """SANA self-attention: ``y = to_out(LinAttn(ReLU(q), ReLU(k), v))``, ``x, y: (B, N, C)``.
 
@@ -74,7 +75,10 @@ class SanaAttention(TokenMixer):
     back. Powers of two are exact, and the divisor is 1 whenever the peak is below 2**16 (every ordinary input),
     so then the result is the unguarded one. Beyond that the fp32 sums stay finite at any bf16/fp16 input
     (diffusers' fp32 sums overflow once ``Σ_j |v_j|·φk_j`` passes 3.4e38, e.g. bf16 activations of 2**60 at
-    64K tokens), and eps acts as ``eps·s_q·s_k`` in the original units.
+    64K tokens), and eps acts as ``eps·s_q·s_k`` in the original units. On the PyTorch path the keys and values
+    are projected chunk by chunk of tokens into the state and never held whole: the key and value divisors grow
+    as the chunks come and the sums so far are rescaled exactly
+    (:func:`linvision.kernels.linear_attn.guard.guarded_relu_state`), so the result is that of the final divisors.
 
     Options: ``qkv_bias`` (False: SANA's ``attention_bias``), ``out_bias`` (True), ``qk_norm`` (False;
     SANA-1.5/Sprint: True), ``norm_eps`` (1e-5, the official ``norm_eps`` and diffusers' ``Attention`` eps),
@@ -86,8 +90,8 @@ class SanaAttention(TokenMixer):
 
     Deviations: the kernel's sum order differs from the padded-V matmul (same values up to fp32 rounding);
     no ``encoder_hidden_states``, attention mask or RoPE (``LiteLA``'s optional ``image_rotary_emb``,
-    unused by the text-to-image models); the overflow guard above (three max-reductions and one scaled copy
-    of ``q`` per call); the QK RMSNorms compute in fp32 and return the input dtype (diffusers' ``RMSNorm``
+    unused by the text-to-image models); the overflow guard above (max-reductions of ``q`` and of each key
+    chunk, one scaled copy of ``q`` per chunk); the QK RMSNorms compute in fp32 and return the input dtype (diffusers' ``RMSNorm``
     returns its weight's dtype).
     """
 
@@ -122,26 +126,49 @@ class SanaAttention(TokenMixer):
         self.norm_k = RMSNorm(dim, norm_eps) if qk_norm else None
 
     def mix(self, x: Tensor, hw: Tuple[int, int], num_prefix_tokens: int) -> Tensor:
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        if self.qk_norm:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
-        with torch.no_grad():  # exact power-of-two divisors [B, 1, H]; constants for autograd
-            s_q = power_of_two_guard(q.amax(dim=(1, 3)).clamp(min=0)).unsqueeze(1)
-            s_k = power_of_two_guard(k.amax(dim=(1, 3)).clamp(min=0)).unsqueeze(1)
-            s_v = power_of_two_guard(torch.maximum(v.amax(dim=(1, 3)), -v.amin(dim=(1, 3)))).unsqueeze(1)  # max |v|
+        q = self.to_q(x)
+        q = self.split_heads(self.norm_q(q) if self.qk_norm else q)
+        s_q = relu_guard(q)
         inv_q = (1.0 / s_q).to(q.dtype).unsqueeze(-1)
+        if resolve_backend(self.backend, q) == "triton":
+            return self._mix_whole(x, q, inv_q)
+        # PyTorch: the keys and values projected chunk by chunk of tokens into the guarded state, never held whole;
+        # then the queries, outputs and to_out chunk by chunk, the result into q's buffer when it has one (each
+        # chunk's queries are read before its output is written)
+        step = chunk_tokens(q)
+        state, _, s_v = guarded_relu_state(self._key_chunks(x, step))
 
-        def output(a: int, b: int, o: Tensor) -> Tensor:  # token-wise: v's scale back, to_out, the fp16 clip
-            y = self.to_out[1](self.to_out[0]((o * s_v.to(o.dtype).unsqueeze(-1)).flatten(2)))
-            return y.clip(-FP16_MAX, FP16_MAX) if y.dtype == torch.float16 else y
+        def chunk(a: int, b: int) -> Tensor:
+            o = apply_state(q[:, a:b] * inv_q, state, eps=self.eps, feature_map="relu")
+            return self._output(o, s_v)
 
-        # the scaled queries, the outputs and to_out chunk by chunk of tokens: cache-sized temporaries; the result
-        # goes into v's buffer when it has one (the values are only read before the first output)
+        buffer = reusable_output(q, x, 0)
+        if buffer:
+            return stack_chunks_into(chunk, q.shape[1], step, buffer["out"], 0)
+        return stack_chunks(chunk, q.shape[1], step)
+
+    def _key_chunks(self, x: Tensor, step: int) -> Iterator[Tuple[Tensor, Tensor]]:
+        """``(k, v)`` ``[B, m, H, d]`` of each chunk of ``step`` tokens, projected (and normed) per chunk."""
+        (k_rows,), (v_rows,) = linear_rows(self.to_k, x), linear_rows(self.to_v, x)
+        for a in range(0, x.shape[1], step):
+            b = min(a + step, x.shape[1])
+            k = k_rows(a, b)
+            yield self.split_heads(self.norm_k(k) if self.qk_norm else k), self.split_heads(v_rows(a, b))
+
+    def _output(self, o: Tensor, s_v: Tensor) -> Tensor:
+        """Token-wise, ``o [B, n, H, d]`` → ``[B, n, C]``: the values' divisor back, ``to_out``, the fp16 clip."""
+        y = self.to_out[1](self.to_out[0]((o * s_v.to(o.dtype).unsqueeze(-1)).flatten(2)))
+        return y.clip(-FP16_MAX, FP16_MAX) if y.dtype == torch.float16 else y
+
+    def _mix_whole(self, x: Tensor, q: Tensor, inv_q: Tensor) -> Tensor:
+        """Triton: the keys and values whole, their divisors as per-token weights of the fused kernels."""
+        k, v = self.to_k(x), self.to_v(x)
+        k, v = self.split_heads(self.norm_k(k) if self.qk_norm else k), self.split_heads(v)
+        s_k, s_v = relu_guard(k), magnitude_guard(v)
         return linear_attention_streamed(
             lambda a, b: (q[:, a:b] * inv_q, None), lambda a, b: (k[:, a:b], None), v, q.shape[1], k_weight=1.0 / s_k,
-            v_weight=1.0 / s_v, feature_map="relu", eps=self.eps, output=output, backend=self.backend,
-            **reusable_output(v, x, 0),
+            v_weight=1.0 / s_v, feature_map="relu", eps=self.eps, output=lambda a, b, o: self._output(o, s_v),
+            backend=self.backend, **reusable_output(v, x, 0),
         )
 
     def extra_repr(self) -> str:
