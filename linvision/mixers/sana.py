@@ -91,8 +91,8 @@ class SanaAttention(TokenMixer):
     Deviations: the kernel's sum order differs from the padded-V matmul (same values up to fp32 rounding);
     no ``encoder_hidden_states``, attention mask or RoPE (``LiteLA``'s optional ``image_rotary_emb``,
     unused by the text-to-image models); the overflow guard above (max-reductions of ``q`` and of each key
-    chunk, one scaled copy of ``q`` per chunk); the QK RMSNorms compute in fp32 and return the input dtype (diffusers' ``RMSNorm``
-    returns its weight's dtype).
+    chunk, one scaled copy of ``q`` per chunk); the QK RMSNorms compute in fp32 and return the input dtype
+    (diffusers' ``RMSNorm`` returns its weight's dtype).
     """
 
     softmax_weights = "to_qkv"

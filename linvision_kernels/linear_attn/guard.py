@@ -1,4 +1,4 @@
-"""Exact power-of-two divisors that keep ReLU linear attention's fp32 sums finite, found while streaming keys.
+"""Exact power-of-two divisors that keep ReLU linear attention's fp32 sums finite, found as keys stream in.
 
 ``o_i = Σ_j (φq_i·φk_j) v_j / (Σ_j φq_i·φk_j + eps)`` with ``φ = ReLU`` does not change (up to eps) when ``q`` or
 ``k`` is divided by a positive number, and is linear in ``v``. Dividing each per (batch, head) by a power of two
