@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..kernels.backend import accumulation_dtype
 from ..kernels.validation import check_bool, check_choice, check_int
 from .base import TokenMixer
-from .grid_blocks import block_local
+from .grid_blocks import block_local, block_rectangles
 from .token_chunks import chunk_tokens
 from .transnormer_norms import NORM_TYPES, build_norm, has_parameters
 
@@ -128,13 +128,13 @@ class DiagAttention(TokenMixer):
         if T:
             q, k, v = (t.transpose(1, 2) for t in full)
             out[:, :T] = output(attend(q[:, :, :T], k, v).transpose(1, 2))
-        # Image tokens in bands of whole block rows (tiles never cross a band): every temporary is band-sized.
-        bh = self.block_size[0]
-        step = max(1, chunk_tokens(B, C) // (w * bh)) * bh
-        for r0 in range(0, h, step):
-            rows = slice(T + r0 * w, T + min(h, r0 + step) * w)
-            q, k, v = project(x[:, rows]) if full is None else (t[:, rows] for t in full)
-            out[:, rows] = output(block_local(q, k, v, (min(h, r0 + step) - r0, w), self.block_size, attend))
+        # Image tokens in rectangles of whole blocks (tiles never cross one): every temporary is rectangle-sized.
+        image = lambda t: t[:, T:].unflatten(1, (h, w))  # noqa: E731  (B, h, w, ...) view of the image tokens
+        for r0, r1, c0, c1 in block_rectangles(hw, self.block_size, chunk_tokens(B, C)):
+            part = lambda t: image(t)[:, r0:r1, c0:c1].flatten(1, 2)  # noqa: E731  a copy unless whole rows
+            q, k, v = project(part(x)) if full is None else (part(t) for t in full)
+            y = output(block_local(q, k, v, (r1 - r0, c1 - c0), self.block_size, attend))
+            image(out)[:, r0:r1, c0:c1] = y.unflatten(1, (r1 - r0, c1 - c0))
         return out
 
     def extra_repr(self) -> str:

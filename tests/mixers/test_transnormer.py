@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from linvision import create_mixer
-from linvision.mixers.grid_blocks import block_local
+from linvision.mixers import grid_blocks, transnormer_diag
+from linvision.mixers.grid_blocks import block_local, block_rectangles
 from linvision.mixers.transnormer_norms import build_norm
 from tests.helpers import rel_err
 from tests.mixers.test_parity_official import TOL, load_case, load_exact
@@ -75,6 +76,30 @@ def test_tiles_match_a_dense_mask(hw, block, prefix, use_softmax):
     o = _dense_block_oracle(q, k, v, hw, block, prefix, use_softmax).flatten(2)
     ref = m.out_proj(o if use_softmax else m.norm(o))
     assert rel_err(m(x, hw, prefix), ref) < 1e-12
+
+
+@pytest.mark.parametrize("tokens", [1, 13, 30])
+def test_tiles_match_a_dense_mask_in_rectangles_narrower_than_the_grid(monkeypatch, tokens):
+    """Rectangles of a few blocks, cut inside a row of blocks (as on wide grids), with ragged edge tiles and a
+    prefix: still the masked dense attention."""
+    monkeypatch.setattr(transnormer_diag, "chunk_tokens", lambda batch, channels: tokens)
+    monkeypatch.setattr(grid_blocks, "CHUNK_ELEMENTS", tokens * 2 * 8)  # rectangles inside block_local too
+    hw, block, prefix = (7, 11), (3, 2), 1
+    assert any(c1 - c0 < hw[1] for _, _, c0, c1 in block_rectangles(hw, block, tokens))
+    test_tiles_match_a_dense_mask(hw, block, prefix, use_softmax=True)
+    test_tiles_match_a_dense_mask(hw, block, prefix, use_softmax=False)
+
+
+@pytest.mark.parametrize("hw,block,tokens", [((7, 11), (3, 2), 13), ((7, 11), (3, 2), 40), ((16, 16), (8, 8), 64),
+                                             ((5, 5), (8, 8), 1)])
+def test_block_rectangles_cover_the_grid_once_in_whole_blocks(hw, block, tokens):
+    (h, w), (bh, bw) = hw, block
+    seen = torch.zeros(h, w, dtype=torch.long)
+    for r0, r1, c0, c1 in block_rectangles(hw, block, tokens):
+        assert r0 % bh == 0 and c0 % bw == 0 and (r1 % bh == 0 or r1 == h) and (c1 % bw == 0 or c1 == w)
+        assert (r1 - r0) * (c1 - c0) <= max(tokens, bh * bw)  # no larger than asked, unless one block is
+        seen[r0:r1, c0:c1] += 1
+    assert (seen == 1).all()
 
 
 def test_block_local_gradcheck():
