@@ -11,7 +11,7 @@ with ``Attention(qk_norm="rms_norm_across_heads")`` (``SanaTransformerBlock.attn
 """
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from ..kernels.linear_attn.state import apply_state
 from ..kernels.linear_attn.streamed import linear_attention_streamed
 from ..kernels.validation import check_bool, check_float
 from .base import TokenMixer
-from .token_chunks import linear_rows, reusable_output
+from .token_chunks import reusable_output, token_chunk_outputs
 
 FP16_MAX = 65504.0
 
@@ -136,10 +136,12 @@ class SanaAttention(TokenMixer):
         # then the queries, outputs and to_out chunk by chunk, the result into q's buffer when it has one (each
         # chunk's queries are read before its output is written)
         step = chunk_tokens(q)
-        state, _, s_v = guarded_relu_state(self._key_chunks(x, step))
+        values = token_chunk_outputs(lambda t: self.split_heads(self.to_v(t)), x, step)
+        state, _, s_v = guarded_relu_state(zip(token_chunk_outputs(self._keys, x, step), values))
+        queries = q.split(step, 1)  # views; under autograd one concatenation in the backward, not a slice per chunk
 
         def chunk(a: int, b: int) -> Tensor:
-            o = apply_state(q[:, a:b] * inv_q, state, eps=self.eps, feature_map="relu")
+            o = apply_state(queries[a // step] * inv_q, state, eps=self.eps, feature_map="relu")
             return self._output(o, s_v)
 
         buffer = reusable_output(q, x, 0)
@@ -147,13 +149,10 @@ class SanaAttention(TokenMixer):
             return stack_chunks_into(chunk, q.shape[1], step, buffer["out"], 0)
         return stack_chunks(chunk, q.shape[1], step)
 
-    def _key_chunks(self, x: Tensor, step: int) -> Iterator[Tuple[Tensor, Tensor]]:
-        """``(k, v)`` ``[B, m, H, d]`` of each chunk of ``step`` tokens, projected (and normed) per chunk."""
-        (k_rows,), (v_rows,) = linear_rows(self.to_k, x), linear_rows(self.to_v, x)
-        for a in range(0, x.shape[1], step):
-            b = min(a + step, x.shape[1])
-            k = k_rows(a, b)
-            yield self.split_heads(self.norm_k(k) if self.qk_norm else k), self.split_heads(v_rows(a, b))
+    def _keys(self, x: Tensor) -> Tensor:
+        """Token-wise ``(B, n, C)`` → ``k [B, n, H, d]`` (normed with ``qk_norm``)."""
+        k = self.to_k(x)
+        return self.split_heads(self.norm_k(k) if self.qk_norm else k)
 
     def _output(self, o: Tensor, s_v: Tensor) -> Tensor:
         """Token-wise, ``o [B, n, H, d]`` → ``[B, n, C]``: the values' divisor back, ``to_out``, the fp16 clip."""
@@ -162,8 +161,7 @@ class SanaAttention(TokenMixer):
 
     def _mix_whole(self, x: Tensor, q: Tensor, inv_q: Tensor) -> Tensor:
         """Triton: the keys and values whole, their divisors as per-token weights of the fused kernels."""
-        k, v = self.to_k(x), self.to_v(x)
-        k, v = self.split_heads(self.norm_k(k) if self.qk_norm else k), self.split_heads(v)
+        k, v = self._keys(x), self.split_heads(self.to_v(x))
         s_k, s_v = relu_guard(k), magnitude_guard(v)
         return linear_attention_streamed(
             lambda a, b: (q[:, a:b] * inv_q, None), lambda a, b: (k[:, a:b], None), v, q.shape[1], k_weight=1.0 / s_k,

@@ -11,7 +11,7 @@ chunking beyond the rounding of matrix products.
 from __future__ import annotations
 
 import math
-from typing import Callable, Tuple
+from typing import Callable, Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,20 @@ def token_rows(fn: Callable[[Tensor], Tensor], x: Tensor) -> TokenRows:
         whole = fn(x)
         return lambda a, b: whole[:, a:b]
     return lambda a, b: fn(x[:, a:b].contiguous())
+
+
+def token_chunk_outputs(fn: Callable[[Tensor], Tensor], x: Tensor, step: int) -> Iterator[Tensor]:
+    """``fn(x)[:, a:a + step]`` for ``a = 0, step, 2·step, …``, in order, for a token-wise ``fn`` of ``x [B, N, ...]``.
+
+    ``fn`` runs on each chunk alone, so its whole output is never held, unless autograd records ``x``: then
+    ``fn(x)`` runs once and is split (the backward of a split is one concatenation; a slice per chunk would make
+    each chunk's backward a whole-size gradient).
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        yield from fn(x).split(step, 1)
+        return
+    for a in range(0, x.shape[1], step):
+        yield fn(x[:, a:a + step].contiguous())
 
 
 def linear_rows(linear: nn.Module, x: Tensor, parts: int = 1) -> Tuple[TokenRows, ...]:

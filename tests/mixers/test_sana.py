@@ -5,6 +5,7 @@ import torch
 from diffusers.models.transformers.sana_transformer import SanaTransformerBlock
 
 import linvision
+from linvision.mixers import sana
 from linvision.mixers.sana import GUARD_EXPONENT, power_of_two_guard
 from tests.helpers import rel_err
 
@@ -40,6 +41,28 @@ def test_matches_diffusers_processor_in_fp32(qk_norm, hw, prefix):
     with torch.no_grad():
         ref, out = attn(x), m(x, hw, prefix)
     assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunks_of_tokens_give_the_one_chunk_result_and_gradients(monkeypatch, grad):
+    """Keys, values, queries and outputs in chunks of 7 tokens (a shorter last one), with the guard active and its
+    divisors growing from chunk to chunk: the output and the input and weight gradients of a single chunk."""
+    m = mixer_for(sana_attn1(qk_norm=True)).double()
+    x = torch.randn(2, 3 + 7 * 9, DIM, dtype=torch.float64)
+    x[:, 40] *= 2.0 ** 30  # a late peak: the divisors grow mid-sequence
+    results = []
+    for step in (10 ** 6, 7):
+        monkeypatch.setattr(sana, "chunk_tokens", lambda t, step=step: step)
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = m(xi, (7, 9), 3)
+        if grad:
+            grads = torch.autograd.grad(y.square().sum(), (xi, m.to_k.weight, m.to_v.weight, m.norm_q.weight))
+            results.append((y.detach(),) + grads)
+        else:
+            results.append((y,))
+    for one, chunked in zip(*results):
+        assert rel_err(chunked, one) < 1e-12
 
 
 def test_state_dict_keys_are_diffusers_attention_keys():
